@@ -1,0 +1,146 @@
+"""Joint AR + masked-diffusion loss (ALGORITHMS.md §2.5), as sums and counts.
+
+    loss = (α · S_diff + β · S_AR) / (N_mask + β · N_AR)
+    S_diff = Σ_{masked i} CE(noisy logit i, x_0[i]) / p_i        (unshifted)
+    S_AR   = Σ_{supervised i} CE(clean logit i, x_0[i+1])        (shifted)
+
+Nothing here divides by a count: engines reduce the sums and counts across micro-batches and ranks
+and normalise once (a per-sequence mean would change the effective α: pitfall 8).
+
+Memory: logits are only computed for the positions that enter the loss (masked noisy positions and
+supervised clean positions, not the unmasked noisy half), in chunks whose logits are recomputed in
+backward (activation checkpointing), so at a 150k vocabulary no full ``2L × V`` float32 logit tensor
+ever exists; at most one ``chunk × V`` float32 block per chunk at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["LossParts", "LossWeights", "weighted_ce_sum", "joint_loss_parts", "ar_targets"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """α (diffusion weight, NLD ``dlm_loss_weight``) and β (AR weight)."""
+
+    alpha: float = 0.3
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got alpha={self.alpha}, beta={self.beta}")
+
+
+@dataclass
+class LossParts:
+    """Sums and counts of one micro-batch (scalars; sums carry the graph).
+
+    Attributes:
+        diffusion_sum: Σ CE/p over masked positions.
+        diffusion_count: N_mask.
+        ar_sum: Σ CE over supervised next-token targets.
+        ar_count: N_AR.
+    """
+
+    diffusion_sum: torch.Tensor
+    diffusion_count: torch.Tensor
+    ar_sum: torch.Tensor
+    ar_count: torch.Tensor
+
+    def numerator(self, w: LossWeights) -> torch.Tensor:
+        return w.alpha * self.diffusion_sum + w.beta * self.ar_sum
+
+    def denominator(self, w: LossWeights) -> torch.Tensor:
+        return self.diffusion_count + w.beta * self.ar_count
+
+    def __add__(self, other: "LossParts") -> "LossParts":
+        return LossParts(self.diffusion_sum + other.diffusion_sum, self.diffusion_count + other.diffusion_count,
+                         self.ar_sum + other.ar_sum, self.ar_count + other.ar_count)
+
+    def detached(self) -> "LossParts":
+        return LossParts(*(t.detach() for t in (self.diffusion_sum, self.diffusion_count, self.ar_sum, self.ar_count)))
+
+
+def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+              head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    logits = head(hidden).float()
+    return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+
+def weighted_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                    head: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 2048) -> torch.Tensor:
+    """Σ_i w_i · CE(head(hidden_i), target_i), computed chunk by chunk.
+
+    Args:
+        hidden: ``[N, d]`` final hidden states of the selected positions.
+        targets: ``[N]`` int64 target ids.
+        weights: ``[N]`` float32 per-position weights.
+        head: maps ``[n, d]`` → ``[n, V]`` logits (the model's output head).
+        chunk_size: rows per chunk; each chunk's logits are recomputed in backward.
+    Returns:
+        scalar float32 sum (0 with a graph to ``hidden`` when N = 0).
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (hidden[sl], targets[sl], weights[sl], head)
+        if needs_grad and hidden.shape[0] > chunk_size:
+            total = total + checkpoint(_chunk_ce, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_ce(*args)
+    return total
+
+
+def ar_targets(x0: torch.Tensor, loss_mask: torch.Tensor, doc_ids: torch.Tensor | None = None):
+    """Next-token targets of the clean stream and which of them are supervised.
+
+    Args:
+        x0: ``[b, L]`` clean ids; loss_mask: ``[b, L]``; doc_ids: optional ``[b, L]``.
+    Returns:
+        targets ``[b, L]`` (x_0 shifted left, last column arbitrary) and supervised ``[b, L]`` bool:
+        position i is supervised iff i < L-1, ``loss_mask[i+1]`` is set and i+1 is in i's document
+        (no prediction across a packing boundary).
+    """
+    targets = torch.zeros_like(x0)
+    targets[:, :-1] = x0[:, 1:]
+    supervised = torch.zeros_like(x0, dtype=torch.bool)
+    supervised[:, :-1] = loss_mask[:, 1:].bool()
+    if doc_ids is not None:
+        supervised[:, :-1] &= doc_ids[:, 1:] == doc_ids[:, :-1]
+    return targets, supervised
+
+
+def joint_loss_parts(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                     masked: torch.Tensor, mask_prob: torch.Tensor, loss_mask: torch.Tensor,
+                     doc_ids: torch.Tensor | None = None, chunk_size: int = 2048) -> LossParts:
+    """Loss parts of one two-stream forward.
+
+    Args:
+        hidden: ``[b, 2L, d]`` final hidden states of ``[x_t ; x_0]`` (noisy stream first).
+        head: output head, ``[n, d]`` → ``[n, V]``.
+        x0: ``[b, L]`` clean ids.
+        masked: ``[b, L]`` bool, positions masked in x_t.
+        mask_prob: ``[b, L]`` masking probability p (diffusion weight 1/p).
+        loss_mask: ``[b, L]`` supervised tokens (AR targets use the mask of the *target* token).
+        doc_ids: optional ``[b, L]`` for packed rows.
+    Returns:
+        :class:`LossParts`.
+    """
+    length = x0.shape[1]
+    if hidden.shape[1] != 2 * length:
+        raise ValueError(f"hidden has {hidden.shape[1]} positions, expected 2L = {2 * length}")
+    noisy_h, clean_h = hidden[:, :length], hidden[:, length:]
+    diff_sum = weighted_ce_sum(noisy_h[masked], x0[masked], 1.0 / mask_prob[masked].float(), head, chunk_size)
+    targets, supervised = ar_targets(x0, loss_mask, doc_ids)
+    ar_sum = weighted_ce_sum(clean_h[supervised], targets[supervised],
+                             torch.ones(int(supervised.sum()), device=hidden.device), head, chunk_size)
+    return LossParts(diff_sum, masked.sum().float(), ar_sum, supervised.sum().float())

@@ -1,0 +1,138 @@
+"""Forward (noising) process of masked diffusion: which tokens of ``x_0`` become ``[MASK]``.
+
+Every random draw for a sample comes from a generator derived from ``(seed, sample_index)`` only,
+where ``sample_index`` is the sample's position in the global data order. The noise a sample gets
+therefore does not depend on batch size, world size, batch composition or the resume point
+(a peer's corruption noise came from the global RNG and rank, so tensor-parallel peers corrupted the
+same batch differently: Automodel#3149).
+
+Schedules (registry :data:`SCHEDULES`):
+
+* ``uniform`` (NLD public recipe, ALGORITHMS.md §2.4): ``t ~ U(0,1)`` per sequence,
+  ``p = (1-ε)t + ε``, each eligible token masked independently with probability ``p``.
+* ``position_dependent`` (Efficient-DLM ``forward_process_exp``, §1.7): per block of ``B`` tokens,
+  ``m ~ U(ε, 1)``, exactly ``round(m·n)`` of the block's ``n`` eligible tokens masked, drawn without
+  replacement with weights ``exp(λ(1-m)j)``, ``λ = ln2 / (h·B)`` — later positions are masked more
+  often at low noise; ``p = m`` is the loss weight.
+
+Tokens with ``loss_mask = 0`` (prompts in SFT, padding) are never masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["NoisedBatch", "sample_generator", "apply_noise", "SCHEDULES", "NoiseConfigError"]
+
+_MASK64 = (1 << 64) - 1
+
+
+class NoiseConfigError(ValueError):
+    """An impossible noising setting (for example eps outside (0, 1))."""
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_generator(seed: int, sample_index: int) -> torch.Generator:
+    """CPU generator seeded from (seed, global sample index) by a splitmix64 hash (63-bit seed)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(_splitmix64(_splitmix64(int(seed)) ^ int(sample_index)) >> 1)
+    return g
+
+
+@dataclass
+class NoisedBatch:
+    """Result of noising a batch.
+
+    Attributes:
+        noisy_ids: ``[b, L]`` x_t: x_0 with masked positions replaced by the mask token.
+        masked: ``[b, L]`` bool, True where a token was masked.
+        mask_prob: ``[b, L]`` float32 masking probability of each position (the 1/p loss weight's p).
+    """
+
+    noisy_ids: torch.Tensor
+    masked: torch.Tensor
+    mask_prob: torch.Tensor
+
+
+def _uniform(length: int, eligible: torch.Tensor, gen: torch.Generator, eps: float, block_size: int,
+             half_life: float):
+    u = torch.rand((), generator=gen)
+    p = (1.0 - eps) * u + eps
+    draws = torch.rand(length, generator=gen)
+    return (draws < p) & eligible, torch.full((length,), float(p))
+
+
+def _position_dependent(length: int, eligible: torch.Tensor, gen: torch.Generator, eps: float,
+                        block_size: int, half_life: float):
+    masked = torch.zeros(length, dtype=torch.bool)
+    prob = torch.empty(length)
+    for start in range(0, length, block_size):
+        stop = min(start + block_size, length)
+        n = stop - start
+        m = eps + (1.0 - eps) * torch.rand((), generator=gen)
+        gumbel = -torch.log(-torch.log(torch.rand(n, generator=gen).clamp_min(1e-20)))
+        prob[start:stop] = m
+        elig = eligible[start:stop]
+        k = int(torch.round(m * int(elig.sum())))
+        if k == 0:
+            continue
+        lam = math.log(2.0) / (half_life * block_size)
+        log_w = lam * (1.0 - m) * torch.arange(n, dtype=torch.float32)
+        keys = torch.where(elig, log_w + gumbel, torch.full_like(gumbel, -math.inf))
+        masked[start + keys.topk(k).indices] = True
+    return masked, prob
+
+
+ScheduleFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+SCHEDULES: dict[str, ScheduleFn] = {"uniform": _uniform, "position_dependent": _position_dependent}
+
+
+def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch.Tensor | list[int], *,
+                seed: int, mask_token_id: int, schedule: str = "uniform", eps: float = 1e-3,
+                block_size: int = 64, half_life_ratio: float = 0.25) -> NoisedBatch:
+    """Mask a batch of clean rows.
+
+    Args:
+        x0: ``[b, L]`` clean token ids.
+        loss_mask: ``[b, L]`` bool/int; positions with 0 are never masked.
+        sample_indices: ``[b]`` global index of each row in the data order (seeds its noise).
+        seed: run seed.
+        mask_token_id: id written at masked positions.
+        schedule: a key of :data:`SCHEDULES`.
+        eps: lower clip of the masking probability (the 1/p weight explodes as p → 0).
+        block_size: block length for the position-dependent schedule.
+        half_life_ratio: h of the position-dependent schedule.
+    Returns:
+        :class:`NoisedBatch` on ``x0.device``.
+    """
+    if schedule not in SCHEDULES:
+        raise NoiseConfigError(f"unknown noise schedule {schedule!r}; known: {sorted(SCHEDULES)}")
+    if not 0.0 < eps < 1.0:
+        raise NoiseConfigError(f"eps must be in (0, 1), got {eps}")
+    if half_life_ratio <= 0:
+        raise NoiseConfigError(f"half_life_ratio must be > 0, got {half_life_ratio}")
+    b, length = x0.shape
+    indices = [int(i) for i in (sample_indices.tolist() if torch.is_tensor(sample_indices) else sample_indices)]
+    if len(indices) != b:
+        raise ValueError(f"got {len(indices)} sample indices for a batch of {b} rows")
+    eligible = loss_mask.to("cpu", torch.bool)
+    fn = SCHEDULES[schedule]
+    masks, probs = [], []
+    for row, index in enumerate(indices):
+        m, p = fn(length, eligible[row], sample_generator(seed, index), eps, block_size, half_life_ratio)
+        masks.append(m)
+        probs.append(p)
+    masked = torch.stack(masks).to(x0.device)
+    mask_prob = torch.stack(probs).to(x0.device, torch.float32)
+    noisy = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
+    return NoisedBatch(noisy_ids=noisy, masked=masked, mask_prob=mask_prob)

@@ -1,0 +1,58 @@
+"""The small model interface every decoder runs on.
+
+A decoder never sees transformers, only :class:`CachedLM`: forward some tokens at given positions
+with an explicit attention mask over (cached keys + new keys), optionally writing the new keys to the
+KV cache, and edit the cache (keep a subset of its positions). The KV cache only ever holds states
+from causal passes (ALGORITHMS.md §3.1); a diffusion pass reads the cache with ``write_cache=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["CachedLM"]
+
+
+@runtime_checkable
+class CachedLM(Protocol):
+    """What decoders need from a model.
+
+    Attributes:
+        mask_token_id: id of ``[MASK]``; decoders never emit it.
+        vocab_size: number of logit columns.
+    """
+
+    mask_token_id: int
+    vocab_size: int
+
+    def new_cache(self, batch_size: int) -> Any:
+        """An empty KV cache for ``batch_size`` rows."""
+
+    def cache_length(self, cache: Any) -> int:
+        """Number of cached positions C (the same for every row; left padding is masked out)."""
+
+    def forward(self, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, write_cache: bool) -> torch.Tensor:
+        """One model call.
+
+        Args:
+            cache: the KV cache (C positions).
+            input_ids: ``[b, q]`` new tokens.
+            position_ids: ``[b, q]`` their RoPE positions.
+            attention_mask: ``[b, q, C + q]`` bool, True where new query i may attend cached/new key j.
+            write_cache: append the q new keys/values to the cache (causal passes only). When False
+                the cache is unchanged afterwards.
+        Returns:
+            ``[b, q, V]`` float32 logits.
+        """
+
+    def keep_cache(self, cache: Any, positions: torch.Tensor) -> None:
+        """Keep only the given cached positions (``[n]`` int64, increasing), in that order.
+
+        Cropping to the first n positions is ``keep_cache(cache, arange(n))``.
+        """
+
+    def cache_tensors(self, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each ``[b, kv_heads, C, head_dim]`` (for tests and tools)."""

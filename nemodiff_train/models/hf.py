@@ -1,0 +1,214 @@
+"""Any Hugging Face decoder-only causal LM as a DLM: mask token, untied head, two-stream forward.
+
+Nothing here copies modeling code. The two-stream forward runs the model's own modules on
+``[x_t ; x_0]`` with explicit position ids and a prepared 4-D attention mask, which transformers
+passes to the attention kernel unchanged: a dense boolean ``[b, 1, 2L, 2L]`` mask for SDPA (CPU, and
+as a fallback) or a flex-attention ``BlockMask`` (CUDA). That covers every architecture whose
+attention takes ``position_ids`` for RoPE and a 4-D mask (Llama, Qwen2, Qwen3, Mistral, Ministral...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.masks import SequenceLayout, dense_mask, flex_block_mask, get_pattern
+from ..core.sequence import two_stream_inputs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DLMModel", "load_dlm", "resolve_mask_token", "untie_output_head", "MASK_TOKEN", "cache_kwarg"]
+
+MASK_TOKEN = "<|mask|>"
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "ministral", "ministral3")
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """Name of the KV-cache argument of a transformers forward (``cache`` in v5.x, ``past_key_values`` before)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def resolve_mask_token(model, tokenizer, mask_token: int | str | None = None) -> int:
+    """Find or create the diffusion mask token; returns its id.
+
+    Args:
+        mask_token: an int uses that id (e.g. a reserved slot, NLD uses 100); a string uses that
+            token, which must exist in the tokenizer or is added; None uses ``<|mask|>`` (added
+            when absent). An added token grows the embeddings (and untied head) by one row
+            initialised to the mean row, so the new token starts as an "average" input.
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if isinstance(mask_token, int):
+        if not 0 <= mask_token < vocab:
+            raise ValueError(f"mask_token id {mask_token} is outside the model's vocabulary of {vocab} rows")
+        return mask_token
+    text = mask_token or MASK_TOKEN
+    if tokenizer is None:
+        raise ValueError(f"mask token {text!r} given by name but the model has no tokenizer; give an id instead")
+    existing = tokenizer.convert_tokens_to_ids(text)
+    if existing is not None and existing != tokenizer.unk_token_id and existing < vocab:
+        return int(existing)
+    tokenizer.add_special_tokens({"additional_special_tokens": [text]})
+    new_id = tokenizer.convert_tokens_to_ids(text)
+    if new_id >= vocab:
+        _grow_vocab_with_mean_rows(model, new_id + 1)
+    log.info("added mask token %r as id %d", text, new_id)
+    return int(new_id)
+
+
+@torch.no_grad()
+def _grow_vocab_with_mean_rows(model, new_size: int) -> None:
+    emb = model.get_input_embeddings()
+    old = emb.weight.shape[0]
+    mean_in = emb.weight.mean(dim=0, keepdim=True)
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is emb.weight
+    mean_out = None if (out is None or tied) else out.weight.mean(dim=0, keepdim=True)
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    model.get_input_embeddings().weight[old:] = mean_in
+    if mean_out is not None:
+        model.get_output_embeddings().weight[old:] = mean_out
+
+
+@torch.no_grad()
+def untie_output_head(model) -> bool:
+    """Give the output head its own copy of the input embedding (NLD trains an untied head).
+
+    Returns True when the head was tied before.
+    """
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not emb.weight:
+        model.config.tie_word_embeddings = False
+        return False
+    head.weight = nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text_cfg is not None:
+        text_cfg.tie_word_embeddings = False
+    # transformers re-ties on post_init/load when these keys are declared; the instance must not.
+    if getattr(model, "_tied_weights_keys", None):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+    return True
+
+
+@dataclass
+class DLMSettings:
+    """What makes an AR checkpoint a DLM; saved into exported configs (``nemodiff`` key)."""
+
+    mask_token_id: int
+    train_block_size: int = 64
+    inference_block_size: int = 32
+    attention_pattern: str = "two_stream"
+
+
+class DLMModel(nn.Module):
+    """A loaded HF causal LM plus the DLM settings; the unit both training and decoding use.
+
+    Attributes:
+        hf: the ``*ForCausalLM`` module (its ``state_dict`` is the HF layout, so export is a save).
+        settings: :class:`DLMSettings`.
+    """
+
+    def __init__(self, hf: nn.Module, settings: DLMSettings, tokenizer=None):
+        super().__init__()
+        self.hf = hf
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self._cache_kw = cache_kwarg(hf.get_decoder())
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.hf.get_decoder()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output head: ``[..., d]`` → ``[..., V]`` logits (includes any final logit scaling)."""
+        logits = self.hf.get_output_embeddings()(hidden)
+        scale = getattr(self.hf, "logit_scale", None) or getattr(self.config, "logit_scale", None)
+        return logits * scale if isinstance(scale, float) and scale != 1.0 else logits
+
+    def attention_mask(self, layout: SequenceLayout, batch_size: int, device: torch.device, pattern: str | None = None):
+        """The prepared 4-D mask for this model's attention implementation."""
+        pattern = get_pattern(pattern or self.settings.attention_pattern)
+        if getattr(self.config, "_attn_implementation", "sdpa") == "flex_attention":
+            return flex_block_mask(pattern, layout, batch_size, device=device)
+        return dense_mask(pattern, layout, batch_size, device=device)
+
+    def two_stream_hidden(self, noisy_ids: torch.Tensor, clean_ids: torch.Tensor,
+                          doc_ids: torch.Tensor | None = None, block_size: int | None = None,
+                          pattern: str | None = None) -> torch.Tensor:
+        """Final hidden states of one two-stream forward.
+
+        Args:
+            noisy_ids, clean_ids: ``[b, L]``; doc_ids: optional ``[b, L]``.
+        Returns:
+            ``[b, 2L, d]`` hidden states (noisy stream first), before the output head.
+        """
+        pattern_obj = get_pattern(pattern or self.settings.attention_pattern)
+        if pattern_obj.streams != 2:
+            raise ValueError(f"two_stream_hidden needs a two-stream pattern, got {pattern_obj.name!r}")
+        b, length = clean_ids.shape
+        layout = SequenceLayout(length, block_size or self.settings.train_block_size, doc_ids)
+        inputs = two_stream_inputs(noisy_ids, clean_ids, doc_ids)
+        mask = self.attention_mask(layout, b, clean_ids.device, pattern_obj.name)
+        out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+                            attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def causal_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain AR logits ``[b, L, V]`` of the unmodified model (reference for tests)."""
+        return self.hf(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def load_dlm(path: str | Path, *, mask_token: int | str | None = None, untie_head: bool = True,
+             dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+             device: str | torch.device = "cpu", settings: dict | None = None) -> DLMModel:
+    """Load an HF causal LM from a local directory and make it a DLM.
+
+    Args:
+        path: local HF directory (config.json, weights, tokenizer).
+        mask_token: see :func:`resolve_mask_token`; ignored when the directory's config already
+            records a ``nemodiff.mask_token_id`` (an exported DLM).
+        untie_head: give the output head its own weights when the base ties them.
+        attn_implementation: ``sdpa`` (default on CPU) or ``flex_attention`` (default on CUDA).
+        settings: extra :class:`DLMSettings` fields (block sizes, pattern).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    device = torch.device(device)
+    if attn_implementation is None:
+        attn_implementation = "flex_attention" if device.type == "cuda" else "sdpa"
+    config = AutoConfig.from_pretrained(path)
+    family = getattr(config, "model_type", "?")
+    if family not in SUPPORTED_FAMILIES:
+        log.warning("model family %r is not in the tested set %s; trying anyway", family, SUPPORTED_FAMILIES)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    hf.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    recorded = getattr(config, "nemodiff", None) or {}
+    merged = {**recorded, **(settings or {})}
+    if "mask_token_id" in recorded:
+        mask_id = int(recorded["mask_token_id"])
+    else:
+        mask_id = resolve_mask_token(hf, tokenizer, mask_token)
+    if untie_head:
+        untie_output_head(hf)
+    merged["mask_token_id"] = mask_id
+    known = {f for f in DLMSettings.__dataclass_fields__}
+    return DLMModel(hf, DLMSettings(**{k: v for k, v in merged.items() if k in known}), tokenizer)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -1,0 +1,1 @@
+"""Reusable test helpers (tiny tokenizers, ...) shared by the unit and integration tests."""

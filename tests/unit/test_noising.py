@@ -1,0 +1,74 @@
+"""Noising follows its schedule and is a function of (seed, sample index) only."""
+
+import math
+
+import pytest
+import torch
+
+from nemodiff_train.core.noising import NoiseConfigError, apply_noise
+
+pytestmark = pytest.mark.unit
+MASK = 99
+
+
+def _noise(x0, indices, schedule="uniform", loss_mask=None, **kw):
+    loss_mask = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask
+    return apply_noise(x0, loss_mask, indices, seed=1234, mask_token_id=MASK, schedule=schedule, **kw)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "position_dependent"])
+def test_noise_independent_of_batch_composition(schedule):
+    x0 = torch.randint(0, 50, (4, 64))
+    alone = _noise(x0[2:3], [17], schedule, block_size=16)
+    in_batch = _noise(torch.stack([x0[0], x0[2], x0[1]]), [5, 17, 40], schedule, block_size=16)
+    assert torch.equal(alone.masked[0], in_batch.masked[1])
+    assert torch.equal(alone.mask_prob[0], in_batch.mask_prob[1])
+    other_seed = apply_noise(x0[2:3], torch.ones(1, 64, dtype=torch.bool), [17], seed=1, mask_token_id=MASK,
+                             schedule=schedule, block_size=16)
+    assert not torch.equal(alone.masked, other_seed.masked)
+
+
+def test_uniform_rate_follows_per_sequence_p():
+    n, length, eps = 2000, 256, 1e-3
+    out = _noise(torch.zeros(n, length, dtype=torch.long), list(range(n)), eps=eps)
+    p = out.mask_prob[:, 0]
+    assert torch.all((out.mask_prob == p[:, None]))  # one p per sequence
+    assert p.min() >= eps and p.max() <= 1.0
+    assert abs(p.mean().item() - (1 + eps) / 2) < 0.02  # p = (1-eps) t + eps, t ~ U(0,1)
+    rate = out.masked.float().mean(dim=1)
+    assert (rate - p).abs().mean() < 0.03  # each row's masking rate tracks its p
+    assert torch.equal(out.noisy_ids[out.masked], torch.full_like(out.noisy_ids[out.masked], MASK))
+
+
+def test_loss_mask_zero_is_never_masked():
+    x0 = torch.randint(0, 50, (64, 32))
+    loss_mask = torch.zeros_like(x0, dtype=torch.bool)
+    loss_mask[:, 16:] = True
+    for schedule in ("uniform", "position_dependent"):
+        out = _noise(x0, list(range(64)), schedule, loss_mask=loss_mask, block_size=8)
+        assert not out.masked[:, :16].any()
+        assert out.masked[:, 16:].any()
+        assert torch.equal(out.noisy_ids[:, :16], x0[:, :16])
+
+
+def test_position_dependent_shape_and_counts():
+    """Exact count round(m·n) per block; at low m later positions are masked more (≈ 2^((1-m)/h))."""
+    block, n_rows, h = 16, 3000, 0.25
+    out = _noise(torch.zeros(n_rows, block, dtype=torch.long), list(range(n_rows)), "position_dependent",
+                 block_size=block, half_life_ratio=h)
+    m = out.mask_prob[:, 0]
+    assert torch.equal(out.masked.sum(1), torch.round(m * block).long())
+    low = out.masked[(m > 0.1) & (m < 0.4)].float().mean(0)
+    assert low[-4:].mean() > 2.5 * low[:4].mean()  # strongly tail-heavy at low noise
+    high = out.masked[m > 0.9].float().mean(0)
+    assert high[-4:].mean() < 1.2 * high[:4].mean()  # close to uniform when almost all is masked
+    # expected end-to-start weight ratio at m: 2^((1-m)/h) (within sampling noise, around m = 0.25)
+    assert math.isclose(2 ** (0.75 / h), 8.0)
+
+
+def test_bad_settings_raise():
+    x0 = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(NoiseConfigError, match="unknown noise schedule"):
+        _noise(x0, [0], "cosine")
+    with pytest.raises(NoiseConfigError, match="eps"):
+        _noise(x0, [0], eps=0.0)
