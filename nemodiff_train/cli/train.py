@@ -1,0 +1,60 @@
+"""``nemodiff-train recipe=<name> run.dir=<path> [key=value ...]`` — train (or resume) a run.
+
+Runs as a plain process or under torchrun (``torchrun --nproc-per-node=2 -m nemodiff_train.cli.train ...``).
+The engine is chosen by ``engine=torch|megatron``. Hydra composes the config; everything below this
+file receives the validated dataclass tree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ..config.load import CONF_DIR, ConfigError, register_schema, to_config
+
+__all__ = ["main", "default_run_dir"]
+
+
+def default_run_dir(recipe: str | None) -> Path:
+    """``runs/<recipe>-<time>``; under torchrun the rendezvous id keeps every rank on the same dir."""
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if stamp in (None, "", "none"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("run.dir must be given when running with several processes")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{recipe or 'run'}-{stamp}"
+
+
+def run(cfg_dict: DictConfig) -> Path:
+    cfg = to_config(cfg_dict)
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.recipe)
+    if cfg.engine.name == "megatron":
+        from ..engines.megatron.train import run as megatron_run
+
+        return megatron_run(cfg, run_dir)
+    from ..engines.torch.trainer import train
+
+    return train(cfg, run_dir)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"nemodiff-train: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_schema()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

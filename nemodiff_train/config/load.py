@@ -1,0 +1,163 @@
+"""Hydra composition → validated :class:`~nemodiff_train.config.schema.Config`.
+
+The ``conf/`` directory holds the config groups; ``conf/recipe`` points at the top-level
+``recipes/`` folder so that ``recipe=<name>`` selects a named experiment (a ``@package _global_``
+file that overrides any group). Every error names the key it is about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .schema import Config
+
+__all__ = ["ConfigError", "CONF_DIR", "RECIPES_DIR", "to_config", "validate", "compose", "save_config",
+           "load_saved_config", "list_recipes"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the offending key."""
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Merge a composed config into the typed schema; unknown keys and wrong types raise ConfigError."""
+    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        result = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(f"unknown config key {_key_of(e)!r} (check its spelling): {e.msg}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid value for config key {_key_of(e)!r}: {e.msg}") from None
+    validate(result)
+    return result
+
+
+def _key_of(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "diffusion.schedule": ("uniform", "position_dependent"),
+    "optim.name": ("adamw",),
+    "schedule.name": ("wsd", "cosine", "constant"),
+    "engine.name": ("torch", "megatron"),
+    "engine.device": ("auto", "cpu", "cuda"),
+    "engine.precision": ("auto", "fp32", "bf16"),
+    "engine.distributed": ("ddp", "fsdp2"),
+    "engine.transformer_impl": ("auto", "local", "transformer_engine"),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
+    "export.dtype": ("float32", "bfloat16"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values, naming the key."""
+    from ..core.masks import PATTERNS
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        need(value in choices, key, f"{value!r} is not one of {list(choices)}")
+    d = cfg.diffusion
+    need(d.pattern in PATTERNS, "diffusion.pattern", f"{d.pattern!r} is not one of {sorted(PATTERNS)}")
+    need(PATTERNS[d.pattern].streams == 2, "diffusion.pattern",
+         "training needs a two-stream pattern (two_stream or bd3): the loss uses both halves")
+    need(d.block_size > 0, "diffusion.block_size", "must be > 0")
+    need(d.inference_block_size > 0, "diffusion.inference_block_size", "must be > 0")
+    need(0 < d.eps < 1, "diffusion.eps", "must be in (0, 1)")
+    need(d.half_life_ratio > 0, "diffusion.half_life_ratio", "must be > 0")
+    need(d.alpha >= 0 and d.beta >= 0 and d.alpha + d.beta > 0, "diffusion.alpha/beta", "must be >= 0, not both 0")
+    need(len(cfg.stages) > 0, "stages", "at least one stage is required")
+    for i, st in enumerate(cfg.stages):
+        key = f"stages.{i}"
+        need(st.kind in ("pretrain", "sft"), f"{key}.kind", f"{st.kind!r} is not one of ['pretrain', 'sft']")
+        need(st.steps > 0, f"{key}.steps", "must be > 0")
+        need(st.micro_batch_size > 0, f"{key}.micro_batch_size", "must be > 0")
+        need(st.global_batch_size % st.micro_batch_size == 0, f"{key}.global_batch_size",
+             f"{st.global_batch_size} is not a multiple of micro_batch_size={st.micro_batch_size}")
+        need(st.data.kind == st.kind, f"{key}.data.kind", f"{st.data.kind!r} does not match the stage kind {st.kind!r}")
+        need(st.data.seq_len > 1, f"{key}.data.seq_len", "must be > 1")
+        need(len(st.data.sources) > 0, f"{key}.data.sources", "no data source given")
+        need(0 <= st.data.val_fraction < 1, f"{key}.data.val_fraction", "must be in [0, 1)")
+        need(st.lr is None or st.lr > 0, f"{key}.lr", "must be > 0")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
+    need(0 <= cfg.schedule.warmup_fraction < 1, "schedule.warmup_fraction", "must be in [0, 1)")
+    need(0 <= cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction", "must be in [0, 1]")
+    need(cfg.checkpoint.every > 0, "checkpoint.every", "must be > 0")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    need(cfg.logging.every > 0, "logging.every", "must be > 0")
+    for key in ("engine.tp", "engine.pp", "engine.cp", "engine.ep"):
+        need(_get(cfg, key) >= 1, key, "must be >= 1")
+    if cfg.engine.name == "torch":
+        for key in ("engine.tp", "engine.pp", "engine.cp", "engine.ep"):
+            need(_get(cfg, key) == 1, key, "model parallelism needs engine=megatron (the torch engine is data-parallel)")
+
+
+def register_schema() -> None:
+    """Store the dataclass schema as Hydra's base config ``schema`` (conf/config.yaml extends it), so
+    every key exists with its type and a misspelt override fails at composition naming the key."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose(overrides: list[str] | None = None) -> Config:
+    """Compose ``conf/config.yaml`` with overrides (e.g. ``["recipe=demo_cpu", "optim.lr=1e-4"]``)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e)) from None
+    return to_config(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def load_saved_config(path: Path) -> Config:
+    """Read a run directory's resolved ``config.yaml`` back (validated)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved config")
+    return to_config(OmegaConf.load(path))
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def as_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (for JSON)."""
+    if is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, list):
+        return [as_dict(x) for x in obj]
+    return obj

@@ -1,0 +1,190 @@
+"""The one typed configuration tree of a run.
+
+Hydra composes YAML (``conf/`` groups + a ``recipes/`` file + command-line overrides) at the entry
+point only; :func:`nemodiff_train.config.load.to_config` validates the result against these
+dataclasses (unknown keys and wrong types fail naming the key) and :func:`validate` rejects
+impossible values. Nothing below ``cli/`` sees a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = [
+    "Config", "RunConfig", "ModelConfig", "DiffusionConfig", "DataConfig", "StageConfig", "OptimConfig",
+    "ScheduleConfig", "EngineConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig", "ExportConfig",
+    "EvalAtEndConfig",
+]
+
+
+@dataclass
+class RunConfig:
+    """Where the run goes and what seeds it."""
+
+    dir: Optional[str] = None  # default: runs/<recipe>-<time> (shared by all ranks)
+    name: Optional[str] = None  # the recipe name by default
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The AR checkpoint to convert and how to make it a DLM."""
+
+    path: str = "embedded"  # an HF directory; "embedded" = the tiny model shipped in the package
+    hub_id: Optional[str] = None  # documentation of where real recipes' weights come from
+    mask_token_id: Optional[int] = None  # a reserved id (NLD: 100); None = use/add mask_token
+    mask_token: str = "<|mask|>"
+    untie_head: bool = True
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (autocast precision: engine.precision)
+    attn_implementation: Optional[str] = None  # sdpa (CPU default) | flex_attention (CUDA default)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """The method's knobs (ALGORITHMS.md §2)."""
+
+    block_size: int = 64  # training block
+    inference_block_size: int = 32
+    pattern: str = "two_stream"
+    schedule: str = "uniform"  # uniform | position_dependent
+    eps: float = 1e-3
+    half_life_ratio: float = 0.25
+    alpha: float = 0.3  # diffusion loss weight
+    beta: float = 1.0  # AR loss weight
+    loss_chunk_size: int = 2048
+
+
+@dataclass
+class DataConfig:
+    """One stage's data: raw sources, prepared (tokenized, packed, memory-mapped) on first use."""
+
+    kind: str = "pretrain"  # pretrain | sft
+    sources: list[str] = field(default_factory=list)  # path-or-hub-name[:weight]
+    val_sources: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    messages_field: str = "messages"
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    num_proc: int = 1
+    pack: bool = True
+    prepared_dir: Optional[str] = None  # default: <run.dir>/data/<stage name>
+    max_documents: Optional[int] = None
+
+
+@dataclass
+class StageConfig:
+    """A training stage; stages run one after the other on the same model (global step counts on)."""
+
+    name: str = "pretrain"
+    kind: str = "pretrain"  # pretrain (joint AR + diffusion CPT) | sft
+    steps: int = 100
+    data: DataConfig = field(default_factory=DataConfig)
+    lr: Optional[float] = None  # overrides optim.lr for this stage
+    global_batch_size: int = 8  # sequences per optimizer step (all ranks, all micro-batches)
+    micro_batch_size: int = 4  # sequences per forward per rank
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "wsd"  # wsd | cosine | constant
+    warmup_fraction: float = 0.01
+    decay_fraction: float = 0.2  # wsd: share of the stage spent decaying to min_lr
+
+
+@dataclass
+class EngineConfig:
+    name: str = "torch"  # torch | megatron
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    distributed: str = "ddp"  # ddp | fsdp2 (torch engine)
+    compile: bool = False
+    # megatron engine
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    recompute: Optional[str] = None  # null | selective | full
+    transformer_impl: str = "auto"  # auto (TE when installed) | local | transformer_engine
+    megatron_checkpoint_format: str = "torch_dist"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (also written at the end and on SIGTERM/SIGUSR1)
+    keep_last: int = 3
+    resume: bool = True
+
+
+@dataclass
+class WandbConfig:
+    project: Optional[str] = None  # set to enable W&B
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: str = "online"  # online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    progress_bar: bool = True
+    val_every: int = 100
+    val_batches: int = 4
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = False
+    dtype: str = "float32"
+    remote_code: bool = False
+    push_to_hub: Optional[str] = None
+    private: bool = True
+
+
+@dataclass
+class EvalAtEndConfig:
+    at_end: bool = False
+    modes: list[str] = field(default_factory=lambda: ["ar", "diffusion", "linear_spec", "quadratic_spec"])
+    task: str = "code_completion"
+    limit: Optional[int] = None
+    max_new_tokens: int = 64
+    block_size: Optional[int] = None
+    threshold: float = 0.9
+    tau_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95])
+
+
+@dataclass
+class Config:
+    recipe: Optional[str] = None
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalAtEndConfig = field(default_factory=EvalAtEndConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)

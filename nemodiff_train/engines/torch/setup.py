@@ -1,0 +1,145 @@
+"""What a run needs before its first step: the model (local, embedded or from the Hub) and prepared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ...config.schema import Config
+from ...models.hf import DLMModel, load_dlm
+from .distributed import DistEnv
+
+__all__ = ["resolve_model_path", "build_model", "prepare_stage_data", "resolve_source", "evaluate_at_end"]
+
+EMBEDDED = "embedded"
+
+
+def resolve_model_path(path: str) -> Path:
+    """``embedded`` → the shipped tiny model; a local directory as is; ``org/name`` → Hub snapshot."""
+    if path == EMBEDDED:
+        from ...assets import embedded_model_dir
+
+        return embedded_model_dir()
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        except Exception as e:  # offline, gated, missing: say which model and why
+            raise FileNotFoundError(f"model.path={path!r}: not a local directory and the Hub download failed "
+                                    f"({type(e).__name__}: {e}). Download it first or point model.path at a directory.") from None
+    raise FileNotFoundError(f"model.path={path!r} is not a directory")
+
+
+def resolve_source(text: str) -> str:
+    """``embedded:<file>`` → the path of a data file shipped with the package (weights kept)."""
+    if not text.startswith(EMBEDDED + ":"):
+        return text
+    from ...assets import embedded_data_file
+
+    name, _, weight = text[len(EMBEDDED) + 1:].partition(":")
+    path = str(embedded_data_file(name))
+    return f"{path}:{weight}" if weight else path
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_model(cfg: Config, run_dir: Path, env: DistEnv) -> DLMModel:
+    """Load the AR checkpoint as a DLM; rank 0 records its architecture in ``<run>/hf_base``."""
+    m = cfg.model
+    mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[m.dtype]
+    attn = m.attn_implementation or ("flex_attention" if env.device.type == "cuda" else "sdpa")
+    path = resolve_model_path(m.path) if env.is_main else None
+    if dist.is_initialized():  # rank 0 may have downloaded it; everyone uses the same snapshot
+        box = [str(path) if path else None]
+        dist.broadcast_object_list(box, src=0)
+        path = Path(box[0])
+    d = cfg.diffusion
+    dlm = load_dlm(path, mask_token=mask, untie_head=m.untie_head, dtype=dtype, attn_implementation=attn,
+                   device=env.device, settings={"train_block_size": d.block_size,
+                                                "inference_block_size": d.inference_block_size,
+                                                "attention_pattern": d.pattern})
+    if m.gradient_checkpointing:
+        dlm.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dlm.hf.train()
+    if env.is_main:
+        _save_base(dlm, cfg, run_dir / "hf_base", source=path)
+    _barrier()
+    return dlm
+
+
+def _save_base(dlm: DLMModel, cfg: Config, out: Path, source: Path) -> None:
+    """Config + tokenizer + generation config of the DLM-ified architecture (no weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    d = cfg.diffusion
+    dlm.hf.config.nemodiff = {
+        "mask_token_id": dlm.settings.mask_token_id, "train_block_size": d.block_size,
+        "inference_block_size": d.inference_block_size, "attention_pattern": d.pattern, "alpha": d.alpha,
+        "beta": d.beta, "noise_schedule": d.schedule, "recipe": cfg.recipe, "base_model": cfg.model.hub_id or cfg.model.path,
+        "stages": [{"name": s.name, "kind": s.kind, "steps": s.steps, "sources": list(s.data.sources),
+                    "seq_len": s.data.seq_len, "global_batch_size": s.global_batch_size} for s in cfg.stages],
+    }
+    dlm.hf.config.save_pretrained(out)
+    if dlm.hf.generation_config is not None:
+        dlm.hf.generation_config.save_pretrained(out)
+    if dlm.tokenizer is not None:
+        dlm.tokenizer.save_pretrained(out)
+    (out / "SOURCE").write_text(str(source) + "\n")
+
+
+def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, dlm: DLMModel, env: DistEnv):
+    """Tokenize + pack the stage's sources once (rank 0; idempotent), then open train/val memory maps."""
+    from ...data.packed import PackedDataset
+    from ...data.prepare import DataPrepConfig, prepare
+    from ...data.sources import SourceSpec
+
+    stage = cfg.stages[stage_index]
+    dc = stage.data
+    out = Path(dc.prepared_dir) if dc.prepared_dir else run_dir / "data" / stage.name
+
+    def specs(items):
+        return [SourceSpec.parse(resolve_source(s), text_field=dc.text_field, messages_field=dc.messages_field)
+                for s in items]
+
+    if env.is_main:
+        prepare(DataPrepConfig(kind=dc.kind, sources=specs(dc.sources), val_sources=specs(dc.val_sources),
+                               tokenizer=str(run_dir / "hf_base"), seq_len=dc.seq_len, out=str(out),
+                               val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
+                               pack=dc.pack, max_documents=dc.max_documents))
+    _barrier()
+    train_ds = PackedDataset(out, "train")
+    try:
+        val_ds = PackedDataset(out, "val")
+    except Exception:
+        val_ds = None
+    return train_ds, val_ds
+
+
+def evaluate_at_end(cfg: Config, run_dir: Path, sink) -> None:
+    """Evaluate the exported model in every configured mode and refresh its model card."""
+    from ...eval.runner import EvalConfig, run_evaluation
+
+    e = cfg.eval
+    out = run_dir / "eval"
+    rows = run_evaluation(EvalConfig(model=str(run_dir / "hf"), modes=list(e.modes), task=e.task, out=str(out),
+                                     limit=e.limit, max_new_tokens=e.max_new_tokens,
+                                     block_size=e.block_size or cfg.diffusion.inference_block_size,
+                                     threshold=e.threshold, tau_sweep=list(e.tau_sweep), seed=cfg.run.seed))
+    sink.message(f"evaluation written to {out}")
+    try:
+        from ...export import write_model_card
+
+        write_model_card(run_dir / "hf", eval_json=out / "eval.json")
+    except ImportError:
+        pass
+    (run_dir / "eval_summary.json").write_text(json.dumps(rows, indent=1))

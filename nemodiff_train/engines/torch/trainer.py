@@ -1,0 +1,317 @@
+"""The torch engine: one process or ``torchrun`` (DDP or FSDP2), CPU (gloo) or CUDA (nccl).
+
+A run is a list of stages (e.g. joint AR + diffusion continued pretraining, then SFT) over one model;
+the global step counts on across stages and each stage gets a fresh AdamW and its own LR schedule.
+Each optimizer step:
+
+1. every rank noises its micro-batches (noise seeded per sample, see ``batches.py``);
+2. the global loss denominator ``N_mask + β·N_AR`` of the whole step is all-reduced *before* the
+   forward, so each micro-batch backpropagates ``numerator · world / global_denominator`` and the
+   data-parallel gradient average equals the gradient of the global per-token mean (ALGORITHMS.md
+   §2.5: the loss is a global token mean, not a mean of per-batch means);
+3. clip, step, log. Checkpoints every ``checkpoint.every`` steps, at stage ends, and on SIGTERM /
+   SIGUSR1 (then exit 0, so a preempted Slurm job's successor resumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ...config.load import as_dict, save_config
+from ...config.schema import Config, StageConfig
+from ...core.losses import LossParts, LossWeights, joint_loss_parts
+from ...models.hf import DLMModel
+from .batches import GlobalOrder, MicroBatch, collate, rank_positions
+from .checkpointing import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .distributed import DistEnv, all_reduce_sum, init_distributed
+from .lr_schedule import lr_at
+from .metrics import MetricsSink
+from .setup import build_model, prepare_stage_data
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train", "TwoStreamLoss"]
+
+
+class TwoStreamLoss(nn.Module):
+    """``forward(micro_batch) -> LossParts``: the unit DDP/FSDP wrap (their hooks need a forward)."""
+
+    def __init__(self, dlm: DLMModel, block_size: int, chunk_size: int):
+        super().__init__()
+        self.dlm = dlm
+        self.block_size = block_size
+        self.chunk_size = chunk_size
+
+    def forward(self, mb: MicroBatch) -> LossParts:
+        hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size)
+        return joint_loss_parts(hidden, self.dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask,
+                                mb.doc_ids, self.chunk_size)
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1; checked (and agreed across ranks) at step boundaries."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+@dataclass
+class _Progress:
+    step: int = 0  # global optimizer steps done
+    tokens: int = 0  # clean tokens consumed (L per sample)
+
+
+def _stage_bounds(cfg: Config) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for st in cfg.stages:
+        bounds.append((start, start + st.steps))
+        start += st.steps
+    return bounds
+
+
+def _wrap(loss_module: TwoStreamLoss, cfg: Config, env: DistEnv) -> nn.Module:
+    if env.world_size == 1:
+        return loss_module
+    if cfg.engine.distributed == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in loss_module.dlm.backbone.layers:
+            fully_shard(layer)
+        fully_shard(loss_module)
+        return loss_module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+def _autocast(cfg: Config, env: DistEnv):
+    precision = cfg.engine.precision
+    if precision == "auto":
+        precision = "bf16" if env.device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _state(dlm: DLMModel, optim: torch.optim.Optimizer | None, with_optim: bool) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(dlm.hf)}
+    if with_optim and optim is not None:
+        state["optim"] = get_optimizer_state_dict(dlm.hf, optim)
+    return state
+
+
+def _load_state(dlm: DLMModel, optim, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(dlm.hf, state["model"])
+    if "optim" in state and optim is not None:
+        set_optimizer_state_dict(dlm.hf, optim, state["optim"])
+
+
+def _make_optimizer(dlm: DLMModel, cfg: Config, stage: StageConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in dlm.hf.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases are not decayed
+    o = cfg.optim
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=stage.lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=torch.cuda.is_available() and next(dlm.parameters()).is_cuda)
+
+
+def _reduce_parts(parts: LossParts, device) -> LossParts:
+    flat = torch.stack([parts.diffusion_sum, parts.diffusion_count, parts.ar_sum, parts.ar_count]).float().to(device)
+    all_reduce_sum(flat)
+    return LossParts(*flat.unbind())
+
+
+@torch.no_grad()
+def _validate(module: TwoStreamLoss, val_ds, cfg: Config, stage: StageConfig, env: DistEnv, mask_id: int) -> dict:
+    """Held-out AR loss (mean next-token CE) and diffusion loss (Σ CE/p per masked token), fixed noise."""
+    if val_ds is None or len(val_ds) == 0:
+        return {}
+    mbs = stage.micro_batch_size
+    n = min(len(val_ds), cfg.logging.val_batches * mbs)  # the same rows whatever the world size
+    mine = [i for i in range(n) if i % env.world_size == env.rank]
+    total = LossParts(*(torch.zeros((), device=env.device) for _ in range(4)))
+    d = cfg.diffusion
+    module.eval()
+    for start in range(0, len(mine), mbs):
+        idx = mine[start:start + mbs]
+        mb = collate([val_ds[i] for i in idx], idx, seed=cfg.run.seed + 7919, mask_token_id=mask_id,
+                     schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
+        with _autocast(cfg, env):
+            total = total + module(mb.to(env.device)).detached()
+    module.train()
+    total = _reduce_parts(total, env.device)
+    w = LossWeights(d.alpha, d.beta)
+    return {"val_ar_loss": (total.ar_sum / total.ar_count.clamp_min(1)).item(),
+            "val_diffusion_loss": (total.diffusion_sum / total.diffusion_count.clamp_min(1)).item(),
+            "val_loss": (total.numerator(w) / total.denominator(w)).item()}
+
+
+def train(cfg: Config, run_dir: Path) -> Path:
+    """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns ``run_dir``."""
+    env = init_distributed(cfg.engine.device)
+    torch.manual_seed(cfg.run.seed)
+    run_dir = Path(run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dlm = build_model(cfg, run_dir, env)
+    mask_id = dlm.settings.mask_token_id
+    weights = LossWeights(cfg.diffusion.alpha, cfg.diffusion.beta)
+    stop = _StopFlag()
+
+    progress = _Progress()
+    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    resume_state = read_trainer_state(ckpt) if ckpt else None
+    if resume_state:
+        progress = _Progress(resume_state["step"], resume_state["tokens"])
+    sink = MetricsSink(run_dir, enabled=env.is_main, total_steps=cfg.total_steps, start_step=progress.step,
+                       progress_bar=cfg.logging.progress_bar, wandb_cfg=cfg.logging.wandb,
+                       config_dict=as_dict(cfg), run_name=cfg.run.name or cfg.recipe or run_dir.name)
+    if ckpt:
+        sink.message(f"resuming from {ckpt} (step {progress.step})")
+
+    loss_module = TwoStreamLoss(dlm, cfg.diffusion.block_size, cfg.diffusion.loss_chunk_size).to(env.device)
+    wrapped = _wrap(loss_module, cfg, env)
+    stopped = False
+    for stage_index, (stage, (first, last)) in enumerate(zip(cfg.stages, _stage_bounds(cfg))):
+        if progress.step >= last:
+            continue
+        train_ds, val_ds = prepare_stage_data(cfg, stage_index, run_dir, dlm, env)
+        optim = _make_optimizer(dlm, cfg, stage)
+        if ckpt is not None:  # resume: weights always; optimizer only inside the same stage
+            same_stage = first < progress.step
+            state = _state(dlm, optim, with_optim=same_stage)
+            load_checkpoint(ckpt, state)
+            _load_state(dlm, optim, state)
+            ckpt = None
+        order = GlobalOrder(len(train_ds), cfg.run.seed, stage_index)
+        sample_offset = sum(s.steps * s.global_batch_size for s in cfg.stages[:stage_index])
+        if progress.step == first and cfg.logging.val_every > 0:
+            sink.log({"step": progress.step, "stage": stage.name, **_validate(loss_module, val_ds, cfg, stage, env, mask_id)})
+        stopped = _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_module, optim, order,
+                             sample_offset, train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir)
+        if stopped:
+            break
+    if not stopped and env.is_main:
+        _finish(cfg, run_dir, sink)
+    sink.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return run_dir
+
+
+def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_module, optim, order, sample_offset,
+               train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir) -> bool:
+    d = cfg.diffusion
+    seq_len = train_ds.meta["seq_len"]
+    t_last, tokens_since = time.perf_counter(), 0
+    while progress.step < last:
+        local = progress.step - first
+        lr = lr_at(local, stage.steps, name=cfg.schedule.name, peak=stage.lr or cfg.optim.lr,
+                   minimum=cfg.optim.min_lr, warmup_fraction=cfg.schedule.warmup_fraction,
+                   decay_fraction=cfg.schedule.decay_fraction)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        micro = []
+        for positions in rank_positions(local, stage.global_batch_size, env.rank, env.world_size,
+                                        stage.micro_batch_size):
+            rows = [train_ds[order.row(p)] for p in positions]
+            micro.append(collate(rows, [sample_offset + p for p in positions], seed=cfg.run.seed,
+                                 mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
+                                 half_life_ratio=d.half_life_ratio).to(env.device))
+        local_den = sum(float(mb.noise.masked.sum()) + weights.beta * _ar_count(mb) for mb in micro)
+        global_den = float(all_reduce_sum(torch.tensor([local_den], dtype=torch.float64, device=env.device)).item())
+        step_parts = LossParts(*(torch.zeros((), device=env.device) for _ in range(4)))
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
+            ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+            with ctx:
+                with _autocast(cfg, env):
+                    parts = wrapped(mb)
+                (parts.numerator(weights) * (env.world_size / global_den)).backward()
+            step_parts = step_parts + parts.detached()
+        grad_norm = torch.nn.utils.clip_grad_norm_(dlm.parameters(), cfg.optim.grad_clip)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        progress.step += 1
+        step_tokens = stage.global_batch_size * seq_len
+        progress.tokens += step_tokens
+        tokens_since += step_tokens
+
+        if progress.step % cfg.logging.every == 0 or progress.step == last:
+            total = _reduce_parts(step_parts, env.device)
+            now = time.perf_counter()
+            record = {"step": progress.step, "stage": stage.name,
+                      "loss": (total.numerator(weights) / total.denominator(weights)).item(),
+                      "ar_loss": (total.ar_sum / total.ar_count.clamp_min(1)).item(),
+                      "diffusion_loss": (total.diffusion_sum / total.diffusion_count.clamp_min(1)).item(),
+                      "masked_tokens": int(total.diffusion_count.item()), "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens": progress.tokens,
+                      "tokens_per_s": tokens_since / max(now - t_last, 1e-9)}
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {progress.step}: {record}")
+            sink.log(record)
+            sink.progress(progress.step, {"loss": record["loss"], "tok/s": record["tokens_per_s"]})
+            t_last, tokens_since = now, 0
+        if cfg.logging.val_every > 0 and (progress.step % cfg.logging.val_every == 0 or progress.step == last):
+            val = _validate(loss_module, val_ds, cfg, stage, env, mask_id)
+            if val:
+                sink.log({"step": progress.step, "stage": stage.name, **val})
+        interrupted = stop.agreed(env.device)
+        if interrupted or progress.step % cfg.checkpoint.every == 0 or progress.step == last:
+            path = save_checkpoint(run_dir, progress.step, _state(dlm, optim, with_optim=True),
+                                   {"step": progress.step, "tokens": progress.tokens, "stage": stage_index,
+                                    "stage_name": stage.name, "recipe": cfg.recipe},
+                                   cfg.checkpoint.keep_last)
+            if interrupted:
+                sink.message(f"signal {stop.signal}: saved {path}; exiting so the next job resumes")
+                sink.log({"step": progress.step, "event": "preempted", "signal": stop.signal})
+                return True
+    return False
+
+
+def _ar_count(mb: MicroBatch) -> float:
+    from ...core.losses import ar_targets
+
+    return float(ar_targets(mb.x0, mb.loss_mask, mb.doc_ids)[1].sum())
+
+
+def _finish(cfg: Config, run_dir: Path, sink: MetricsSink) -> None:
+    """Export (and evaluate) the final checkpoint on rank 0."""
+    if not cfg.export.at_end:
+        return
+    from ...export import export_checkpoint
+
+    out = run_dir / "hf"
+    export_checkpoint(run_dir, out, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True)
+    sink.message(f"exported {out}")
+    if cfg.eval.at_end:
+        from .setup import evaluate_at_end
+
+        evaluate_at_end(cfg, run_dir, sink)
