@@ -69,7 +69,8 @@ def _tokenizer_json(vocab_size: int) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    # trim_offsets keeps character offsets exact, which the assistant-mask code relies on.
+    # Untrimmed offsets: each token's character span includes its leading space, so masks computed
+    # from offsets (apply_chat_template's assistant mask) cover the generated text with no gaps.
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
