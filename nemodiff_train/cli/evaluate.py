@@ -1,0 +1,66 @@
+"""``nemodiff-eval``: evaluate a DLM in every decoding mode (TPF, tokens/s, accuracy, lossless).
+
+Usage (the embedded model on a CPU, a few samples)::
+
+    nemodiff-eval model=<hf dir or run dir> modes=[ar,diffusion,linear_spec,quadratic_spec] \\
+        task=code_completion out=/tmp/eval limit=8
+    python -m nemodiff_train.cli.evaluate model=... out=...   # the same
+
+Keys: ``conf/apps/evaluate.yaml`` (one per field of :class:`~nemodiff_train.eval.runner.EvalConfig`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from ..eval.runner import EvalConfig, run_evaluation
+
+# conf/apps/ holds group-free configs of the single-purpose CLIs: in conf/ itself, `model=<dir>` would be
+# read as a choice of the training config group conf/model/.
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "apps"
+
+__all__ = ["main", "to_eval_config"]
+
+
+class EvalConfigError(ValueError):
+    """A bad ``nemodiff-eval`` setting; the message names the key."""
+
+
+def to_eval_config(cfg: DictConfig | dict) -> EvalConfig:
+    """Merge the composed config into :class:`EvalConfig`; unknown keys and bad values name the key."""
+    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), raw))
+    except ConfigKeyError as e:
+        raise EvalConfigError(f"unknown nemodiff-eval key {e.full_key!r} (check its spelling; valid keys: "
+                              f"{', '.join(EvalConfig.__dataclass_fields__)})") from None
+    except MissingMandatoryValue as e:
+        raise EvalConfigError(f"nemodiff-eval needs {e.full_key}=<...>") from None
+    except OmegaConfBaseException as e:
+        raise EvalConfigError(f"invalid value for nemodiff-eval key {e.full_key!r}: {e.msg}") from None
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base=None)
+def _app(cfg: DictConfig) -> None:
+    try:
+        eval_cfg = to_eval_config(cfg)
+    except (EvalConfigError, ValueError) as e:  # ValueError: EvalConfig.__post_init__ checks
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run_evaluation(eval_cfg)
+
+
+def main() -> None:
+    """Console entry point (``nemodiff-eval``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _app()
+
+
+if __name__ == "__main__":
+    main()

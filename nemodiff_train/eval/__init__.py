@@ -1,0 +1,6 @@
+"""Evaluation: bundled tasks, the ``nemodiff-eval`` runner (TPF, tokens/s, accuracy per decoding mode)
+and an lm-evaluation-harness model (``nemodiff``).
+
+Heavy imports (torch, transformers, lm-eval) happen inside the submodules, so
+``import nemodiff_train.eval`` stays cheap.
+"""

@@ -1,0 +1,121 @@
+"""The real ``nemodiff-eval`` CLI and the lm-eval entry point, as subprocesses on a tiny random model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.tiny_run import make_model_dir
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+LM_EVAL_TASKS = ROOT / "tests" / "data" / "lm_eval_task"
+MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
+PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_assets")
+    make_model_dir(root / "model")
+    rows = [{"prompt": PROMPT, "reference": "    return a + b\n", "source": "m.py", "name": "add"},
+            {"prompt": "def one():\n    \"\"\"One.\"\"\"\n", "reference": "    return 1\n", "source": "m.py", "name": "one"},
+            {"prompt": "def hello():\n    \"\"\"Hi.\"\"\"\n", "reference": "    print('hi')\n", "source": "m.py",
+             "name": "hello"}]
+    (root / "cc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _run(module: str, args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", module, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def test_eval_cli_all_modes(assets, tmp_path):
+    out_dir = tmp_path / "out"
+    res = _run("nemodiff_train.cli.evaluate",
+               [f"model={assets / 'model'}", f"modes=[{','.join(MODES)}]", f"task={assets / 'cc.jsonl'}",
+                f"out={out_dir}", "max_new_tokens=8", "block_size=4", "tau_sweep=[0.5,0.9]"], cwd=tmp_path)
+    # Hydra must not change directory or leave outputs/.hydra behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    rows = json.loads((out_dir / "eval.json").read_text())
+    assert [r["mode"] for r in rows] == MODES
+    for r in rows:
+        for key in ("task", "samples", "generated_tokens", "forwards", "prefill_forwards", "tpf", "tokens_per_s",
+                    "exact_match", "token_accuracy", "block_size", "threshold", "temperature", "dtype", "device",
+                    "torch_version", "transformers_version", "model", "seed"):
+            assert key in r, (r["mode"], key)
+        assert r["samples"] == 3 and r["prefill_forwards"] == 3 and r["block_size"] == 4
+        assert r["tpf"] == pytest.approx(r["generated_tokens"] / r["forwards"])
+    by_mode = {r["mode"]: r for r in rows}
+    # fp32 on CPU: self-speculation is exactly AR greedy (ALGORITHMS.md §5.4), even for a random model.
+    assert by_mode["linear_spec"]["lossless"] == 1.0 and by_mode["quadratic_spec"]["lossless"] == 1.0
+    assert "lossless" not in by_mode["ar"] and "lossless" not in by_mode["diffusion"]
+    assert [p["threshold"] for p in by_mode["diffusion"]["tau_sweep"]] == [0.5, 0.9]
+
+    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 3
+    for s in samples:
+        assert {"mode", "index", "prompt_ids", "output_ids", "forwards", "output_text"} <= set(s)
+        assert 1 <= len(s["output_ids"]) <= 8
+    ar = {s["index"]: s["output_ids"] for s in samples if s["mode"] == "ar"}
+    assert all(s["output_ids"] == ar[s["index"]] for s in samples if s["mode"].endswith("_spec"))
+    assert (out_dir / "tpf_accuracy.png").stat().st_size > 0
+    assert "lossless" in res.stdout and "linear_spec" in res.stdout and "prefill forwards excluded" in res.stdout
+
+
+def test_eval_cli_run_dir_bundled_task_and_spec_only(assets, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {}\n")
+    failed = _run("nemodiff_train.cli.evaluate", [f"model={run}", f"out={tmp_path / 'o'}"], cwd=tmp_path, check=False)
+    assert failed.returncode != 0 and "export it first" in failed.stderr
+
+    (run / "hf").symlink_to(assets / "model", target_is_directory=True)
+    res = _run("nemodiff_train.cli.evaluate",
+               [f"model={run}", "modes=[linear_spec]", "limit=1", f"out={tmp_path / 'o'}", "max_new_tokens=4",
+                "block_size=4", "tau_sweep=[]"], cwd=tmp_path)
+    rows = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert [(r["mode"], r["requested"]) for r in rows] == [("ar", False), ("linear_spec", True)]
+    assert rows[0]["task"] == "code_completion" and "first_line_exact" in rows[0]
+    assert "reference for the self-speculation" in res.stderr
+
+
+@pytest.mark.parametrize("override", ["modle=/x", "+modle=/x"])
+def test_eval_cli_misspelt_key_fails_naming_it(tmp_path, override):
+    res = _run("nemodiff_train.cli.evaluate", [override, f"out={tmp_path / 'o'}"], cwd=tmp_path, check=False)
+    assert res.returncode != 0
+    assert "modle" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_lm_eval_entry_point(assets, tmp_path):
+    pytest.importorskip("lm_eval")
+    stats = tmp_path / "stats.json"
+    res = _run("nemodiff_train.eval.lm_eval_cli",
+               ["--model", "nemodiff",
+                "--model_args", f"pretrained={assets / 'model'},mode=linear_spec,block_size=4,stats_out={stats}",
+                "--tasks", "nemodiff_tiny_gen,nemodiff_tiny_mc,nemodiff_tiny_text", "--include_path", str(LM_EVAL_TASKS),
+                "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "lm_out")], cwd=tmp_path)
+    (results_file,) = glob.glob(str(tmp_path / "lm_out" / "**" / "results_*.json"), recursive=True)
+    results = json.loads(Path(results_file).read_text())
+    assert set(results["results"]) == {"nemodiff_tiny_gen", "nemodiff_tiny_mc", "nemodiff_tiny_text"}
+    assert "exact_match,none" in results["results"]["nemodiff_tiny_gen"]
+    assert "acc,none" in results["results"]["nemodiff_tiny_mc"]
+    assert results["results"]["nemodiff_tiny_text"]["word_perplexity,none"] > 0
+    decode = results["config"]["nemodiff"]["decode_stats"]
+    assert decode["requests"] == 2 and decode["forwards"] > 0 and decode["loglikelihood_requests"] > 0
+    assert json.loads(stats.read_text())["decode_stats"]["requests"] == 2
+    assert "nemodiff linear_spec: 2 generate requests" in res.stderr

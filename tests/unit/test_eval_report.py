@@ -1,0 +1,102 @@
+"""Evaluator plumbing without decoding: config checks, model-dir resolution, EOS ids, report files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nemodiff_train.cli.evaluate import EvalConfigError, to_eval_config
+from nemodiff_train.eval.loading import eos_token_ids, resolve_model_dir
+from nemodiff_train.eval.report import format_table, write_outputs
+from nemodiff_train.eval.runner import EvalConfig, _modes_to_run
+from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
+
+pytestmark = pytest.mark.unit
+
+
+def _row(mode, tpf, tps, acc, **extra):
+    return {"mode": mode, "task": "t", "samples": 2, "generated_tokens": 10, "forwards": int(10 / tpf),
+            "prefill_forwards": 2, "tpf": tpf, "tokens_per_s": tps, "exact_match": acc, "token_accuracy": acc,
+            "metric_names": ["exact_match", "token_accuracy"], "primary_metric": "token_accuracy",
+            "requested": True, "block_size": 4, "threshold": 0.9, "temperature": 0.0, "dtype": "float32",
+            "device": "cpu", **extra}
+
+
+def test_eval_config_defaults_and_checks():
+    cfg = EvalConfig(model="m", out="o")
+    assert cfg.modes == ["ar", "diffusion", "linear_spec", "quadratic_spec"]
+    assert cfg.task == "code_completion" and cfg.max_new_tokens == 64 and cfg.block_size is None
+    assert cfg.tau_sweep == [0.5, 0.7, 0.9, 0.95]
+    with pytest.raises(ValueError, match="modes must be"):
+        EvalConfig(model="m", out="o", modes=["ar", "beam"])
+    with pytest.raises(ValueError, match="dtype"):
+        EvalConfig(model="m", out="o", dtype="float16")
+
+
+def test_to_eval_config_names_bad_keys():
+    cfg = to_eval_config({"model": "m", "out": "o", "modes": ["ar"], "limit": 3, "tau_sweep": []})
+    assert cfg.modes == ["ar"] and cfg.limit == 3 and cfg.tau_sweep == []
+    with pytest.raises(EvalConfigError, match="unknown nemodiff-eval key 'modle'"):
+        to_eval_config({"model": "m", "out": "o", "modle": "x"})
+    with pytest.raises(EvalConfigError, match="needs out="):
+        to_eval_config({"model": "m"})
+    with pytest.raises(EvalConfigError, match="'batch_size'"):
+        to_eval_config({"model": "m", "out": "o", "batch_size": "many"})
+
+
+def test_ar_runs_first_and_is_added_for_spec_modes():
+    assert _modes_to_run(["quadratic_spec", "diffusion"]) == (["ar", "diffusion", "quadratic_spec"], True)
+    assert _modes_to_run(["linear_spec", "ar"]) == (["ar", "linear_spec"], False)
+    assert _modes_to_run(["diffusion"]) == (["diffusion"], False)
+
+
+def test_resolve_model_dir(tmp_path):
+    hf = tmp_path / "hfdir"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert resolve_model_dir(hf) == hf
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("a: 1\n")
+    with pytest.raises(FileNotFoundError, match="export it first: nemodiff-export"):
+        resolve_model_dir(run)
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    assert resolve_model_dir(run) == run / "hf"
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face model directory"):
+        resolve_model_dir(tmp_path / "nothing")
+
+
+def test_eos_ids_collect_tokenizer_generation_config_and_im_end():
+    tok = make_tiny_tokenizer()
+
+    class GenCfg:
+        eos_token_id = [tok.eos_token_id, 7]
+
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eos_token_ids(tok, GenCfg()) == (tok.eos_token_id, 7, im_end)
+    assert eos_token_ids(tok, None) == (tok.eos_token_id, im_end)
+
+
+def test_report_files_and_table(tmp_path):
+    rows = [_row("ar", 1.0, 100.0, 0.5),
+            _row("diffusion", 2.0, 150.0, 0.25, tau_sweep=[{"threshold": 0.5, "tpf": 3.0, "tokens_per_s": 1.0,
+                                                            "exact_match": 0.0, "token_accuracy": 0.1},
+                                                           {"threshold": 0.9, "tpf": 2.0, "tokens_per_s": 1.0,
+                                                            "exact_match": 0.25, "token_accuracy": 0.25}]),
+            _row("linear_spec", 1.5, 120.0, 0.5, lossless=1.0)]
+    samples = [{"mode": "ar", "index": 0, "prompt_ids": [1, 2], "output_ids": [3], "forwards": 1, "output_text": "x"}]
+    write_outputs(tmp_path, rows, samples, config={"model": "m"})
+    assert json.loads((tmp_path / "eval.json").read_text()) == rows
+    assert [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == samples
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "tpf_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+    table = format_table(rows)
+    header = table.splitlines()[0]
+    for col in ("mode", "TPF", "tok/s", "vs ar", "exact_match", "token_accuracy", "lossless"):
+        assert col in header
+    assert "1.50x" in table and "prefill forwards excluded" in table
+    spec_line = next(line for line in table.splitlines() if line.startswith("linear_spec"))
+    assert spec_line.rstrip().endswith("1.000")
