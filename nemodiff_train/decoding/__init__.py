@@ -1,0 +1,44 @@
+"""Decoders over one :class:`CachedLM` interface: AR, block diffusion, linear and quadratic self-speculation.
+
+Pure PyTorch (torch + stdlib only). Every decoder has the signature
+``(model, prompts, cfg, return_cache=False) -> list[DecodeResult]`` and reports exact forward counts
+(prefill excluded) from which TPF is computed. ``generate`` dispatches by mode name and runs the
+batch-1 self-speculation modes one prompt at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .ar import ar_generate
+from .config import DecodeConfig
+from .diffusion import diffusion_generate
+from .interface import CachedLM
+from .linear_spec import linear_spec_generate
+from .quadratic_spec import quadratic_spec_generate
+from .result import DecodeResult, DecodeStats
+
+__all__ = ["MODES", "BATCHED_MODES", "generate", "ar_generate", "diffusion_generate", "linear_spec_generate",
+           "quadratic_spec_generate", "DecodeConfig", "DecodeResult", "DecodeStats", "CachedLM"]
+
+Decoder = Callable[..., list[DecodeResult]]
+
+MODES: dict[str, Decoder] = {
+    "ar": ar_generate,
+    "diffusion": diffusion_generate,
+    "linear_spec": linear_spec_generate,
+    "quadratic_spec": quadratic_spec_generate,
+}
+# modes whose decoder takes several (left-padded) prompts at once; the others are batch-1
+BATCHED_MODES = frozenset({"ar", "diffusion"})
+
+
+def generate(model: CachedLM, prompts: list[list[int]], mode: str, cfg: DecodeConfig,
+             return_cache: bool = False) -> list[DecodeResult]:
+    """Decode ``prompts`` with ``mode`` (a key of :data:`MODES`); one result per prompt, in order."""
+    if mode not in MODES:
+        raise ValueError(f"unknown decoding mode {mode!r}; choose one of {sorted(MODES)}")
+    decoder = MODES[mode]
+    if mode in BATCHED_MODES:
+        return decoder(model, prompts, cfg, return_cache=return_cache)
+    return [res for p in prompts for res in decoder(model, [p], cfg, return_cache=return_cache)]

@@ -7,12 +7,23 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 
 from .tiny_models import tiny_model
 
 MASK_ID = 3
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module to run it single-threaded: tiny matmuls gain nothing from threads and
+    lose a lot to contention on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_lm(family: str = "qwen3", seed: int = 0, **kw):

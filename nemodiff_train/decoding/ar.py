@@ -1,0 +1,61 @@
+"""Mode 1, autoregressive decoding (ALGORITHMS.md §3.2): causal prefill, then one token per forward.
+
+The first token comes from the prefill logits, so a row of N tokens costs N - 1 counted forwards
+(prefill excluded; TPF = N / (N - 1) ≥ 1). Batches are left padded (see :mod:`.batching`); a row
+that has finished keeps being fed (its extra tokens are cut) so all rows share one cache length.
+
+CPU example::
+
+    PYTHONPATH=. python -c "from tests.helpers.tiny_models import tiny_model; \
+from nemodiff_train.models.cached import HFCachedLM; from nemodiff_train.decoding import *; \
+print(ar_generate(HFCachedLM(tiny_model(), mask_token_id=3), [[5, 6, 7]], DecodeConfig(max_new_tokens=8)))"
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batching import CacheState, causal_mask
+from .config import DecodeConfig
+from .interface import CachedLM
+from .result import DecodeResult, RowRecorder
+from .sampling import ban_token, make_generators, pick_tokens
+
+__all__ = ["ar_generate"]
+
+
+@torch.inference_mode()
+def ar_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeConfig,
+                return_cache: bool = False) -> list[DecodeResult]:
+    """Greedy or sampled AR decoding of a batch of prompts.
+
+    Args:
+        model: a :class:`CachedLM`.
+        prompts: ``b`` token-id lists (any lengths; left padded internally).
+        cfg: :class:`DecodeConfig` (``max_new_tokens``, ``temperature``, ``top_p``, ``eos_token_ids``, ``seed``).
+        return_cache: attach each row's final KV cache (prompt + emitted tokens but the last) to its result.
+    Returns:
+        One :class:`DecodeResult` per prompt, equal to decoding that prompt alone.
+    """
+    state = CacheState(model, prompts)
+    rows = [RowRecorder(cfg.max_new_tokens, cfg.eos_token_ids) for _ in prompts]
+    last = state.prefill()  # [b, V]
+    gens = None if cfg.greedy else make_generators(cfg.seed, len(prompts), last.device)
+    token = _choose(model, last, cfg, gens, rows)  # [b]
+    for r, row in enumerate(rows):
+        row.emit([int(token[r])])
+    one = causal_mask(1)
+    while not all(row.done for row in rows):
+        active = [not row.done for row in rows]
+        logits = state.forward(token[:, None], one, write_cache=True)[:, -1]  # [b, V]
+        token = _choose(model, logits, cfg, gens, rows)
+        for r, row in enumerate(rows):
+            if active[r]:
+                row.forward(row.emit([int(token[r])]))
+    return [row.result(state.row_cache(r) if return_cache else None) for r, row in enumerate(rows)]
+
+
+def _choose(model: CachedLM, logits: torch.Tensor, cfg: DecodeConfig, gens, rows: list[RowRecorder]) -> torch.Tensor:
+    """``[b, V]`` logits → ``[b]`` next tokens (mask banned; finished rows draw no randomness)."""
+    active = [not row.done for row in rows]
+    return pick_tokens(ban_token(logits, model.mask_token_id)[:, None], cfg.temperature, cfg.top_p, gens, active)[:, 0]

@@ -1,0 +1,102 @@
+"""Mode 4, quadratic self-speculation (ALGORITHMS.md §3.5; TiDAR-style verify + pre-draft in one pass).
+
+State at a cycle: the cache holds the causal KV of every emitted token (C positions) and a draft
+``d_0 … d_{B-1}`` whose ``d_0`` is the AR token after the emitted prefix. One forward over B
+sub-blocks ``[d_j, MASK × B]`` (B + 1 tokens each; token r of sub-block j at position C + j + r):
+
+* first tokens form a causal chain, so the output at ``d_j`` is the exact AR logit after
+  prefix + d_0 … d_j (``P[j, 0]``, the verifier);
+* the masks of sub-block j see prefix + d_0 … d_j and their own sub-block, so ``P[j, 1:]`` is a
+  diffusion draft of positions C + j + 1 … C + j + B conditioned on that prefix.
+
+``acc`` = 1 + length of the run ``d_j == P[j-1, 0]``; ``d[:acc]`` is emitted, only the first-token KV
+of accepted sub-blocks is kept (= AR KV), and the next draft is ``P[acc-1, 1:]`` with its first token
+replaced by the AR token ``P[acc-1, 0]`` (so the next ``d_0`` is again an AR token). Lossless at T = 0
+(every emitted token is the AR greedy token of its prefix); at T > 0 distribution-equal to AR
+sampling, like :mod:`.linear_spec`. Counts: one forward per cycle + one initial draft-only pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batching import CacheState, full_mask
+from .config import DecodeConfig
+from .interface import CachedLM
+from .linear_spec import check_single_prompt
+from .result import DecodeResult, RowRecorder
+from .sampling import ban_token, make_generators, pick_tokens
+
+__all__ = ["quadratic_spec_generate", "quadratic_mask", "quadratic_offsets"]
+
+
+def quadratic_mask(block: int, device=None) -> torch.Tensor:
+    """Attention among the B(B+1) new tokens: ``[Q, Q]`` bool, Q = B(B+1), flat index j(B+1) + r.
+
+    ``allow(q, k) = (k is a first token and k <= q) or (same sub-block and q is not a first token)``;
+    the cached prefix (not part of this matrix) is visible to all.
+    """
+    j = torch.arange(block, device=device).repeat_interleave(block + 1)  # [Q] sub-block index
+    r = torch.arange(block + 1, device=device).repeat(block)              # [Q] index inside the sub-block
+    chain = (r[None, :] == 0) & (j[None, :] <= j[:, None])
+    within = (j[None, :] == j[:, None]) & (r[:, None] != 0)
+    return chain | within
+
+
+def quadratic_offsets(block: int, device=None) -> torch.Tensor:
+    """Position offsets ``[Q]`` from C: token r of sub-block j sits at C + j + r."""
+    j = torch.arange(block, device=device).repeat_interleave(block + 1)
+    r = torch.arange(block + 1, device=device).repeat(block)
+    return j + r
+
+
+@torch.inference_mode()
+def quadratic_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeConfig,
+                            return_cache: bool = False) -> list[DecodeResult]:
+    """Quadratic self-speculative decoding of ONE prompt.
+
+    Args:
+        model: a :class:`CachedLM`.
+        prompts: exactly one token-id list.
+        cfg: :class:`DecodeConfig`; ``block_size`` B (each forward has B(B+1) query tokens).
+        return_cache: attach the final KV cache (prompt + every emitted token).
+    Returns:
+        ``[DecodeResult]``; ``drafted`` counts B - 1 drafts per cycle, ``accepted`` = Σ (acc - 1).
+    """
+    check_single_prompt("quadratic_spec", prompts, cfg)
+    B, mask_id = cfg.block_size, model.mask_token_id
+    state = CacheState(model, prompts)
+    row = RowRecorder(cfg.max_new_tokens, cfg.eos_token_ids)
+    last = ban_token(state.prefill(), mask_id)  # [1, V]
+    gens = None if cfg.greedy else make_generators(cfg.seed, 1, last.device)
+    d = _first_draft(state, last, cfg, gens, mask_id)  # [B], d[0] = AR token
+    row.forward(0)
+    mask, offsets = quadratic_mask(B, last.device), quadratic_offsets(B, last.device)
+    while not row.done:
+        C = state.length
+        sub = torch.full((B, B + 1), mask_id, dtype=torch.long, device=last.device)  # [B, B+1]
+        sub[:, 0] = d
+        logits = ban_token(state.forward(sub.view(1, -1), mask, write_cache=True, offsets=offsets), mask_id)
+        P = pick_tokens(logits, cfg.temperature, cfg.top_p, gens)[0].view(B, B + 1)  # [B, B+1]
+        P[:, 1] = P[:, 0]  # the first new draft position is exactly the verifier's AR token
+        acc = 1  # d_0 is an AR token: always valid
+        while acc < B and int(P[acc - 1, 0]) == int(d[acc]):
+            acc += 1
+        row.drafted += B - 1
+        row.accepted += acc - 1
+        row.forward(row.emit(d[:acc].tolist()))
+        # keep the prefix and the first-token (causal-chain) KV of the accepted sub-blocks
+        state.keep(torch.cat([torch.arange(C), C + (B + 1) * torch.arange(acc)]))
+        d = P[acc - 1, 1:].clone()  # [B] next draft, conditioned on the accepted prefix
+    return [row.result(state.row_cache(0) if return_cache else None)]
+
+
+def _first_draft(state: CacheState, last: torch.Tensor, cfg: DecodeConfig, gens, mask_id: int) -> torch.Tensor:
+    """``[AR token] + diffusion draft`` for the first block: one bidirectional pass, cache not written. → ``[B]``."""
+    B = cfg.block_size
+    d0 = pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[0, 0]
+    blk = torch.full((1, B), mask_id, dtype=torch.long, device=last.device)
+    blk[0, 0] = d0
+    draft = ban_token(state.forward(blk, full_mask(B), write_cache=False), mask_id)  # [1, B, V] unshifted
+    blk[0, 1:] = pick_tokens(draft, cfg.temperature, cfg.top_p, gens)[0, 1:]
+    return blk[0]
