@@ -104,7 +104,10 @@ def validate(cfg: Config) -> None:
         need(0 <= st.data.val_fraction < 1, f"{key}.data.val_fraction", "must be in [0, 1)")
         need(st.lr is None or st.lr > 0, f"{key}.lr", "must be > 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
+    for i, st in enumerate(cfg.stages):
+        peak = st.lr or cfg.optim.lr
+        need(0 <= cfg.optim.min_lr <= peak, "optim.min_lr",
+             f"{cfg.optim.min_lr} must be in [0, peak lr of stage {i} ({peak})]")
     need(0 <= cfg.schedule.warmup_fraction < 1, "schedule.warmup_fraction", "must be in [0, 1)")
     need(0 <= cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction", "must be in [0, 1]")
     need(cfg.checkpoint.every > 0, "checkpoint.every", "must be > 0")
