@@ -1,0 +1,388 @@
+"""Generate ``modeling_nemodiff.py``: self-contained remote code with the four decoders.
+
+The file is built at export time from a small template (the model class and a KV-cache adapter) and
+the *source* of ``nemodiff_train/decoding/`` itself, inlined module by module: the modules reachable
+from ``decoding/__init__.py`` through relative imports are concatenated in dependency order, their
+relative imports, ``__future__`` imports, module docstrings and ``__all__`` lists removed and their
+absolute imports (torch and the standard library only, which DESIGN.md guarantees) hoisted. So the
+remote decoders are our decoders, byte for byte, and cannot drift from them.
+
+The model class subclasses the base architecture's transformers class (``Qwen3ForCausalLM``,
+``LlamaForCausalLM``, ... chosen by ``model_type``) and only adds a ``mode=`` switch to
+``generate``; the weights, config and forward are the base architecture's.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import ExportError
+
+__all__ = ["MODELING_FILE", "remote_class_name", "base_class_name", "inline_decoding", "modeling_source",
+           "write_remote_code"]
+
+MODELING_FILE = "modeling_nemodiff.py"
+DECODING_DIR = Path(__file__).resolve().parents[1] / "decoding"
+_ALLOWED_ROOTS = frozenset(sys.stdlib_module_names) | {"torch"}
+
+
+def base_class_name(model_type: str) -> str:
+    """The transformers ``*ForCausalLM`` class name of a ``model_type`` (e.g. ``qwen3`` → ``Qwen3ForCausalLM``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name is None:
+        raise ExportError(f"remote_code: model_type {model_type!r} has no causal-LM class in transformers, so no "
+                          "remote code can subclass it")
+    return name
+
+
+def remote_class_name(model_type: str) -> str:
+    return "NemoDiff" + base_class_name(model_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# inlining the decoding package
+
+
+def _module_source(package: Path, name: str) -> str:
+    file = package / f"{name}.py"
+    if not file.is_file():
+        raise ExportError(f"remote_code: decoding module {file} not found")
+    return file.read_text()
+
+
+def _dependency_order(package: Path, entry: str = "__init__") -> list[str]:
+    """Modules reachable from ``entry`` by relative imports, dependencies first."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ExportError(f"remote_code: import cycle through {package / name}.py")
+        visiting.add(name)
+        tree = ast.parse(_module_source(package, name))
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                where = f"{package / name}.py line {node.lineno}"
+                if node.level > 1 or node.module is None:
+                    raise ExportError(f"remote_code: {where}: only 'from .module import name' can be inlined")
+                if id(node) not in top:
+                    raise ExportError(f"remote_code: {where}: relative import inside a function cannot be inlined")
+                visit(node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                roots = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) \
+                    else [(node.module or "").split(".")[0]]
+                bad = [r for r in roots if r not in _ALLOWED_ROOTS]
+                if bad:
+                    raise ExportError(f"remote_code: {package / name}.py line {node.lineno} imports {bad[0]!r}; "
+                                      "decoding modules may import only torch and the standard library")
+        visiting.discard(name)
+        order.append(name)
+
+    visit(entry)
+    return order
+
+
+def _defined_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Assign):
+        return [t.id for t in node.targets if isinstance(t, ast.Name)]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return []
+
+
+def inline_decoding(package: Path = DECODING_DIR) -> tuple[list[str], str, list[str]]:
+    """The decoding package as one flat module.
+
+    Returns:
+        ``(imports, body, modules)``: the hoisted absolute import lines (merged), the concatenated code and the
+        inlined module names in order.
+    Raises:
+        ExportError: a module imports something other than torch/stdlib, or two modules define the
+            same top-level name (they would overwrite each other in one namespace).
+    """
+    modules = _dependency_order(package)
+    imports: list[ast.Import | ast.ImportFrom] = []
+    parts: list[str] = []
+    owner: dict[str, str] = {}
+    for name in modules:
+        src = _module_source(package, name)
+        tree = ast.parse(src)
+        lines = src.splitlines()
+        drop: set[int] = set()  # 0-based line numbers
+        replace: dict[int, list[str]] = {}
+        for i, node in enumerate(tree.body):
+            span = range(node.lineno - 1, node.end_lineno)
+            if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
+                    and isinstance(node.value.value, str):
+                drop.update(span)  # module docstring
+            elif isinstance(node, ast.ImportFrom) and node.module == "__future__":
+                drop.update(span)
+            elif isinstance(node, ast.ImportFrom) and node.level > 0:
+                drop.update(span)
+                aliases = [f"{a.asname} = {a.name}" for a in node.names if a.asname and a.asname != a.name]
+                if aliases:
+                    replace[node.lineno - 1] = aliases
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                drop.update(span)
+                imports.append(node)
+            elif any(n == "__all__" for n in _defined_names(node)):
+                drop.update(span)
+            else:
+                for defined in _defined_names(node):
+                    if defined in owner and owner[defined] != name:
+                        raise ExportError(f"remote_code: {defined!r} is defined in both decoding/{owner[defined]}.py "
+                                          f"and decoding/{name}.py; they cannot share the inlined namespace")
+                    owner[defined] = name
+        kept = []
+        for n, line in enumerate(lines):
+            if n in replace:
+                kept.extend(replace[n])
+            if n not in drop:
+                kept.append(line)
+        body = "\n".join(kept).strip("\n")
+        parts.append(f"# {'-' * 96}\n# inlined from nemodiff_train/decoding/{name}.py\n# {'-' * 96}\n\n{body}\n")
+    return _merge_imports(imports), "\n\n".join(parts), modules
+
+
+def _merge_imports(nodes: list[ast.Import | ast.ImportFrom]) -> list[str]:
+    """One ``import`` line per module, names merged in first-seen order (``from typing import Any, Literal``)."""
+    plain: list[str] = []
+    from_names: dict[str, list[str]] = {}
+    for node in nodes:
+        names = [a.name if not a.asname else f"{a.name} as {a.asname}" for a in node.names]
+        if isinstance(node, ast.Import):
+            plain.extend(n for n in names if n not in plain)
+        else:
+            bucket = from_names.setdefault(node.module, [])
+            bucket.extend(n for n in names if n not in bucket)
+    return [f"import {n}" for n in plain] + [f"from {m} import {', '.join(ns)}" for m, ns in from_names.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# the template
+
+_HEADER = '''\
+# Generated by nemodiff-train {version} (nemodiff_train/export/remote_code.py). Do not edit: re-export instead.
+# Decoders inlined from the nemodiff_train.decoding package, modules
+{modules}
+"""Self-contained remote code of a nemodiff diffusion LM ({base}, DLM settings in config.json "nemodiff").
+
+Load:  AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+
+The weights, config and forward are the plain {base}; this file only extends ``generate``:
+
+* ``generate(input_ids, ...)`` without ``mode`` is transformers' standard ``generate`` (AR);
+* ``generate(input_ids, mode=M, max_new_tokens=..., block_size=..., threshold=..., steps_per_block=...,
+  temperature=..., top_p=..., eos_token_id=..., seed=..., attention_mask=...)`` with M one of
+  ``"ar"``, ``"diffusion"``, ``"linear_spec"``, ``"quadratic_spec"`` runs nemodiff's decoders (the code
+  below is inlined from nemodiff_train/decoding). It returns the prompt followed by the
+  generated tokens, right-padded with ``pad_token_id``, as a ``[batch, length]`` LongTensor; with
+  ``return_dict_in_generate=True`` a ``NemoDiffGenerateOutput`` with ``sequences``, per-row ``tokens`` and
+  ``stats`` (forward counts, tokens per forward).
+
+Defaults: ``block_size`` = config.nemodiff["inference_block_size"], ``eos_token_id`` = the generation
+config's, ``max_new_tokens`` = the generation config's ``max_new_tokens`` or 128, greedy (temperature 0).
+"""
+
+from __future__ import annotations
+
+'''
+
+_FOOTER = '''
+
+# {rule}
+# model class
+# {rule}
+
+import inspect as _nd_inspect
+
+from transformers import {base} as _NemoDiffBase
+
+_nemodiff_decode = generate  # the decoding package's dispatcher (inlined above)
+
+
+class _NemoDiffCachedLM:
+    """The decoders' model interface over this model with a transformers ``DynamicCache``."""
+
+    def __init__(self, model, mask_token_id: int):
+        self.hf = model
+        self.mask_token_id = int(mask_token_id)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        params = _nd_inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x / 4.x
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def new_cache(self, batch_size: int):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.hf.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def cache_length(self, cache) -> int:
+        return int(cache.get_seq_length())
+
+    @torch.inference_mode()
+    def forward(self, cache, input_ids, position_ids, attention_mask, write_cache: bool):
+        cached = self.cache_length(cache)
+        if attention_mask.shape[-1] != cached + input_ids.shape[1]:
+            raise ValueError(f"mask covers {{attention_mask.shape[-1]}} keys, "
+                             f"cache+new = {{cached + input_ids.shape[1]}}")
+        out = self.hf(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
+                      attention_mask=attention_mask[:, None].to(self.device), use_cache=True,
+                      **{{self._cache_kw: cache}})
+        if not write_cache:
+            self.keep_cache(cache, torch.arange(cached))
+        return out.logits.float()
+
+    def _layers(self, cache):
+        if hasattr(cache, "layers"):
+            return [(layer, "keys", "values") for layer in cache.layers]
+        return [(cache, i, i) for i in range(len(cache.key_cache))]  # transformers 4.x lists
+
+    def keep_cache(self, cache, positions) -> None:
+        positions = positions.to(self.device)
+        if hasattr(cache, "layers"):
+            for layer in cache.layers:
+                if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                    continue
+                layer.keys = layer.keys.index_select(-2, positions)
+                layer.values = layer.values.index_select(-2, positions)
+        else:
+            for i in range(len(cache.key_cache)):
+                cache.key_cache[i] = cache.key_cache[i].index_select(-2, positions)
+                cache.value_cache[i] = cache.value_cache[i].index_select(-2, positions)
+
+    def cache_tensors(self, cache):
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache))
+
+
+class NemoDiffGenerateOutput(dict):
+    """``generate(..., mode=..., return_dict_in_generate=True)``: ``sequences`` ``[b, P + N]``, ``tokens``
+    (generated ids per row), ``stats`` (per row: forwards, tokens per forward, ...)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_NEMODIFF_GENERATE_KEYS = frozenset({{
+    "input_ids", "attention_mask", "max_new_tokens", "block_size", "threshold", "steps_per_block", "temperature",
+    "top_p", "eos_token_id", "seed", "pad_token_id", "return_dict_in_generate", "do_sample", "generation_config",
+}})
+
+
+class {cls}(_NemoDiffBase):
+    """{base} with nemodiff's decoding modes in ``generate(mode=...)`` (see the module docstring)."""
+
+    def generate(self, inputs=None, *args, mode=None, **kwargs):
+        if mode is None:
+            return super().generate(inputs, *args, **kwargs)
+        if args:
+            raise TypeError("generate(mode=...) takes the input ids as its only positional argument")
+        return self.nemodiff_generate(inputs, mode=mode, **kwargs)
+
+    def nemodiff_generate(self, inputs=None, mode="diffusion", **kwargs):
+        """Decode with one of nemodiff's modes; see the module docstring for the arguments."""
+        unknown = sorted(set(kwargs) - _NEMODIFF_GENERATE_KEYS)
+        if unknown:
+            raise TypeError(f"generate(mode={{mode!r}}) got unsupported arguments {{unknown}}; "
+                            f"supported: {{sorted(_NEMODIFF_GENERATE_KEYS)}}")
+        if mode not in MODES:
+            raise ValueError(f"unknown decoding mode {{mode!r}}; choose one of {{sorted(MODES)}}")
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("generate(mode=...) needs input_ids")
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            prompts = [row.tolist() for row in input_ids]
+        else:
+            attention_mask = torch.as_tensor(attention_mask).bool()
+            prompts = [row[keep].tolist() for row, keep in zip(input_ids, attention_mask)]
+        gen_cfg = kwargs.get("generation_config") or self.generation_config
+        settings = getattr(self.config, "nemodiff", None) or {{}}
+        if "mask_token_id" not in settings:
+            raise ValueError("config.json has no nemodiff.mask_token_id: this is not a nemodiff DLM export")
+        eos = kwargs.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))
+        eos = () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos))
+        temperature = kwargs.get("temperature")
+        if temperature is None:
+            temperature = float(getattr(gen_cfg, "temperature", None) or 1.0) if kwargs.get("do_sample") else 0.0
+        cfg = {{"block_size": int(kwargs.get("block_size") or settings.get("inference_block_size", 32)),
+               "threshold": kwargs.get("threshold", 0.9), "steps_per_block": kwargs.get("steps_per_block"),
+               "temperature": float(temperature), "top_p": float(kwargs.get("top_p") or 1.0),
+               "eos_token_ids": eos, "seed": int(kwargs.get("seed") or 0)}}
+        max_new = kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None)
+        if max_new:
+            cfg["max_new_tokens"] = int(max_new)
+        lm = _NemoDiffCachedLM(self, settings["mask_token_id"])
+        results = _nemodiff_decode(lm, prompts, mode, DecodeConfig(**cfg))
+        pad = kwargs.get("pad_token_id")
+        if pad is None:
+            pad = getattr(gen_cfg, "pad_token_id", None)
+        if pad is None:
+            pad = eos[0] if eos else 0
+        width = max(len(r.tokens) for r in results)
+        new = torch.full((len(results), width), int(pad), dtype=torch.long)
+        for i, r in enumerate(results):
+            new[i, :len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+        sequences = torch.cat([input_ids.to(new.device), new], dim=1)
+        if kwargs.get("return_dict_in_generate"):
+            return NemoDiffGenerateOutput(sequences=sequences, tokens=[list(r.tokens) for r in results],
+                                          stats=[r.to_dict() for r in results])
+        return sequences
+
+
+__all__ = ["{cls}", "NemoDiffGenerateOutput"]
+'''
+
+
+def modeling_source(model_type: str, version: str) -> str:
+    """The full text of ``modeling_nemodiff.py`` for a ``model_type``."""
+    base = base_class_name(model_type)
+    imports, body, modules = inline_decoding()
+    listing = textwrap.fill(", ".join(f"{m}.py" for m in modules), width=100, initial_indent="# ",
+                            subsequent_indent="# ")
+    source = (_HEADER.format(version=version, base=base, modules=listing)
+              + "\n".join(imports) + "\n\n" + body
+              + _FOOTER.format(base=base, cls="NemoDiff" + base, rule="-" * 96))
+    try:
+        compile(source.encode("utf-8"), MODELING_FILE, "exec")  # bytes: honours coding cookies
+    except SyntaxError as e:
+        raise ExportError(f"remote_code: the generated {MODELING_FILE} does not compile "
+                          f"(line {e.lineno}: {e.msg})") from None
+    tree = ast.parse(source)
+    names = [n for node in tree.body for n in _defined_names(node) if n != "__all__"]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ExportError(f"remote_code: the template and the inlined decoders both define {dupes}")
+    return source
+
+
+def write_remote_code(folder: Path, model_type: str, version: str) -> dict[str, str]:
+    """Write ``modeling_nemodiff.py`` into ``folder``; returns the ``auto_map`` entry for config.json.
+
+    No configuration file is needed: the config class stays the base architecture's, so
+    ``AutoConfig`` keeps working without remote code and only the model class is remote.
+    """
+    (folder / MODELING_FILE).write_text(modeling_source(model_type, version))
+    return {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{remote_class_name(model_type)}"}

@@ -1,0 +1,260 @@
+"""Write a DLM as a Hugging Face directory of its base architecture, atomically.
+
+The export is the base architecture's own layout (safetensors shards + index, ``config.json``,
+tokenizer files, ``generation_config.json``), so ``AutoModelForCausalLM.from_pretrained(out)`` loads
+it with no remote code and computes the training model's causal logits. ``config.json`` records
+the DLM settings and training provenance under ``nemodiff``, which is all
+:func:`nemodiff_train.models.hf.load_dlm` needs. Optional extras: self-contained remote code
+(``modeling_nemodiff.py``, :mod:`.remote_code`) and the model card (``README.md``, :mod:`.model_card`).
+
+Everything is written into ``<out>.tmp-<pid>`` and renamed to ``out`` at the end; a failure removes
+the temporary directory, so ``out`` is either the complete export or untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DTYPES", "export_dlm", "export_checkpoint", "training_metadata"]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not supported; choose float32 or bfloat16")
+    return str(DTYPES[dtype]).removeprefix("torch.")
+
+
+_SIZE = re.compile(r"^\d+(\.\d+)?[KMGT]B$")
+
+
+def _shard_size(value: str | int) -> str | int:
+    """``max_shard_size`` as save_pretrained takes it: bytes (int or digit string) or e.g. ``500MB``, ``5GB``."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and _SIZE.match(value.strip().upper()):
+        return value.strip().upper()
+    raise ExportError(f"max_shard_size {value!r} is not a size (e.g. 500MB, 5GB, or a number of bytes)")
+
+
+def _check_out(out: Path, overwrite: bool, protect: list[Path] = ()) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"out {out} exists and is not empty; pass overwrite=true to replace it")
+    resolved = out.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if p == resolved or resolved in p.parents:
+            raise ExportError(f"out {out} would replace the checkpoint it exports from ({p}); choose another directory")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _data_sources(stages: list[dict] | None) -> list[str]:
+    seen: list[str] = []
+    for s in stages or []:
+        for src in s.get("sources") or []:
+            if src not in seen:
+                seen.append(src)
+    return seen
+
+
+def nemodiff_record(dlm, metadata: dict | None, dtype: str) -> dict[str, Any]:
+    """The ``nemodiff`` dict of config.json: DLM settings (authoritative) + training provenance."""
+    rec: dict[str, Any] = dict(getattr(dlm.hf.config, "nemodiff", None) or {})
+    rec.update(metadata or {})
+    rec.update(asdict(dlm.settings))
+    rec.setdefault("alpha", None)
+    rec.setdefault("beta", None)
+    rec.setdefault("recipe", None)
+    if not rec.get("data_sources"):
+        rec["data_sources"] = _data_sources(rec.get("stages"))
+    rec["nemodiff_version"] = _version()
+    rec["export_dtype"] = dtype
+    return _json_safe(rec)
+
+
+def training_metadata(cfg, step: int | None = None, tokens: int | None = None) -> dict[str, Any]:
+    """Provenance for :func:`export_dlm` from a typed :class:`~nemodiff_train.config.schema.Config`.
+
+    Args:
+        cfg: the run's config.
+        step, tokens: optimizer steps done and clean tokens consumed, when known.
+    """
+    from ..config.load import as_dict
+    from .checkpoint import run_metadata
+
+    meta = run_metadata({}, as_dict(cfg))
+    if step is not None:
+        meta["training_steps"] = int(step)
+    if tokens is not None:
+        meta["training_tokens"] = int(tokens)
+    return meta
+
+
+@torch.no_grad()
+def _save_weights(hf, folder: Path, dtype: torch.dtype, max_shard_size: str | int) -> None:
+    """``save_pretrained`` with every floating tensor cast to ``dtype`` on CPU (the model is left as it is)."""
+    converted: dict[str, torch.Tensor] = {}
+    shared: dict[tuple, torch.Tensor] = {}
+    for key, t in hf.state_dict().items():
+        ident = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
+        if ident not in shared:  # tied tensors stay one tensor
+            shared[ident] = t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype)
+        converted[key] = shared[ident]
+    config_dtype = getattr(hf.config, "dtype", None)
+    try:
+        hf.save_pretrained(folder, state_dict=converted, max_shard_size=max_shard_size)
+    finally:
+        hf.config.dtype = config_dtype  # save_pretrained records the model's dtype on its config
+
+
+def _write_config(folder: Path, record: dict, dtype: str, auto_map: dict | None) -> None:
+    file = folder / "config.json"
+    cfg = json.loads(file.read_text())
+    cfg["dtype"] = dtype
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype
+    cfg["nemodiff"] = record
+    if auto_map:
+        cfg["auto_map"] = {**(cfg.get("auto_map") or {}), **auto_map}
+    else:
+        cfg.pop("auto_map", None)
+    file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _verify(folder: Path) -> None:
+    """Every weight file the index names is there (a cheap guard against a partial save)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+    else:
+        files = {"model.safetensors"}
+    missing = sorted(f for f in files if not (folder / f).is_file())
+    if missing:
+        raise ExportError(f"export incomplete: {missing} not written")
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out.is_dir():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict | None = None,
+               remote_code: bool = False, eval_json: str | Path | None = None, overwrite: bool = False,
+               max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, _protect: list[Path] = ()) -> Path:
+    """Export a :class:`~nemodiff_train.models.hf.DLMModel` as a Hugging Face directory.
+
+    Args:
+        dlm: the model (single-device, unsharded; gather FSDP weights first or use
+            :func:`export_checkpoint` on the saved checkpoint).
+        out: the output directory (refused when it exists and is not empty, unless ``overwrite``).
+        dtype: ``float32`` or ``bfloat16`` weights.
+        metadata: training provenance recorded under ``config.json["nemodiff"]`` (recipe, stages,
+            data_sources, alpha, beta, training_steps, training_tokens, base_model...); see
+            :func:`training_metadata`.
+        remote_code: add ``modeling_nemodiff.py`` (the four decoders behind ``generate(mode=...)``).
+        eval_json: an evaluator ``eval.json`` whose table goes into the model card.
+        max_shard_size: safetensors shard size (``"5GB"``, ``"200MB"``, or bytes).
+    Returns:
+        ``out``.
+    Raises:
+        ExportError: nothing is written to ``out`` then.
+    """
+    from .model_card import read_eval_rows, write_model_card
+    from .remote_code import modeling_source, remote_class_name, MODELING_FILE
+
+    out = Path(out)
+    name = _dtype_name(dtype)
+    max_shard_size = _shard_size(max_shard_size)
+    _check_out(out, overwrite, list(_protect))
+    rows = read_eval_rows(Path(eval_json)) if eval_json is not None else None
+    record = nemodiff_record(dlm, metadata, name)
+    model_type = getattr(dlm.hf.config, "model_type", None)
+    source = modeling_source(model_type, _version()) if remote_code else None  # fails before writing
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    created = [p for p in reversed(tmp.parents) if not p.exists()]  # removed again on failure
+    try:
+        tmp.mkdir(parents=True)
+        _save_weights(dlm.hf, tmp, DTYPES[name], max_shard_size)
+        auto_map = None
+        if source is not None:
+            (tmp / MODELING_FILE).write_text(source)
+            auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{remote_class_name(model_type)}"}
+        _write_config(tmp, record, name, auto_map)
+        if dlm.tokenizer is not None:
+            dlm.tokenizer.save_pretrained(str(tmp))
+        write_model_card(tmp, rows=rows, metadata=record)
+        _verify(tmp)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    log.info("exported %s (%s%s)", out, name, ", remote code" if remote_code else "")
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32",
+                      metadata: dict | None = None, remote_code: bool = False, eval_json: str | Path | None = None,
+                      overwrite: bool = False, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Export a run directory (its latest complete checkpoint), a checkpoint directory or an HF directory.
+
+    A run's ``<run>/eval/eval.json`` is used for the model card when ``eval_json`` is not given.
+    Other arguments as :func:`export_dlm`; ``metadata`` adds to what the run records.
+    """
+    from .checkpoint import load_source, resolve_source
+
+    out = Path(out)
+    _dtype_name(dtype)
+    _shard_size(max_shard_size)
+    src = resolve_source(checkpoint)
+    protect = [Path(checkpoint)] + [p for p in (src.run_dir, src.ckpt_dir, src.hf_dir) if p is not None]
+    _check_out(out, overwrite, protect)
+    if eval_json is None and src.run_dir is not None and (src.run_dir / "eval" / "eval.json").is_file():
+        eval_json = src.run_dir / "eval" / "eval.json"
+    dlm, meta = load_source(src)
+    meta.update(metadata or {})
+    return export_dlm(dlm, out, dtype=dtype, metadata=meta, remote_code=remote_code, eval_json=eval_json,
+                      overwrite=overwrite, max_shard_size=max_shard_size, _protect=protect)

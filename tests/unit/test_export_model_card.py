@@ -1,0 +1,94 @@
+"""The model card: front matter, recipe/data/training facts, usage, and the measured evaluation table."""
+
+import json
+
+import pytest
+import yaml
+
+from nemodiff_train.export import ExportError, export_checkpoint, write_model_card
+from nemodiff_train.export.model_card import eval_table, render_model_card
+from tests.unit.test_export_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from tests.unit.test_export_support import make_dlm, make_run_dir
+
+pytestmark = pytest.mark.unit
+
+ROWS = [
+    {"mode": "linear_spec", "task": "code_completion", "samples": 8, "generated_tokens": 512, "forwards": 200,
+     "tpf": 2.56, "tokens_per_s": 301.4, "lossless": 1.0, "token_accuracy": 0.4213, "exact_match": 0.125,
+     "metric_names": ["token_accuracy", "exact_match"], "block_size": 8, "threshold": 0.9, "dtype": "float32"},
+    {"mode": "ar", "task": "code_completion", "samples": 8, "generated_tokens": 512, "forwards": 504,
+     "tpf": 1.016, "tokens_per_s": 150.0, "token_accuracy": 0.4213, "exact_match": 0.125,
+     "metric_names": ["token_accuracy", "exact_match"], "block_size": 8, "threshold": 0.9, "dtype": "float32"},
+    {"mode": "diffusion", "task": "code_completion", "samples": 8, "generated_tokens": 512, "forwards": 170,
+     "tpf": 3.01, "tokens_per_s": 280.0, "token_accuracy": 0.39, "exact_match": 0.0,
+     "metric_names": ["token_accuracy", "exact_match"], "block_size": 8, "threshold": 0.9, "dtype": "float32"},
+]
+
+META = {"mask_token_id": 320, "train_block_size": 16, "inference_block_size": 8, "attention_pattern": "two_stream",
+        "alpha": 0.3, "beta": 1.0, "recipe": "tiny_cpu", "base_model": "acme/tiny-base", "training_steps": 6,
+        "training_tokens": 768, "nemodiff_version": "0.1.0", "export_dtype": "float32",
+        "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 6, "sources": ["embedded:pretrain_train.jsonl.gz"],
+                    "seq_len": 32, "global_batch_size": 4}]}
+
+
+def front_matter(text):
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_card_front_matter_and_sections():
+    text = render_model_card(META, ROWS, remote_code=True, repo="acme/tiny-dlm")
+    fm = front_matter(text)
+    assert fm["library_name"] == "transformers" and fm["base_model"] == "acme/tiny-base"
+    assert {"diffusion-lm", "nemodiff"} <= set(fm["tags"])
+    for needle in ("tiny_cpu", "embedded:pretrain_train.jsonl.gz", "Training steps: 6", "768",
+                   "AutoModelForCausalLM.from_pretrained(\"acme/tiny-dlm\")", "trust_remote_code=True",
+                   "mode=\"diffusion\"", "from nemodiff_train.decoding import", "prefill forward excluded"):
+        assert needle in text, needle
+    # a local or embedded base is not a Hub id: no base_model key (the Hub would reject it)
+    assert "base_model" not in front_matter(render_model_card({**META, "base_model": "embedded"}))
+    assert "base_model" not in front_matter(render_model_card({**META, "base_model": "/data/models/x"}))
+    no_remote = render_model_card(META)
+    assert "trust_remote_code" not in no_remote and "remote_code=true" in no_remote
+    assert "Not measured" in no_remote
+
+
+def test_eval_table_modes_tpf_speed_accuracy_lossless():
+    lines = eval_table(ROWS).splitlines()
+    assert lines[0] == "| mode | task | samples | TPF | tokens/s | token_accuracy | exact_match | lossless |"
+    # AR first, then diffusion, then self-speculation (the canonical mode order)
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["`ar`", "`diffusion`", "`linear_spec`"]
+    assert lines[4] == "| `linear_spec` | code_completion | 8 | 2.56 | 301.4 | 0.421 | 0.125 | 100% |"
+    assert lines[2].endswith("| – |")  # AR has no lossless figure
+    # rows without metric_names: any extra numeric key is a metric
+    assert "pass_at_1" in eval_table([{"mode": "ar", "task": "t", "tpf": 1.0, "pass_at_1": 0.5}])
+
+
+def test_export_picks_up_the_runs_eval_json_and_card_can_be_refreshed(tmp_path):
+    dlm = make_dlm(tmp_path, "qwen3")
+    run_dir = make_run_dir(tmp_path / "run", dlm)
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "eval.json").write_text(json.dumps(ROWS))
+    out = export_checkpoint(run_dir, tmp_path / "out")
+    text = (out / "README.md").read_text()
+    assert "| `linear_spec` | code_completion | 8 | 2.56 | 301.4 |" in text
+    assert front_matter(text)["base_model"] == "acme/tiny-base"
+    assert "Qwen3ForCausalLM" in text
+    # the trainer refreshes the card after evaluating the export
+    newer = [{**ROWS[1], "tpf": 1.5}]
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    write_model_card(out, eval_json=tmp_path / "new.json")
+    text = (out / "README.md").read_text()
+    assert "| `ar` | code_completion | 8 | 1.50 |" in text and "linear_spec` | code_completion" not in text
+    assert "tiny" in text and "export_test" in text  # provenance still read back from config.json
+
+
+def test_bad_eval_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"nemodiff": META}))
+    bad = tmp_path / "eval.json"
+    bad.write_text(json.dumps({"mode": "ar"}))
+    with pytest.raises(ExportError, match=r"eval\.json is not a list"):
+        write_model_card(tmp_path, eval_json=bad)
+    with pytest.raises(ExportError, match="does not exist"):
+        write_model_card(tmp_path, eval_json=tmp_path / "missing.json")
+    assert not (tmp_path / "README.md").exists()
