@@ -110,6 +110,11 @@ HOST=$(hostname -s)
 CPUS=${SLURM_CI_CPUS:-$(nproc)}
 if [[ -n ${SLURM_CI_MEM_MB:-} ]]; then
     MEM_MB=$SLURM_CI_MEM_MB
+elif [[ -f $SLURM_CONF_FILE ]] && grep -qF "$MARKER" "$SLURM_CONF_FILE" &&
+    grep -qE "^NodeName=$HOST .*RealMemory=[0-9]+" "$SLURM_CONF_FILE"; then
+    # keep the figure of the config we generated before: MemAvailable moves between runs, and a
+    # changed config would restart a cluster that is fine (idempotency)
+    MEM_MB=$(grep -oE "^NodeName=$HOST .*RealMemory=[0-9]+" "$SLURM_CONF_FILE" | grep -oE '[0-9]+$')
 else
     avail_kb=$(awk '/^MemAvailable:/{print $2}' /proc/meminfo)
     MEM_MB=$((avail_kb * 9 / 10 / 1024))
