@@ -25,6 +25,27 @@ from nemodiff_train.engines.torch.setup import resolve_model_path
 from nemodiff_train.models.hf import load_dlm
 
 
+RANDOM_SHAPES = {
+    # Qwen3-0.6B and Qwen3-1.7B shapes (random weights: timing only)
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def _random_dlm(shape: str, device: torch.device, attn: str, block_size: int, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from nemodiff_train.models.hf import DLMModel, DLMSettings, untie_output_head
+
+    cfg = Qwen3Config(**RANDOM_SHAPES[shape], max_position_embeddings=40960)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+    untie_output_head(hf)
+    return DLMModel(hf, DLMSettings(mask_token_id=100, train_block_size=block_size))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -33,6 +54,8 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
+    ap.add_argument("--random", default=None, choices=sorted(RANDOM_SHAPES),
+                    help="build a randomly initialised model of this shape instead of loading --model")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=64)
@@ -44,9 +67,12 @@ def main() -> None:
 
     device = torch.device(args.device)
     attn = "flex_attention" if device.type == "cuda" else "sdpa"
-    dlm = load_dlm(resolve_model_path(args.model), device=device, attn_implementation=attn,
-                   settings={"train_block_size": args.block_size})
     dtype = getattr(torch, args.dtype)
+    if args.random:
+        dlm = _random_dlm(args.random, device, attn, args.block_size, torch.float32)
+    else:
+        dlm = load_dlm(resolve_model_path(args.model), device=device, attn_implementation=attn,
+                       settings={"train_block_size": args.block_size})
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     vocab = dlm.hf.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
@@ -56,9 +82,15 @@ def main() -> None:
     w = LossWeights()
 
     def ar_step():
-        with autocast:
-            out = dlm.hf(input_ids=x0.to(device), labels=x0.to(device), use_cache=False)
-        out.loss.backward()
+        # the AR baseline is what a user runs: the model's own causal SDPA path
+        impl = dlm.hf.config._attn_implementation
+        dlm.hf.config._attn_implementation = "sdpa"
+        try:
+            with autocast:
+                out = dlm.hf(input_ids=x0.to(device), labels=x0.to(device), use_cache=False)
+            out.loss.backward()
+        finally:
+            dlm.hf.config._attn_implementation = impl
 
     def dlm_step():
         noise = apply_noise(x0, loss_mask, list(range(args.batch)), seed=0, mask_token_id=dlm.settings.mask_token_id,
@@ -86,9 +118,10 @@ def main() -> None:
         ar_times.append(timed(ar_step))
         dlm_times.append(timed(dlm_step))
     ar_ms, dlm_ms = statistics.median(ar_times) * 1e3, statistics.median(dlm_times) * 1e3
-    result = {"model": args.model, "device": str(device), "dtype": args.dtype, "attention": attn,
+    result = {"model": args.random or args.model, "params": sum(p.numel() for p in dlm.parameters()), "device": str(device), "dtype": args.dtype, "attention": attn,
               "batch": args.batch, "seq_len": args.seq_len, "block_size": args.block_size,
               "ar_step_ms": round(ar_ms, 2), "dlm_step_ms": round(dlm_ms, 2), "ratio": round(dlm_ms / ar_ms, 3),
+              "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(f"AR step  {ar_ms:9.1f} ms\nDLM step {dlm_ms:9.1f} ms\nratio    {dlm_ms / ar_ms:9.2f}x  "
           f"(median of {args.repeats}; {args.batch}x{args.seq_len}, {device}, {args.dtype}, {attn})")

@@ -174,6 +174,7 @@ def _validate(module: TwoStreamLoss, val_ds, cfg: Config, stage: StageConfig, en
 
 def train(cfg: Config, run_dir: Path) -> Path:
     """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns ``run_dir``."""
+    stop = _StopFlag()  # first: under Slurm the launcher leaves TERM/USR1 ignored until we take them
     env = init_distributed(cfg.engine.device)
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(run_dir)
@@ -183,7 +184,6 @@ def train(cfg: Config, run_dir: Path) -> Path:
     dlm = build_model(cfg, run_dir, env)
     mask_id = dlm.settings.mask_token_id
     weights = LossWeights(cfg.diffusion.alpha, cfg.diffusion.beta)
-    stop = _StopFlag()
 
     progress = _Progress()
     ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
