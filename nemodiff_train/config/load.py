@@ -32,6 +32,7 @@ def to_config(cfg: DictConfig | dict) -> Config:
     """Merge a composed config into the typed schema; unknown keys and wrong types raise ConfigError."""
     raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    _reject_unknown_keys(OmegaConf.to_container(raw, resolve=False), Config, "")
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, raw)
@@ -42,6 +43,28 @@ def to_config(cfg: DictConfig | dict) -> Config:
         raise ConfigError(f"invalid value for config key {_key_of(e)!r}: {e.msg}") from None
     validate(result)
     return result
+
+
+def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """Walk the composed tree against the dataclasses: Hydra's ``+key=`` appends even to typed nodes."""
+    import typing
+
+    if not isinstance(node, dict):
+        return
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} (check its spelling); "
+                              f"known keys here: {sorted(hints)}")
+        sub = hints[key]
+        origin = typing.get_origin(sub)
+        if is_dataclass(sub):
+            _reject_unknown_keys(value, sub, f"{prefix}{key}.")
+        elif origin is list and isinstance(value, list):
+            (item_type,) = typing.get_args(sub) or (None,)
+            if item_type is not None and is_dataclass(item_type):
+                for i, item in enumerate(value):
+                    _reject_unknown_keys(item, item_type, f"{prefix}{key}.{i}.")
 
 
 def _key_of(e: OmegaConfBaseException) -> str:
