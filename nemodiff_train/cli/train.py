@@ -36,7 +36,7 @@ def run(cfg_dict: DictConfig) -> Path:
     if cfg.engine.name == "megatron":
         from ..engines.megatron.train import run as megatron_run
 
-        return megatron_run(cfg, run_dir)
+        return megatron_run(cfg)  # requires run.dir: every rank and every job of a chain share it
     from ..engines.torch.trainer import train
 
     return train(cfg, run_dir)

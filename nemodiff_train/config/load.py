@@ -81,6 +81,7 @@ _CHOICES = {
     "engine.precision": ("auto", "fp32", "bf16"),
     "engine.distributed": ("ddp", "fsdp2"),
     "engine.transformer_impl": ("auto", "local", "transformer_engine"),
+    "engine.megatron_attention": ("auto", "flex", "sdpa"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "export.dtype": ("float32", "bfloat16"),
 }

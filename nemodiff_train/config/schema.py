@@ -122,6 +122,8 @@ class EngineConfig:
     recompute: Optional[str] = None  # null | selective | full
     transformer_impl: str = "auto"  # auto (TE when installed) | local | transformer_engine
     megatron_checkpoint_format: str = "torch_dist"
+    megatron_attention: str = "auto"  # auto (flex on CUDA, SDPA fallback) | flex | sdpa
+    stage_index: Optional[int] = None  # megatron: which stage this job trains (one stage per job)
 
 
 @dataclass

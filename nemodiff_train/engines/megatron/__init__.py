@@ -1,0 +1,14 @@
+"""The Megatron engine: Megatron-Bridge training of the joint AR + masked-diffusion objective.
+
+Importing this package imports nothing from Megatron; its modules do, and only
+:func:`nemodiff_train.engines.megatron.train.run` (called by the CLI when ``engine.name ==
+"megatron"``) imports them. Pieces:
+
+* :mod:`.attention`  two-stream core attention (RoPE applied per half, per document) and the layer spec
+* :mod:`.model`      HF checkpoint → Megatron model provider (AutoBridge), mask token, untied head
+* :mod:`.step`       the forward step: ``core.noising`` + ``core.losses`` parts, per-token normalisation
+* :mod:`.data`       prepared data → Megatron indexed datasets, blends, the dataset provider
+* :mod:`.config`     ``to_container``: our typed :class:`~nemodiff_train.config.schema.Config` → ``ConfigContainer``
+* :mod:`.export`     Megatron checkpoint → HF directory with the DLM settings
+* :mod:`.train`      ``run(cfg)``, the entry point
+"""

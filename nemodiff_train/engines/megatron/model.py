@@ -1,0 +1,286 @@
+"""HF AR checkpoint → Megatron model provider with the two-stream attention.
+
+Flow (ALGORITHMS.md §2.1):
+
+1. :func:`prepare_init_checkpoint` — the HF directory training starts from. The source directory is
+   used as is when the mask token id is in range and the head is already untied (Ministral-3 8B/14B
+   with the reserved id 100). Otherwise rank 0 writes ``<run.dir>/megatron/hf_init``: a text model is
+   made a DLM by :func:`nemodiff_train.models.hf.load_dlm` (the torch engine's exact code: added mask
+   token row = mean row, untied head = copy of the embedding), a multimodal checkpoint
+   (``*ForConditionalGeneration``, e.g. Ministral-3 3B) is untied tensor by tensor.
+2. :func:`build_provider` — ``AutoBridge`` maps the HF config to a Megatron ``GPTModelProvider``
+   (Llama, Qwen2/3, Mistral, Ministral-3, ... whatever the bridge registers), and we set
+   ``position_embedding_type="none"``, our layer spec, parallelism, recompute and per-token loss.
+   Weights are not loaded here: the first job loads the HF directory through
+   ``checkpoint.pretrained_checkpoint`` (see :mod:`.config`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ...config.schema import Config
+from .attention import SETTINGS_ATTR, rope_settings, two_stream_layer_spec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["resolve_model_dir", "prepare_init_checkpoint", "needs_conversion", "build_provider", "dlm_record",
+           "hf_config_of", "auto_bridge"]
+
+DONE = "NEMODIFF_INIT_DONE"
+
+
+def resolve_model_dir(path: str) -> Path:
+    """``embedded`` / local directory / Hub id → local directory (the torch engine's resolver)."""
+    from ..torch.setup import resolve_model_path
+
+    return resolve_model_path(path)
+
+
+def hf_config_of(path: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
+
+
+def _text(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _is_multimodal(config) -> bool:
+    return getattr(config, "text_config", None) is not None and _text(config) is not config
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # no tokenizer files
+        return None
+
+
+def needs_conversion(cfg: Config, src: Path) -> tuple[bool, str]:
+    """Whether the source checkpoint must be rewritten before Megatron can start from it, and why."""
+    hf = hf_config_of(src)
+    text = _text(hf)
+    vocab = int(text.vocab_size)
+    reasons = []
+    tied = bool(getattr(text, "tie_word_embeddings", getattr(hf, "tie_word_embeddings", False))) or bool(
+        getattr(hf, "tie_word_embeddings", False))
+    if cfg.model.untie_head and tied:
+        reasons.append("untie the output head")
+    if cfg.model.mask_token_id is not None:
+        if not 0 <= cfg.model.mask_token_id < vocab:
+            reasons.append(f"mask_token_id {cfg.model.mask_token_id} is outside the vocabulary ({vocab})")
+    else:
+        tok = _tokenizer(src)
+        tid = tok.convert_tokens_to_ids(cfg.model.mask_token) if tok is not None else None
+        if tid is None or (tok is not None and tid == tok.unk_token_id) or tid >= vocab:
+            reasons.append(f"add the mask token {cfg.model.mask_token!r}")
+    return bool(reasons), "; ".join(reasons)
+
+
+def dlm_record(cfg: Config, mask_token_id: int) -> dict[str, Any]:
+    """The ``nemodiff`` dict written into exported ``config.json`` files."""
+    d = cfg.diffusion
+    return {"mask_token_id": int(mask_token_id), "train_block_size": d.block_size,
+            "inference_block_size": d.inference_block_size, "attention_pattern": d.pattern, "alpha": d.alpha,
+            "beta": d.beta, "noise_schedule": d.schedule, "recipe": cfg.recipe,
+            "base_model": cfg.model.hub_id or cfg.model.path, "engine": "megatron",
+            "stages": [{"name": s.name, "kind": s.kind, "steps": s.steps, "sources": list(s.data.sources),
+                        "seq_len": s.data.seq_len, "global_batch_size": s.global_batch_size} for s in cfg.stages]}
+
+
+def mask_token_id_of(cfg: Config, hf_dir: Path) -> int:
+    """The mask id a prepared HF directory uses (recorded in its config, or the configured one)."""
+    rec = getattr(hf_config_of(hf_dir), "nemodiff", None) or {}
+    if "mask_token_id" in rec:
+        return int(rec["mask_token_id"])
+    if cfg.model.mask_token_id is not None:
+        return int(cfg.model.mask_token_id)
+    tok = _tokenizer(hf_dir)
+    tid = tok.convert_tokens_to_ids(cfg.model.mask_token) if tok is not None else None
+    if tid is None:
+        raise ValueError(f"{hf_dir}: cannot find the mask token {cfg.model.mask_token!r}")
+    return int(tid)
+
+
+def prepare_init_checkpoint(cfg: Config, run_dir: Path, is_main: bool, barrier=None, src: Path | None = None) -> Path:
+    """The HF directory the first stage loads (see the module docstring). Collective when ``barrier`` is given."""
+    src = src or resolve_model_dir(cfg.model.path)
+    out = Path(run_dir) / "megatron" / "hf_init"
+    if (out / DONE).is_file():
+        return out
+    convert, why = needs_conversion(cfg, src)
+    if not convert:
+        return src
+    if is_main:
+        log.info("writing %s from %s (%s)", out, src, why)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if _is_multimodal(hf_config_of(src)):
+            _untie_multimodal(cfg, src, tmp)
+        else:
+            _dlm_ify_text_model(cfg, src, tmp)
+        (tmp / DONE).write_text(f"source: {src}\nwhy: {why}\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    if barrier is not None:
+        barrier()
+    else:
+        while not (out / DONE).is_file():  # other ranks without a process group yet: wait for rank 0's file
+            time.sleep(2)
+    return out
+
+
+def _dlm_ify_text_model(cfg: Config, src: Path, out: Path) -> None:
+    import torch
+
+    from ...models.hf import load_dlm
+
+    mask = cfg.model.mask_token_id if cfg.model.mask_token_id is not None else cfg.model.mask_token
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    dlm = load_dlm(src, mask_token=mask, untie_head=cfg.model.untie_head, dtype=dtype)
+    dlm.hf.config.nemodiff = dlm_record(cfg, dlm.settings.mask_token_id)
+    dlm.hf.save_pretrained(out)
+    if dlm.tokenizer is not None:
+        dlm.tokenizer.save_pretrained(out)
+
+
+def _untie_multimodal(cfg: Config, src: Path, out: Path) -> None:
+    """Copy a multimodal checkpoint with ``lm_head`` = a copy of the embedding (no model load)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    hf = hf_config_of(src)
+    vocab = int(_text(hf).vocab_size)
+    if cfg.model.mask_token_id is None or not 0 <= cfg.model.mask_token_id < vocab:
+        raise ValueError("multimodal checkpoints (e.g. Ministral-3) need model.mask_token_id set to a reserved id "
+                         f"inside the vocabulary (NLD uses 100); got {cfg.model.mask_token_id}")
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    files = sorted(src.glob("*.safetensors"))
+    embed_key = None
+    tensors_out = 0
+    weight_map = {}
+    for i, f in enumerate(files):
+        with safe_open(str(f), "pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        for k in tensors:
+            if k.endswith("embed_tokens.weight") and "vision" not in k:
+                embed_key = (k, tensors[k])
+        name = f"model-{i + 1:05d}-of-{len(files) + 1:05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        tensors_out += len(tensors)
+    if embed_key is None:
+        raise ValueError(f"{src}: no embed_tokens.weight found to untie the head from")
+    k, emb = embed_key
+    head_key = _head_key(k)
+    name = f"model-{len(files) + 1:05d}-of-{len(files) + 1:05d}.safetensors"
+    save_file({head_key: emb.clone()}, str(out / name), metadata={"format": "pt"})
+    weight_map[head_key] = name
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    conf = json.loads((src / "config.json").read_text())
+    conf["tie_word_embeddings"] = False
+    if isinstance(conf.get("text_config"), dict):
+        conf["text_config"]["tie_word_embeddings"] = False
+    conf["nemodiff"] = dlm_record(cfg, cfg.model.mask_token_id)
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+
+
+def _head_key(embed_key: str) -> str:
+    """The output-head tensor name that goes with an embedding tensor name, for the known layouts."""
+    if embed_key.startswith("model.language_model."):  # transformers >= 5: model.language_model.* + lm_head
+        return "lm_head.weight"
+    if embed_key.startswith("language_model.model."):  # transformers 4: language_model.{model.*, lm_head}
+        return "language_model.lm_head.weight"
+    if embed_key.startswith("model."):
+        return "lm_head.weight"
+    raise ValueError(f"unknown checkpoint layout: cannot place the output head next to {embed_key!r}")
+
+
+def auto_bridge(hf_dir: str | Path | None = None, hf_config=None):
+    """``AutoBridge`` from a directory (config + lazily weights) or from a config object alone."""
+    from megatron.bridge import AutoBridge
+
+    if hf_config is not None:
+        return AutoBridge.from_hf_config(hf_config)
+    return AutoBridge.from_hf_pretrained(str(hf_dir))
+
+
+def _have_te() -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except Exception:
+        return False
+    return bool(HAVE_TE)
+
+
+def build_provider(cfg: Config, bridge, stage_index: int):
+    """The Megatron model provider of stage ``stage_index`` (no weights loaded)."""
+    import torch
+    from megatron.core.transformer.enums import AttnBackend
+
+    e = cfg.engine
+    stage = cfg.stages[stage_index]
+    provider = bridge.to_megatron_provider(load_weights=False)
+    hf = getattr(bridge.hf_pretrained, "config", bridge.hf_pretrained)
+    use_te = e.transformer_impl == "transformer_engine" or (e.transformer_impl == "auto" and _have_te())
+    setattr(provider, SETTINGS_ATTR, {
+        "pattern": cfg.diffusion.pattern,
+        "block_size": cfg.diffusion.block_size,
+        "attention_backend": e.megatron_attention,
+        "transformer_impl": "transformer_engine" if use_te else "local",
+        "rope": rope_settings(hf),
+    })
+    provider.transformer_layer_spec = two_stream_layer_spec
+    provider.position_embedding_type = "none"  # RoPE is applied per half by TwoStreamCoreAttention
+    if provider.attention_backend == AttnBackend.local:
+        provider.attention_backend = AttnBackend.auto  # "local" would swap our core attention back out
+    provider.share_embeddings_and_output_weights = bool(getattr(_text(hf), "tie_word_embeddings", False)) \
+        and not cfg.model.untie_head
+    provider.seq_length = 2 * stage.data.seq_len  # the network runs on [x_t ; x_0]
+    provider.tensor_model_parallel_size = e.tp
+    provider.pipeline_model_parallel_size = e.pp
+    provider.context_parallel_size = e.cp
+    provider.expert_model_parallel_size = e.ep
+    provider.sequence_parallel = e.sequence_parallel and e.tp > 1
+    provider.calculate_per_token_loss = True
+    provider.hidden_dropout = 0.0
+    provider.attention_dropout = 0.0
+    bf16 = e.precision in ("bf16", "auto") and e.device != "cpu"
+    provider.bf16 = bf16
+    provider.fp16 = False
+    provider.params_dtype = torch.bfloat16 if bf16 else torch.float32
+    provider.pipeline_dtype = provider.params_dtype
+    if e.recompute == "full":
+        provider.recompute_granularity = "full"
+        provider.recompute_method = "uniform"
+        provider.recompute_num_layers = 1
+    elif e.recompute == "selective":
+        provider.recompute_granularity = "selective"
+        provider.recompute_modules = ["core_attn"]
+    elif e.recompute is not None:
+        raise ValueError(f"engine.recompute: {e.recompute!r} is not one of [null, selective, full]")
+    if not use_te:  # fused kernels that need Transformer Engine / apex / Megatron's CUDA extensions
+        provider.transformer_impl = "local"
+        for name in ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion",
+                     "persist_layer_norm", "apply_rope_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"):
+            setattr(provider, name, False)
+    if hasattr(provider, "freeze_vision_model"):  # multimodal wrappers (Ministral-3): train the language model
+        provider.freeze_vision_model = True
+        provider.freeze_vision_projection = True
+    vocab = int(provider.vocab_size)
+    if vocab % e.tp:
+        raise ValueError(f"the vocabulary ({vocab} rows) is not divisible by engine.tp={e.tp}; use a reserved "
+                         "model.mask_token_id inside the vocabulary instead of adding a token")
+    return provider

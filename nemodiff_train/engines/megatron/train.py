@@ -1,0 +1,249 @@
+"""``run(cfg)``: one Megatron-Bridge training job (one stage) of a recipe with ``engine=megatron``.
+
+Launch (one process per GPU; every rank runs the same command, ``run.dir`` on a shared filesystem)::
+
+    torchrun --nproc_per_node 8 -m nemodiff_train.cli.train recipe=nld_8b_pretrain engine.stage_index=0 \
+        run.dir=/lustre/runs/nld8b
+
+What a job does:
+
+1. rank 0 writes the HF directory training starts from when the source needs a mask token or an
+   untied head (:func:`.model.prepare_init_checkpoint`), tokenizes + packs the stage's data (the same
+   ``nemodiff_train.data`` preparation as the torch engine) and converts it to Megatron indexed
+   datasets (:func:`.data.convert_prepared`); the other ranks wait for its marker files;
+2. :func:`.config.to_container` builds the ``ConfigContainer``; ``pretrain`` runs with
+   :class:`.step.TwoStreamForwardStep`; ``metrics.jsonl`` gets one line per logged step;
+3. on SIGTERM or SIGUSR1 Megatron-Bridge saves a checkpoint and the process exits 0; running the
+   same command again resumes (optimizer, scheduler, step, data position);
+4. after the last stage, with ``export.at_end``, rank 0 writes ``<run.dir>/hf``.
+
+Nothing here imports Megatron at module level: ``import nemodiff_train.engines.megatron.train``
+works without it, and :func:`run` says what to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from ...config.schema import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run", "prepare_stage", "MetricsCallback"]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _wait_for(path: Path, what: str, timeout_s: float = 6 * 3600) -> None:
+    t0 = time.time()
+    while not path.is_file():
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"rank {_rank()}: gave up waiting for {what} ({path})")
+        time.sleep(2)
+
+
+def _require_megatron() -> None:
+    try:
+        import megatron.bridge  # noqa: F401
+        import megatron.core  # noqa: F401
+    except ImportError as e:
+        raise ImportError("engine=megatron needs megatron-core==0.19.2 and megatron-bridge==0.6.2 "
+                          "(see tests/megatron/INSTALL.md, or use NVIDIA's NeMo container)") from e
+
+
+def prepare_stage(cfg: Config, run_dir: Path, stage_index: int, hf_dir: Path) -> tuple[list[str], list[str]]:
+    """Rank 0: prepared data → indexed datasets; everyone: the (train, valid) blends."""
+    from ..torch.setup import resolve_source
+    from .data import MARKER, convert_prepared
+
+    stage = cfg.stages[stage_index]
+    dc = stage.data
+    prepared = Path(dc.prepared_dir) if dc.prepared_dir else run_dir / "data" / stage.name
+    out = run_dir / "megatron" / "data" / f"{stage_index}_{stage.name}"
+    if _rank() == 0:
+        from ...data.prepare import DataPrepConfig, prepare
+        from ...data.sources import SourceSpec
+
+        def specs(items):
+            return [SourceSpec.parse(resolve_source(s), text_field=dc.text_field, messages_field=dc.messages_field)
+                    for s in items]
+
+        prepare(DataPrepConfig(kind=dc.kind, sources=specs(dc.sources), val_sources=specs(dc.val_sources),
+                               tokenizer=str(hf_dir), seq_len=dc.seq_len, out=str(prepared),
+                               val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
+                               pack=dc.pack, max_documents=dc.max_documents))
+        convert_prepared(prepared, out)
+    _wait_for(out / MARKER, "the converted data")
+    prefixes = json.loads((out / MARKER).read_text())["prefixes"]
+    train = [prefixes["train"]] if prefixes.get("train") else []
+    valid = [prefixes["val"]] if prefixes.get("val") else []
+    if not train:
+        raise ValueError(f"stage {stage.name!r}: the prepared data has no training rows")
+    return train, valid
+
+
+def MetricsCallback(path: Path, *, step_offset: int, stage_name: str, tokens_per_step: int):
+    """A ``megatron.bridge.training.callbacks.Callback`` writing ``metrics.jsonl`` on the last rank.
+
+    Records: ``step`` (global across stages), ``stage``, ``loss``, ``ar_loss``, ``diffusion_loss``,
+    ``lr``, ``grad_norm``, ``tokens_per_s`` (clean tokens: global batch × L per step); validation
+    lines carry ``val_loss``, ``val_ar_loss``, ``val_diffusion_loss``.
+    """
+    from megatron.bridge.training.callbacks import Callback
+
+    def _f(v):
+        try:
+            return float(v.float().mean()) if hasattr(v, "float") else float(v)
+        except Exception:
+            return None
+
+    class _Writer(Callback):
+        def __init__(self):
+            self.t0 = None
+            self.enabled = _rank() == _world() - 1  # the last pipeline stage holds the reduced losses
+
+        def _write(self, rec):
+            if self.enabled:
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+
+        def on_train_step_start(self, context):
+            self.t0 = time.perf_counter()
+
+        def on_train_step_end(self, context):
+            losses = context.loss_dict or {}
+            if not losses:
+                return
+            dt = time.perf_counter() - (self.t0 or time.perf_counter())
+            it = int(context.state.train_state.step) + 1  # counted after the callback
+            lr = None
+            if context.optimizer is not None:
+                try:
+                    lr = float(context.optimizer.param_groups[0]["lr"])
+                except Exception:
+                    lr = None
+            self._write({"step": step_offset + it, "stage": stage_name, "loss": _f(losses.get("lm loss")),
+                         "ar_loss": _f(losses.get("ar_loss")), "diffusion_loss": _f(losses.get("diffusion_loss")),
+                         "lr": lr, "grad_norm": _f(context.grad_norm) if context.grad_norm is not None else None,
+                         "skipped": bool(context.skipped_iter), "step_time_s": dt,
+                         "tokens_per_s": tokens_per_step / dt if dt > 0 else None})
+
+        def on_eval_end(self, context):
+            losses = context.total_loss_dict or {}
+            if not losses:
+                return
+            it = int(context.state.train_state.step)
+            self._write({"step": step_offset + it, "stage": stage_name, "val_loss": _f(losses.get("lm loss")),
+                         "val_ar_loss": _f(losses.get("ar_loss")),
+                         "val_diffusion_loss": _f(losses.get("diffusion_loss"))})
+
+    return _Writer()
+
+
+def _finished_iteration(save_dir: Path) -> int | None:
+    marker = save_dir / "latest_checkpointed_iteration.txt"
+    try:
+        return int(marker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _export_is_stale(run_dir: Path, save_dir: Path) -> bool:
+    """True when <run.dir>/hf was exported from an older checkpoint than the latest one."""
+    try:
+        rec = json.loads((run_dir / "hf" / "config.json").read_text()).get("nemodiff", {})
+    except (OSError, ValueError):
+        return True
+    done = _finished_iteration(save_dir)
+    return done is None or rec.get("megatron_checkpoint") != f"iter_{done:07d}"
+
+
+def _forward_sigusr1() -> None:
+    """Slurm's ``--signal=USR1@<s>`` and SIGTERM both mean "save and stop": forward SIGUSR1 as SIGTERM,
+    which Megatron-Bridge's exit-signal handler (``train.exit_signal_handler``) turns into a checkpoint
+    and exit code 0 at the next iteration boundary."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) -> Path:
+    """Train stage ``engine.stage_index`` of ``cfg`` with Megatron-Bridge; returns the run directory.
+
+    Args:
+        forward_step, callbacks, container_hook: test hooks (a different step, extra callbacks, a
+            function applied to the ``ConfigContainer`` before ``pretrain``).
+    """
+    _require_megatron()
+    from ...config.load import save_config
+    from .config import select_stage, stage_checkpoint_dir, to_container
+    from .export import export_to_hf
+    from .model import mask_token_id_of, prepare_init_checkpoint
+    from .step import TwoStreamForwardStep
+
+    if not cfg.run.dir:
+        raise ValueError("run.dir must be set for engine=megatron (shared by every rank and every job)")
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    i = select_stage(cfg)
+    stage = cfg.stages[i]
+    save_dir = stage_checkpoint_dir(run_dir, cfg, i)
+    if not cfg.checkpoint.resume and (save_dir / "latest_checkpointed_iteration.txt").is_file():
+        raise FileExistsError(f"checkpoint.resume=false but {save_dir} already holds a checkpoint; "
+                              "use a new run.dir or checkpoint.resume=true")
+    if i > 0 and not (stage_checkpoint_dir(run_dir, cfg, i - 1) / "latest_checkpointed_iteration.txt").is_file() \
+            and not (save_dir / "latest_checkpointed_iteration.txt").is_file():
+        raise FileNotFoundError(f"stage {i} ({stage.name}) starts from stage {i - 1}'s checkpoint, which is not in "
+                                f"{stage_checkpoint_dir(run_dir, cfg, i - 1)}; run engine.stage_index={i - 1} first")
+    if _rank() == 0:
+        save_config(cfg, run_dir / "config.yaml")
+
+    hf_dir = prepare_init_checkpoint(cfg, run_dir, is_main=_rank() == 0)
+    train_blend, valid_blend = prepare_stage(cfg, run_dir, i, hf_dir)
+    container = to_container(cfg, run_dir=run_dir, hf_dir=hf_dir, train_blend=train_blend, valid_blend=valid_blend,
+                             stage_index=i, cpu=cfg.engine.device == "cpu")
+    if container_hook is not None:
+        container_hook(container)
+    d = cfg.diffusion
+    step = forward_step or TwoStreamForwardStep(
+        mask_token_id=mask_token_id_of(cfg, hf_dir), schedule=d.schedule, eps=d.eps, block_size=d.block_size,
+        half_life_ratio=d.half_life_ratio, alpha=d.alpha, beta=d.beta)
+    offset = sum(s.steps for s in cfg.stages[:i])
+    cbs = [MetricsCallback(run_dir / "metrics.jsonl", step_offset=offset, stage_name=stage.name,
+                           tokens_per_step=stage.global_batch_size * stage.data.seq_len)] + list(callbacks or [])
+    if cfg.logging.wandb.project:
+        os.environ.setdefault("WANDB_MODE", cfg.logging.wandb.mode)
+    _forward_sigusr1()
+
+    from megatron.bridge.training.pretrain import pretrain
+
+    done = _finished_iteration(save_dir)
+    if done is not None and done >= stage.steps:  # a requeued job of a finished stage: nothing to train
+        log.info("stage %d (%s) already finished at iteration %d", i, stage.name, done)
+    else:
+        pretrain(container, step, callbacks=cbs)  # SIGTERM/SIGUSR1: checkpoint, then SystemExit(0) from inside
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    last = i == len(cfg.stages) - 1
+    if last and cfg.export.at_end and _rank() == 0 and _export_is_stale(run_dir, save_dir):
+        saved = {k: os.environ.pop(k) for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+        try:
+            out = export_to_hf(cfg, save_dir, run_dir / "hf", hf_dir=hf_dir, stage_index=i)
+            log.info("exported %s", out)
+        finally:
+            os.environ.update(saved)
+    return run_dir

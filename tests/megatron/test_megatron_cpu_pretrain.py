@@ -1,0 +1,129 @@
+"""Megatron-Bridge's real ``pretrain()`` on CPU (gloo, world size 1) through ``engines.megatron.train.run``.
+
+Runs ``tools/megatron_cpu_train.py`` in subprocesses (its CUDA-emulation patches must not leak into
+pytest): a tiny Qwen3 with a tokenizer that lacks the mask token (so the HF init directory is
+written: token added, head untied), the tiny_cpu recipe (6 steps, GBS 4 = 2 micro-batches of 2).
+
+1. job A is sent SIGUSR1 after its third step: it saves a checkpoint and exits 0;
+2. its first logged loss equals the torch engine's loss on the same global batch and weights
+   (global per-token normalisation over micro-batches);
+3. job B, the same command, resumes from that checkpoint (step, optimizer, data position), finishes
+   and exports an HF directory that loads as a DLM with the recorded settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.tiny_models import save_tiny_model
+from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], timeout: int = 400) -> tuple[int, dict, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    log = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"megatron_cpu_{os.getpid()}_{len(args)}.log"
+    # output to a file, not pipes: Megatron's checkpoint writer can leave a helper process holding
+    # inherited pipes open after the main process exits; its own session is cleaned up below
+    with open(log, "w") as fh:
+        p = subprocess.Popen([sys.executable, str(ROOT / "tools" / "megatron_cpu_train.py"), *args], cwd=ROOT,
+                             env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the session this test started (helpers it left behind)
+            except ProcessLookupError:
+                pass
+    out = log.read_text(errors="replace")
+    log.unlink(missing_ok=True)
+    lines = [ln for ln in out.splitlines() if ln.startswith("MEGATRON_CPU_RESULT ")]
+    result = json.loads(lines[-1].split(" ", 1)[1]) if lines else {}
+    return p.returncode, result, out
+
+
+def _torch_engine_loss(run_dir: Path, hf_dir: Path, cfg) -> float:
+    from nemodiff_train.core.losses import LossWeights, joint_loss_parts
+    from nemodiff_train.data.packed import PackedDataset
+    from nemodiff_train.engines.torch.batches import GlobalOrder, collate
+    from nemodiff_train.models.hf import load_dlm
+
+    dlm = load_dlm(hf_dir)
+    ds = PackedDataset(run_dir / "data" / "pretrain", "train")
+    order = GlobalOrder(len(ds), cfg.run.seed, 0)
+    positions = list(range(cfg.stages[0].global_batch_size))
+    d = cfg.diffusion
+    mb = collate([ds[order.row(p)] for p in positions], positions, seed=cfg.run.seed,
+                 mask_token_id=dlm.settings.mask_token_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
+                 half_life_ratio=d.half_life_ratio)
+    with torch.no_grad():
+        hidden = dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, d.block_size)
+        parts = joint_loss_parts(hidden, dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask, mb.doc_ids)
+    w = LossWeights(d.alpha, d.beta)
+    return float(parts.numerator(w) / parts.denominator(w))
+
+
+def test_pretrain_signal_resume_export(tmp_path):
+    from nemodiff_train.config.load import load_saved_config
+    from nemodiff_train.models.hf import load_dlm
+
+    model_dir = tmp_path / "base"
+    tok = make_tiny_tokenizer(model_dir)
+    save_tiny_model(model_dir, "qwen3", vocab_size=len(tok), tie=True, initializer_range=0.1)
+    run_dir = tmp_path / "run"
+    args = ["recipe=tiny_cpu", "engine=megatron", "engine.device=cpu", f"run.dir={run_dir}",
+            f"model.path={model_dir}", "checkpoint.every=100"]
+
+    rc, res, out = _run(args + ["--sigterm-at-step", "2", "--signal", "SIGUSR1"])
+    assert rc == 0 and res.get("exit") == "SystemExit(0)", out[-3000:]
+    assert [r["step"] for r in res["steps"]] == [0, 1, 2]
+    save = run_dir / "checkpoints" / "0_pretrain"
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    hf_init = run_dir / "megatron" / "hf_init"
+    assert (hf_init / "NEMODIFF_INIT_DONE").is_file()  # mask token added, head untied
+
+    cfg = load_saved_config(run_dir / "config.yaml")
+    first = res["steps"][0]["lm loss"]
+    ref = _torch_engine_loss(run_dir, hf_init, cfg)
+    assert abs(first - ref) <= 1e-4 * abs(ref), (first, ref)
+
+    rc, res_b, out = _run(args)
+    assert rc == 0, out[-3000:]
+    assert "loading distributed checkpoint from" in out and "at iteration 3" in out
+    assert [r["step"] for r in res_b["steps"]] == [3, 4, 5]
+    # a requeued job of the finished stage does nothing and succeeds
+    rc, res_c, out = _run(args)
+    assert rc == 0 and res_c["steps"] == [] and res_c["exit"] == "returned", out[-3000:]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4, 5, 6]
+    assert all(k in train[0] for k in ("ar_loss", "diffusion_loss", "lr", "tokens_per_s"))
+    assert any("val_ar_loss" in m and "val_diffusion_loss" in m for m in metrics)
+
+    hf = run_dir / "hf"
+    conf = json.loads((hf / "config.json").read_text())
+    rec = conf["nemodiff"]
+    init_rec = json.loads((hf_init / "config.json").read_text())["nemodiff"]
+    assert rec["mask_token_id"] == init_rec["mask_token_id"] == len(tok)  # the added token
+    assert (rec["train_block_size"], rec["inference_block_size"], rec["attention_pattern"]) == (8, 8, "two_stream")
+    assert (rec["alpha"], rec["beta"], rec["recipe"]) == (0.3, 1.0, "tiny_cpu")
+    assert conf["tie_word_embeddings"] is False and (hf / "tokenizer.json").is_file()
+    trained, init = load_dlm(hf), load_dlm(hf_init)
+    assert trained.settings.mask_token_id == len(tok)
+    assert trained.hf.get_input_embeddings().weight.shape[0] == len(tok) + 1
+    sd_t, sd_i = trained.hf.state_dict(), init.hf.state_dict()
+    assert sd_t.keys() == sd_i.keys()
+    assert any(not torch.equal(sd_t[k], sd_i[k]) for k in sd_t)  # it trained
+    assert not torch.equal(sd_t["lm_head.weight"], sd_t["model.embed_tokens.weight"])  # untied

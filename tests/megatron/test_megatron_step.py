@@ -1,0 +1,65 @@
+"""The forward step's batch and loss function (Megatron's (loss, num_tokens, report) convention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _sample(b=3, L=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(10, 50, (b, L), generator=g)
+    doc = torch.zeros(b, L, dtype=torch.long)
+    doc[0, 9:] = 1
+    lm = torch.ones(b, L, dtype=torch.bool)
+    lm[2, :6] = False
+    return {"tokens": x0, "doc_ids": doc, "loss_mask": lm, "sample_index": torch.tensor([7, 8, 9]),
+            "noise_seed": torch.zeros(b, dtype=torch.long)}
+
+
+def test_noise_depends_on_the_sample_not_on_the_batch():
+    """A rank holding only part of the batch (or another micro-batch split) derives the same x_t."""
+    from nemodiff_train.engines.megatron.step import make_batch
+
+    kw = dict(mask_token_id=3, schedule="uniform", eps=1e-3, block_size=8, half_life_ratio=0.25, device="cpu")
+    s = _sample()
+    whole = make_batch(s, **kw)
+    part = make_batch({k: v[1:] for k, v in s.items()}, **kw)
+    assert torch.equal(whole.input_ids[1:], part.input_ids) and torch.equal(whole.masked[1:], part.masked)
+    L = s["tokens"].shape[1]
+    assert torch.equal(whole.input_ids[:, L:], s["tokens"])  # [x_t ; x_0]
+    assert torch.equal(whole.labels[:, :L], s["tokens"])  # noisy half: same-position targets
+    assert torch.equal(whole.labels[:, L:-1], s["tokens"][:, 1:])  # clean half: next token
+    assert not whole.masked[2, :6].any()  # prompt tokens are never noised
+    assert not whole.supervised[0, 8]  # no AR target across the packing boundary 8 -> 9
+    assert torch.equal(whole.position_ids[0, 9:L], torch.arange(L - 9))  # positions restart per document
+
+
+def test_loss_function_returns_sums_counts_and_report():
+    from nemodiff_train.core.losses import LossWeights
+    from nemodiff_train.engines.megatron.step import TwoStreamForwardStep, loss_from_token_ce, make_batch
+
+    step = TwoStreamForwardStep(mask_token_id=3, block_size=8)
+    batch = make_batch(_sample(), mask_token_id=3, schedule="uniform", eps=1e-3, block_size=8, half_life_ratio=0.25,
+                       device="cpu")
+    ce = torch.rand(3, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    num, count, report = step.loss_func(batch, ce)
+    parts = loss_from_token_ce(ce, batch)
+    w = LossWeights(0.3, 1.0)
+    assert torch.allclose(num, parts.numerator(w)) and count.dtype == torch.int
+    assert int(count) == int(parts.denominator(w))
+    assert torch.allclose(report["ar_loss"], torch.stack([parts.ar_sum, parts.ar_count]).detach())
+    num.backward()
+    assert ce.grad[:, 16:].sum() > 0  # gradients reach the clean half
+
+    frac = TwoStreamForwardStep(mask_token_id=3, block_size=8, beta=0.5)  # Megatron counts tokens in an int
+    num2, count2, rep2 = frac.loss_func(batch, ce.detach())
+    exact = float(parts.numerator(LossWeights(0.3, 0.5)) / parts.denominator(LossWeights(0.3, 0.5)))
+    assert abs(float(num2) / int(count2) - exact) < 1e-3 * exact
+    assert abs(float(rep2["lm loss"][0] / rep2["lm loss"][1]) - exact) < 1e-6
+
+    bad = ce.detach().clone()
+    bad[0, 0] = float("nan")
+    batch.masked[0, 0] = True
+    with pytest.raises(FloatingPointError):
+        step.loss_func(batch, bad)

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""TESTING ONLY: run ``nemodiff_train.engines.megatron.train.run`` on CPU (gloo, world size 1).
+
+Megatron-Bridge's real ``pretrain()`` loop, checkpointing, resume, signal handling and export, on a
+machine without a GPU: imports go through ``tools/megatron_shims.py`` (no Transformer Engine /
+modelopt / resiliency-ext) and CUDA calls through ``tools/megatron_cpu_emulation.py``. Used by
+``tests/megatron/test_cpu_pretrain.py`` in a subprocess (the torch patches must not leak into pytest).
+
+    python tools/megatron_cpu_train.py recipe=tiny_cpu engine=megatron engine.device=cpu \
+        run.dir=/tmp/run model.path=/tmp/tiny [--sigterm-at-step 3] [--summary out.json]
+
+Prints one ``MEGATRON_CPU_RESULT {...}`` JSON line (also written to ``--summary``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--sigterm-at-step", type=int, default=None, help="send SIGTERM to self after this step")
+    p.add_argument("--signal", default="SIGTERM", choices=["SIGTERM", "SIGUSR1"])
+    p.add_argument("--summary", default=None)
+    args = p.parse_args()
+
+    import megatron_shims
+
+    megatron_shims.install()
+    import torch
+
+    torch.set_num_threads(2)
+    import megatron.bridge.training.pretrain  # noqa: F401
+
+    megatron_shims.patch_after_import()
+    import megatron_cpu_emulation
+
+    megatron_cpu_emulation.apply()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WANDB_MODE": "disabled"})
+
+    from megatron.bridge.training.callbacks import Callback
+
+    from nemodiff_train.config.load import compose
+    from nemodiff_train.engines.megatron.train import run
+
+    rows: list[dict] = []
+
+    class Recorder(Callback):
+        def on_train_step_end(self, context):
+            losses = {k: float(v) for k, v in (context.loss_dict or {}).items()}
+            step = int(context.state.train_state.step)
+            rows.append({"step": step, **losses})
+            print(f"MEGATRON_CPU_STEP {json.dumps(rows[-1])}", flush=True)
+            if args.sigterm_at_step is not None and step == args.sigterm_at_step:
+                os.kill(os.getpid(), getattr(signal, args.signal))
+
+    cfg = compose(args.overrides)
+    t0 = time.time()
+    result = {"overrides": args.overrides, "steps": rows}
+    try:
+        run(cfg, callbacks=[Recorder()])
+        result["exit"] = "returned"
+    except SystemExit as e:  # Megatron-Bridge exits after a signal-triggered checkpoint
+        result["exit"] = f"SystemExit({e.code})"
+        result["exit_code"] = e.code
+    result["wall_s"] = round(time.time() - t0, 1)
+    line = json.dumps(result)
+    print(f"MEGATRON_CPU_RESULT {line}", flush=True)
+    if args.summary:
+        Path(args.summary).write_text(line)
+    code = result.get("exit_code", 0)
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # e.g. Megatron's checkpoint writer worker
+        child.terminate()
+    sys.stdout.flush()
+    os._exit(int(code or 0))
+
+
+if __name__ == "__main__":
+    main()
