@@ -81,9 +81,10 @@ def test_run_directory_contract(baseline):
     assert val[0]["step"] == 0  # the base model's validation, before any step
 
 
-def test_torchrun_two_processes_match_one(assets, baseline, tmp_path):
-    run_dir = tmp_path / "ddp"
-    _train(_args(assets, run_dir), torchrun=2)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_two_processes_match_one(assets, baseline, tmp_path, strategy):
+    run_dir = tmp_path / strategy
+    _train(_args(assets, run_dir, f"engine.distributed={strategy}"), torchrun=2)
     one, two = _train_losses(baseline), _train_losses(run_dir)
     assert one.keys() == two.keys()
     for step in one:
