@@ -165,8 +165,8 @@ def test_schedules_logging_and_cpu_mode(tmp_path):
 def test_impossible_settings_name_the_key(tmp_path, override, match):
     from nemodiff_train.engines.megatron.config import to_container
 
-    cfg = compose(["recipe=tiny_cpu", "engine=megatron", f"run.dir={tmp_path}", "model.mask_token_id=5", override])
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match):  # at composition or at translation, naming the key
+        cfg = compose(["recipe=tiny_cpu", "engine=megatron", f"run.dir={tmp_path}", "model.mask_token_id=5", override])
         to_container(cfg, hf_config=qwen3_config())
 
 
