@@ -92,3 +92,29 @@ def test_load_with_reserved_id_and_bad_id(tmp_path):
         load_dlm(tmp_path, mask_token=1000)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_dlm(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_training_noisy_view_equals_decoding_view(family):
+    """A noisy block's training logits equal a decoding pass over the causal KV cache of the earlier
+    clean blocks (ALGORITHMS.md §2.3): what diffusion training teaches is what decoding asks."""
+    from nemodiff_train.models.cached import HFCachedLM
+
+    torch.manual_seed(4)
+    B, L = 4, 16
+    dlm = _dlm(family, block=B)
+    lm = HFCachedLM(dlm)
+    x0 = torch.randint(4, 96, (1, L))
+    xt = torch.where(torch.rand(1, L) < 0.5, torch.full_like(x0, MASK), x0)
+    with torch.no_grad():
+        noisy = dlm.head(dlm.two_stream_hidden(xt, x0)[:, :L])
+    for b in range(L // B):
+        start = b * B
+        cache = lm.new_cache(1)
+        if start:
+            lm.forward(cache, x0[:, :start], torch.arange(start)[None],
+                       torch.ones(start, start, dtype=torch.bool).tril()[None], write_cache=True)
+        logits = lm.forward(cache, xt[:, start:start + B], torch.arange(start, start + B)[None],
+                            torch.ones(1, B, start + B, dtype=torch.bool), write_cache=False)
+        assert lm.cache_length(cache) == start
+        assert torch.allclose(logits, noisy[:, start:start + B], atol=1e-5), b
