@@ -109,10 +109,9 @@ def load_checkpoint(ckpt: Path, state: dict[str, Any]) -> dict:
 def load_model_weights(ckpt: Path, hf_model: torch.nn.Module) -> None:
     """Load only the model entry of a checkpoint into a (single-process) HF model."""
     read_trainer_state(ckpt)
-    sd = hf_model.state_dict()
-    tied_free = {k: v for k, v in sd.items()}
+    state = hf_model.state_dict()  # DCP loads in place into these tensors
     try:
-        dcp.load({"model": tied_free}, checkpoint_id=str(ckpt))
+        dcp.load({"model": state}, checkpoint_id=str(ckpt))
     except Exception as e:
         raise CheckpointError(f"{ckpt}: model weights do not fit this architecture: {e}") from None
-    hf_model.load_state_dict(tied_free)
+    hf_model.load_state_dict(state)
