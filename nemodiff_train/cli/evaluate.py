@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig
+
+from ..config.load import merge_into
 
 from ..eval.runner import EvalConfig, run_evaluation
 
@@ -34,16 +35,7 @@ class EvalConfigError(ValueError):
 
 def to_eval_config(cfg: DictConfig | dict) -> EvalConfig:
     """Merge the composed config into :class:`EvalConfig`; unknown keys and bad values name the key."""
-    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), raw))
-    except ConfigKeyError as e:
-        raise EvalConfigError(f"unknown nemodiff-eval key {e.full_key!r} (check its spelling; valid keys: "
-                              f"{', '.join(EvalConfig.__dataclass_fields__)})") from None
-    except MissingMandatoryValue as e:
-        raise EvalConfigError(f"nemodiff-eval needs {e.full_key}=<...>") from None
-    except OmegaConfBaseException as e:
-        raise EvalConfigError(f"invalid value for nemodiff-eval key {e.full_key!r}: {e.msg}") from None
+    return merge_into(EvalConfig, cfg, app="nemodiff-eval", error=EvalConfigError)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base=None)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig
+
+from ..config.load import merge_into
 
 from ..export import ExportError, export_checkpoint, push_to_hub
 
@@ -63,19 +64,7 @@ class ExportCLIError(ValueError):
 
 def to_cli_config(cfg: DictConfig | dict) -> ExportCLIConfig:
     """Merge the composed config into :class:`ExportCLIConfig`; unknown keys and bad values name the key."""
-    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    if "hydra" in raw:
-        raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
-    valid = ", ".join(f.name for f in fields(ExportCLIConfig))
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportCLIConfig), raw))
-    except ConfigKeyError as e:
-        raise ExportCLIError(f"unknown nemodiff-export key {e.full_key!r} "
-                             f"(check its spelling; valid keys: {valid})") from None
-    except MissingMandatoryValue as e:
-        raise ExportCLIError(f"nemodiff-export needs {e.full_key}=<...>") from None
-    except OmegaConfBaseException as e:
-        raise ExportCLIError(f"invalid value for nemodiff-export key {e.full_key!r}: {e.msg.splitlines()[0]}") from None
+    return merge_into(ExportCLIConfig, cfg, app="nemodiff-export", error=ExportCLIError)
 
 
 def run(c: ExportCLIConfig) -> Path:

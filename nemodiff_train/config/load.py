@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from .schema import Config
 
@@ -43,6 +43,25 @@ def to_config(cfg: DictConfig | dict) -> Config:
         raise ConfigError(f"invalid value for config key {_key_of(e)!r}: {e.msg}") from None
     validate(result)
     return result
+
+
+def merge_into(schema: type, cfg: DictConfig | dict, *, app: str, error: type[Exception]):
+    """Merge a composed config into a flat dataclass ``schema`` (the eval/export CLIs' configs).
+
+    Unknown keys, missing mandatory values and bad values raise ``error`` naming the key and ``app``.
+    """
+    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    if "hydra" in raw:
+        raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
+    valid = ", ".join(f.name for f in fields(schema))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
+    except ConfigKeyError as e:
+        raise error(f"unknown {app} key {e.full_key!r} (check its spelling; valid keys: {valid})") from None
+    except MissingMandatoryValue as e:
+        raise error(f"{app} needs {e.full_key}=<...>") from None
+    except OmegaConfBaseException as e:
+        raise error(f"invalid value for {app} key {e.full_key!r}: {e.msg.splitlines()[0]}") from None
 
 
 def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:

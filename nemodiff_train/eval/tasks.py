@@ -26,7 +26,7 @@ from typing import Any
 
 from . import scoring
 
-__all__ = ["Sample", "Task", "CodeCompletionTask", "JsonlTask", "get_task", "BUILTIN_TASKS", "CODE_COMPLETION_FILE"]
+__all__ = ["Sample", "Task", "CodeCompletionTask", "get_task", "BUILTIN_TASKS", "CODE_COMPLETION_FILE"]
 
 CODE_COMPLETION_FILE = Path(__file__).resolve().parents[1] / "assets" / "data" / "code_completion_test.jsonl"
 
