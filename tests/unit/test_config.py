@@ -21,7 +21,7 @@ def test_every_recipe_composes_and_validates(recipe):
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))])
 def test_every_group_option_composes(group, option):
-    overrides = [f"recipe=tiny_cpu", f"{group}={option}"]
+    overrides = ["recipe=tiny_cpu", f"{group}={option}"]
     cfg = compose(overrides)
     assert cfg is not None
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from nemodiff_train.core.masks import SequenceLayout
 from nemodiff_train.models.hf import DLMModel, DLMSettings, load_dlm, untie_output_head
 from tests.helpers.tiny_models import FAMILIES, save_tiny_model, tiny_model
 
