@@ -13,7 +13,9 @@ Schedules (registry :data:`SCHEDULES`):
 * ``position_dependent`` (Efficient-DLM ``forward_process_exp``, §1.7): per block of ``B`` tokens,
   ``m ~ U(ε, 1)``, exactly ``round(m·n)`` of the block's ``n`` eligible tokens masked, drawn without
   replacement with weights ``exp(λ(1-m)j)``, ``λ = ln2 / (h·B)`` — later positions are masked more
-  often at low noise; ``p = m`` is the loss weight.
+  often at low noise; ``p = m`` is the loss weight. In packed rows the blocks restart at every
+  document start, exactly where the attention patterns' per-document blocks do
+  (:func:`~nemodiff_train.core.masks.document_positions`).
 
 Tokens with ``loss_mask = 0`` (prompts in SFT, padding) are never masked.
 """
@@ -26,7 +28,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["NoisedBatch", "sample_generator", "apply_noise", "SCHEDULES", "NoiseConfigError"]
+from .masks import document_positions
+
+__all__ = ["NoisedBatch", "sample_generator", "apply_noise", "SCHEDULES", "NoiseConfigError", "diffusion_blocks"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -64,8 +68,8 @@ class NoisedBatch:
     mask_prob: torch.Tensor
 
 
-def _uniform(length: int, eligible: torch.Tensor, gen: torch.Generator, eps: float, block_size: int,
-             half_life: float):
+def _uniform(length: int, eligible: torch.Tensor, gen: torch.Generator, eps: float, blocks: list[tuple[int, int]],
+             block_size: int, half_life: float):
     u = torch.rand((), generator=gen)
     p = (1.0 - eps) * u + eps
     draws = torch.rand(length, generator=gen)
@@ -73,11 +77,10 @@ def _uniform(length: int, eligible: torch.Tensor, gen: torch.Generator, eps: flo
 
 
 def _position_dependent(length: int, eligible: torch.Tensor, gen: torch.Generator, eps: float,
-                        block_size: int, half_life: float):
+                        blocks: list[tuple[int, int]], block_size: int, half_life: float):
     masked = torch.zeros(length, dtype=torch.bool)
     prob = torch.empty(length)
-    for start in range(0, length, block_size):
-        stop = min(start + block_size, length)
+    for start, stop in blocks:
         n = stop - start
         m = eps + (1.0 - eps) * torch.rand((), generator=gen)
         gumbel = -torch.log(-torch.log(torch.rand(n, generator=gen).clamp_min(1e-20)))
@@ -97,9 +100,32 @@ ScheduleFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 SCHEDULES: dict[str, ScheduleFn] = {"uniform": _uniform, "position_dependent": _position_dependent}
 
 
+def diffusion_blocks(doc_ids: torch.Tensor | None, length: int, block_size: int) -> list[list[tuple[int, int]]] | None:
+    """The ``[start, stop)`` spans of every row's diffusion blocks.
+
+    Args:
+        doc_ids: ``[b, L]`` document id per token, or None (every row is one document).
+        length: L.
+        block_size: B.
+    Returns:
+        Per row, its blocks in order: B tokens from each document start (the last block of a
+        document may be shorter). None when ``doc_ids`` is None (the fixed grid ``0, B, 2B, ...``).
+    """
+    if doc_ids is None:
+        return None
+    pos = document_positions(doc_ids.to("cpu"))  # [b, L]
+    starts = (pos % block_size == 0).tolist()  # a document start has position 0, so it starts a block
+    out = []
+    for row in starts:
+        begin = [i for i, s in enumerate(row) if s]
+        out.append(list(zip(begin, begin[1:] + [length])))
+    return out
+
+
 def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch.Tensor | list[int], *,
                 seed: int, mask_token_id: int, schedule: str = "uniform", eps: float = 1e-3,
-                block_size: int = 64, half_life_ratio: float = 0.25) -> NoisedBatch:
+                block_size: int = 64, half_life_ratio: float = 0.25,
+                doc_ids: torch.Tensor | None = None) -> NoisedBatch:
     """Mask a batch of clean rows.
 
     Args:
@@ -112,6 +138,8 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
         eps: lower clip of the masking probability (the 1/p weight explodes as p → 0).
         block_size: block length for the position-dependent schedule.
         half_life_ratio: h of the position-dependent schedule.
+        doc_ids: ``[b, L]`` document ids of packed rows: position-dependent blocks restart at every
+            document start. None: one document per row.
     Returns:
         :class:`NoisedBatch` on ``x0.device``.
     """
@@ -127,9 +155,12 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
         raise ValueError(f"got {len(indices)} sample indices for a batch of {b} rows")
     eligible = loss_mask.to("cpu", torch.bool)
     fn = SCHEDULES[schedule]
+    grid = [(s, min(s + block_size, length)) for s in range(0, length, block_size)]
+    row_blocks = diffusion_blocks(doc_ids, length, block_size) if schedule != "uniform" else None
     masks, probs = [], []
     for row, index in enumerate(indices):
-        m, p = fn(length, eligible[row], sample_generator(seed, index), eps, block_size, half_life_ratio)
+        blocks = grid if row_blocks is None else row_blocks[row]
+        m, p = fn(length, eligible[row], sample_generator(seed, index), eps, blocks, block_size, half_life_ratio)
         masks.append(m)
         probs.append(p)
     masked = torch.stack(masks).to(x0.device)

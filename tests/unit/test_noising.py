@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nemodiff_train.core.noising import NoiseConfigError, apply_noise
+from nemodiff_train.core.masks import SequenceLayout
+from nemodiff_train.core.noising import NoiseConfigError, apply_noise, diffusion_blocks
 
 pytestmark = pytest.mark.unit
 MASK = 99
@@ -64,6 +65,26 @@ def test_position_dependent_shape_and_counts():
     assert high[-4:].mean() < 1.2 * high[:4].mean()  # close to uniform when almost all is masked
     # expected end-to-start weight ratio at m: 2^((1-m)/h) (within sampling noise, around m = 0.25)
     assert math.isclose(2 ** (0.75 / h), 8.0)
+
+
+def test_position_dependent_blocks_restart_at_document_starts():
+    """Packed rows: the noise blocks are the attention pattern's per-document blocks."""
+    docs = torch.tensor([[0] * 6 + [1] * 7 + [2] * 3])  # L = 16, B = 4
+    assert diffusion_blocks(docs, 16, 4) == [[(0, 4), (4, 6), (6, 10), (10, 13), (13, 16)]]
+    block_ids = SequenceLayout(16, 4, docs).block_ids()[0]
+    n_rows = 400
+    out = _noise(torch.zeros(n_rows, 16, dtype=torch.long), list(range(n_rows)), "position_dependent",
+                 block_size=4, doc_ids=docs.expand(n_rows, 16))
+    for start, stop in diffusion_blocks(docs, 16, 4)[0]:
+        p = out.mask_prob[:, start:stop]
+        assert torch.all(p == p[:, :1])  # one noise level per block ...
+        assert torch.equal(out.masked[:, start:stop].sum(1), torch.round(p[:, 0] * (stop - start)).long())
+        assert len(set(block_ids[start:stop].tolist())) == 1  # ... and the same block the mask uses
+    # neighbouring blocks across a document start draw their own levels
+    assert not torch.equal(out.mask_prob[:, 5], out.mask_prob[:, 6])
+    # without doc ids the fixed grid 0, B, 2B, ... is used, as before
+    plain = _noise(torch.zeros(n_rows, 16, dtype=torch.long), list(range(n_rows)), "position_dependent", block_size=4)
+    assert torch.equal(plain.mask_prob[:, 4], plain.mask_prob[:, 7]) and diffusion_blocks(None, 16, 4) is None
 
 
 def test_bad_settings_raise():

@@ -56,7 +56,8 @@ def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, b
     if not bool((seeds == seeds[0]).all()):
         raise ValueError("a micro-batch mixes noise seeds")
     noise = apply_noise(x0, loss_mask, sample["sample_index"].view(-1), seed=int(seeds[0]), mask_token_id=mask_token_id,
-                        schedule=schedule, eps=eps, block_size=block_size, half_life_ratio=half_life_ratio)
+                        schedule=schedule, eps=eps, block_size=block_size, half_life_ratio=half_life_ratio,
+                        doc_ids=doc)
     inputs = two_stream_inputs(noise.noisy_ids, x0, doc)
     targets, supervised = ar_targets(x0, loss_mask, doc)
     labels = torch.cat([x0, targets], dim=1)

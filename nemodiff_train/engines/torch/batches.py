@@ -74,5 +74,5 @@ def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_toke
     docs = torch.stack([torch.as_tensor(r["doc_ids"]) for r in rows]).long()
     loss_mask = torch.stack([torch.as_tensor(r["loss_mask"]) for r in rows]).bool()
     noise = apply_noise(x0, loss_mask, sample_indices, seed=seed, mask_token_id=mask_token_id, schedule=schedule,
-                        eps=eps, block_size=block_size, half_life_ratio=half_life_ratio)
+                        eps=eps, block_size=block_size, half_life_ratio=half_life_ratio, doc_ids=docs)
     return MicroBatch(x0, docs, loss_mask, noise)
