@@ -84,9 +84,10 @@ def quadratic_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: Deco
             acc += 1
         row.drafted += B - 1
         row.accepted += acc - 1
-        row.forward(row.emit(d[:acc].tolist()))
-        # keep the prefix and the first-token (causal-chain) KV of the accepted sub-blocks
-        state.keep(torch.cat([torch.arange(C), C + (B + 1) * torch.arange(acc)]))
+        kept = row.emit(d[:acc].tolist())  # < acc when an EOS or the length cap cuts the cycle
+        row.forward(kept)
+        # keep the prefix and the first-token (causal-chain) KV of the emitted sub-blocks
+        state.keep(torch.cat([torch.arange(C), C + (B + 1) * torch.arange(kept)]))
         d = P[acc - 1, 1:].clone()  # [B] next draft, conditioned on the accepted prefix
     return [row.result(state.row_cache(0) if return_cache else None)]
 
