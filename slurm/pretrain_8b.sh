@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=nld_8b_pretrain
-#SBATCH --nodes=16
+#SBATCH --nodes=8
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
@@ -10,7 +10,7 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #
-# 8B pretraining: recipe `nld_8b_pretrain`, 16 nodes x 8 GPUs, ENGINE=megatron by default (ENGINE= for the recipe default).
+# 8B pretraining: recipe `nld_8b_pretrain`, 8 nodes x 8 GPUs (the recipe's hardware and memory estimate), ENGINE=megatron by default (ENGINE= for the recipe default).
 #
 #   sbatch slurm/pretrain_8b.sh [hydra overrides...]          e.g.  sbatch slurm/pretrain_8b.sh diffusion.block_size=32
 #   NEMODIFF_DRY_RUN=1 bash slurm/pretrain_8b.sh ...          print the resolved command only

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=nld_3b_sft
-#SBATCH --nodes=4
+#SBATCH --nodes=8
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
@@ -10,7 +10,7 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #
-# 3B SFT: recipe `nld_3b_sft`, 4 nodes x 8 GPUs.
+# 3B SFT: recipe `nld_3b_sft`, 8 nodes x 8 GPUs (the recipe's hardware and memory estimate).
 #
 #   sbatch slurm/sft_3b.sh [hydra overrides...]          e.g.  sbatch slurm/sft_3b.sh diffusion.block_size=32
 #   NEMODIFF_DRY_RUN=1 bash slurm/sft_3b.sh ...          print the resolved command only

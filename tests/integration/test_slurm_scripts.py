@@ -21,13 +21,13 @@ SLURM_DIR = REPO / "slurm"
 CI_DIR = REPO / ".ci"
 
 SCRIPTS = {
-    # script: (recipe, nodes, default engine)
-    "pretrain_3b.sh": ("nld_3b_pretrain", 4, None),
-    "pretrain_8b.sh": ("nld_8b_pretrain", 16, "megatron"),
-    "pretrain_14b.sh": ("nld_14b_pretrain", 16, "megatron"),
-    "sft_3b.sh": ("nld_3b_sft", 4, None),
-    "sft_8b.sh": ("nld_8b_sft", 4, "megatron"),
-    "sft_14b.sh": ("nld_14b_sft", 4, "megatron"),
+    # script: (recipe, default engine); the node count must be the recipe's "Hardware:" line
+    "pretrain_3b.sh": ("nld_3b_pretrain", None),
+    "pretrain_8b.sh": ("nld_8b_pretrain", "megatron"),
+    "pretrain_14b.sh": ("nld_14b_pretrain", "megatron"),
+    "sft_3b.sh": ("nld_3b_sft", None),
+    "sft_8b.sh": ("nld_8b_sft", "megatron"),
+    "sft_14b.sh": ("nld_14b_sft", "megatron"),
 }
 ALL_SCRIPTS = sorted(SLURM_DIR.glob("*.sh")) + sorted(CI_DIR.glob("*slurm*.sh"))
 
@@ -132,10 +132,13 @@ def test_all_expected_scripts_exist():
 @pytest.mark.unit
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_headers(script):
-    recipe, nodes, engine = SCRIPTS[script]
+    recipe, engine = SCRIPTS[script]
     text = (SLURM_DIR / script).read_text()
     headers = dict((m.group(1), m.group(2)) for m in re.finditer(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
-    assert headers["nodes"] == str(nodes)
+    # the recipe's memory/throughput estimates are for its stated hardware: the script must ask for it
+    recipe_nodes = re.search(r"^# Hardware: (\d+) nodes x 8 ", (REPO / "recipes" / f"{recipe}.yaml").read_text(), re.M)
+    assert recipe_nodes, f"recipes/{recipe}.yaml has no '# Hardware: N nodes x 8 ...' line"
+    assert headers["nodes"] == recipe_nodes.group(1)
     assert headers["gpus-per-node"] == "8"
     assert headers["ntasks-per-node"] == "1"
     assert "exclusive" in headers and "requeue" in headers
