@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.losses import ar_targets
 from ...core.noising import NoisedBatch, apply_noise, sample_generator
 
 __all__ = ["GlobalOrder", "MicroBatch", "rank_positions", "collate"]
@@ -54,17 +55,22 @@ class MicroBatch:
     Attributes:
         x0, doc_ids, loss_mask: ``[m, L]`` clean ids, document ids, supervised tokens.
         noise: :class:`NoisedBatch` (x_t, masked, mask_prob), ``[m, L]`` each.
+        masked_count, ar_count: diffusion and AR target counts (the step's loss denominator),
+            counted once on the CPU when the batch is made.
     """
 
     x0: torch.Tensor
     doc_ids: torch.Tensor
     loss_mask: torch.Tensor
     noise: NoisedBatch
+    masked_count: int
+    ar_count: int
 
     def to(self, device: torch.device) -> "MicroBatch":
         n = self.noise
         return MicroBatch(self.x0.to(device), self.doc_ids.to(device), self.loss_mask.to(device),
-                          NoisedBatch(n.noisy_ids.to(device), n.masked.to(device), n.mask_prob.to(device)))
+                          NoisedBatch(n.noisy_ids.to(device), n.masked.to(device), n.mask_prob.to(device)),
+                          self.masked_count, self.ar_count)
 
 
 def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_token_id: int, schedule: str,
@@ -75,4 +81,5 @@ def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_toke
     loss_mask = torch.stack([torch.as_tensor(r["loss_mask"]) for r in rows]).bool()
     noise = apply_noise(x0, loss_mask, sample_indices, seed=seed, mask_token_id=mask_token_id, schedule=schedule,
                         eps=eps, block_size=block_size, half_life_ratio=half_life_ratio, doc_ids=docs)
-    return MicroBatch(x0, docs, loss_mask, noise)
+    ar_count = int(ar_targets(x0, loss_mask, docs)[1].sum())
+    return MicroBatch(x0, docs, loss_mask, noise, int(noise.masked.sum()), ar_count)

@@ -245,7 +245,7 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_mod
             micro.append(collate(rows, [sample_offset + p for p in positions], seed=cfg.run.seed,
                                  mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
                                  half_life_ratio=d.half_life_ratio).to(env.device))
-        local_den = sum(float(mb.noise.masked.sum()) + weights.beta * _ar_count(mb) for mb in micro)
+        local_den = sum(mb.masked_count + weights.beta * mb.ar_count for mb in micro)
         global_den = float(all_reduce_sum(torch.tensor([local_den], dtype=torch.float64, device=env.device)).item())
         step_parts = LossParts(*(torch.zeros((), device=env.device) for _ in range(4)))
         for i, mb in enumerate(micro):
@@ -294,12 +294,6 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_mod
                 sink.log({"step": progress.step, "event": "preempted", "signal": stop.signal})
                 return True
     return False
-
-
-def _ar_count(mb: MicroBatch) -> float:
-    from ...core.losses import ar_targets
-
-    return float(ar_targets(mb.x0, mb.loss_mask, mb.doc_ids)[1].sum())
 
 
 def _finish(cfg: Config, run_dir: Path, sink: MetricsSink) -> None:
