@@ -309,18 +309,23 @@ def _train(cfg, hf_dir: Path, prepared: Path, cpu: bool, iters: int):
     return rec.rows, wall, mem, attention, c
 
 
-def part_tiny(args) -> dict:
-    cpu = args.cpu_emulate
-    _import_megatron(cpu)
+def _start_part(args, name: str) -> tuple[bool, Path]:
+    """Common start of a part: Megatron imported, single-process dist env, an empty work dir."""
+    import shutil
+
+    _import_megatron(args.cpu_emulate)
     _dist_env()
+    work = Path(args.work) / name
+    shutil.rmtree(work, ignore_errors=True)
+    return args.cpu_emulate, work
+
+
+def part_tiny(args) -> dict:
+    cpu, work = _start_part(args, "tiny")
     import torch
 
     from tests.helpers.tiny_models import save_tiny_model
 
-    work = Path(args.work) / "tiny"
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     vocab, L = 512, 256
     hf_dir = save_tiny_model(work / "hf", "qwen3", vocab_size=vocab, tie=False, hidden_size=256, intermediate_size=768,
                              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
@@ -382,16 +387,10 @@ def _mask_density(L: int, block: int) -> float:
 
 
 def part_mfu(args) -> dict:
-    cpu = args.cpu_emulate
-    _import_megatron(cpu)
-    _dist_env()
-    import shutil
-
+    cpu, work = _start_part(args, "mfu")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    work = Path(args.work) / "mfu"
-    shutil.rmtree(work, ignore_errors=True)
     if cpu:  # script test only
         shape = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=1024)
