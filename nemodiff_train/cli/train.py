@@ -39,7 +39,23 @@ def run(cfg_dict: DictConfig) -> Path:
         return megatron_run(cfg)  # requires run.dir: every rank and every job of a chain share it
     from ..engines.torch.trainer import train
 
-    return train(cfg, run_dir)
+    return train(cfg, run_dir, validation_hooks=_validation_hooks(cfg))
+
+
+def _validation_hooks(cfg) -> list:
+    """The decode probe (TPF during training) when ``eval.probe.samples > 0``."""
+    probe = cfg.eval.probe
+    if probe.samples <= 0:
+        return []
+    if cfg.engine.distributed == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("eval.probe.samples > 0 decodes on one rank with the full model, which FSDP2 shards; "
+                          "use engine.distributed=ddp or set eval.probe.samples=0")
+    from ..eval.training_probe import DecodeProbe
+
+    try:
+        return [DecodeProbe(probe)]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)

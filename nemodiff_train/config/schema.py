@@ -9,7 +9,7 @@ impossible values. Nothing below ``cli/`` sees a ``DictConfig``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DiffusionConfig", "DataConfig", "StageConfig", "OptimConfig",
@@ -161,15 +161,37 @@ class ExportConfig:
 
 
 @dataclass
+class EvalSweepConfig:
+    """TPF-versus-accuracy curve points (nemodiff_train.eval.runner.SweepConfig)."""
+
+    threshold: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95])
+    block_size: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EvalProbeConfig:
+    """TPF during training (nemodiff_train.eval.training_probe): decode a few held-out prompts at
+    every validation and log per-mode TPF, accuracy and lossless fraction."""
+
+    samples: int = 0  # prompts per validation; 0 = off
+    task: str = "code_completion"
+    modes: list[str] = field(default_factory=lambda: ["diffusion", "linear_spec", "quadratic_spec"])
+    max_new_tokens: int = 64
+    block_size: Optional[int] = None  # None = the model's inference block size
+    threshold: float = 0.9
+
+
+@dataclass
 class EvalAtEndConfig:
     at_end: bool = False
     modes: list[str] = field(default_factory=lambda: ["ar", "diffusion", "linear_spec", "quadratic_spec"])
-    task: str = "code_completion"
+    task: Any = "code_completion"  # a task name / .jsonl path, or a list of them
     limit: Optional[int] = None
     max_new_tokens: int = 64
     block_size: Optional[int] = None
     threshold: float = 0.9
-    tau_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95])
+    sweep: EvalSweepConfig = field(default_factory=EvalSweepConfig)
+    probe: EvalProbeConfig = field(default_factory=EvalProbeConfig)
 
 
 @dataclass

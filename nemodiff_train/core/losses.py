@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LossParts", "LossWeights", "weighted_ce_sum", "joint_loss_parts", "ar_targets"]
+__all__ = ["LossParts", "LossWeights", "weighted_ce_sum", "joint_loss_parts", "ar_targets", "masked_token_stats",
+           "MASK_RATE_EDGES"]
+
+# Masking-rate buckets of the validation diagnostics: [0, .25), [.25, .5), [.5, .75), [.75, 1].
+MASK_RATE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -144,3 +148,38 @@ def joint_loss_parts(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.
     ar_sum = weighted_ce_sum(clean_h[supervised], targets[supervised],
                              torch.ones(int(supervised.sum()), device=hidden.device), head, chunk_size)
     return LossParts(diff_sum, masked.sum().float(), ar_sum, supervised.sum().float())
+
+
+@torch.no_grad()
+def masked_token_stats(hidden: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, mask_prob: torch.Tensor,
+                       head: Callable[[torch.Tensor], torch.Tensor], edges: tuple[float, ...] = MASK_RATE_EDGES,
+                       chunk_size: int = 2048) -> torch.Tensor:
+    """How well the diffusion view fills masks, by masking rate (validation diagnostics).
+
+    Args:
+        hidden: ``[b, 2L, d]`` final hidden states of ``[x_t ; x_0]`` (only the noisy half is read).
+        x0, masked, mask_prob: ``[b, L]`` as in :func:`joint_loss_parts`.
+        head: output head, ``[n, d]`` → ``[n, V]``.
+        edges: bucket edges over the masking probability p (the last bucket includes its right edge).
+    Returns:
+        ``[len(edges) - 1, 3]`` float64: per bucket the unweighted CE sum over masked tokens, the
+        number whose argmax equals the clean token, and the number of masked tokens. Sums, so that
+        engines can add micro-batches and ranks before dividing.
+    """
+    length = x0.shape[1]
+    noisy_h = hidden[:, :length][masked]
+    targets, probs = x0[masked], mask_prob[masked].float()
+    n_buckets = len(edges) - 1
+    bucket = (torch.bucketize(probs, torch.tensor(edges[1:-1], device=probs.device), right=True)
+              .clamp_(0, n_buckets - 1))
+    out = torch.zeros(n_buckets, 3, dtype=torch.float64, device=hidden.device)
+    for start in range(0, noisy_h.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        logits = head(noisy_h[sl]).float()
+        ce = F.cross_entropy(logits, targets[sl], reduction="none").double()
+        hit = (logits.argmax(-1) == targets[sl]).double()
+        b = bucket[sl]
+        out[:, 0].index_add_(0, b, ce)
+        out[:, 1].index_add_(0, b, hit)
+        out[:, 2].index_add_(0, b, torch.ones_like(ce))
+    return out

@@ -39,26 +39,48 @@ def _metric_names(rows: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The report as a fixed-width table (mode | TPF | tok/s | speed vs ar | metrics | lossless)."""
-    metrics = _metric_names(rows)
-    ar_tps = next((r["tokens_per_s"] for r in rows if r["mode"] == "ar"), None)
-    header = ["mode", "TPF", "tok/s", "vs ar"] + metrics + ["lossless"]
-    lines = []
-    for r in rows:
-        speed = f"{r['tokens_per_s'] / ar_tps:.2f}x" if ar_tps else "-"
-        mode = r["mode"] if r.get("requested", True) else f"{r['mode']} (ref)"
-        cells = [mode, f"{r['tpf']:.2f}", f"{r['tokens_per_s']:.1f}", speed]
-        cells += [f"{r[m]:.3f}" if m in r else "-" for m in metrics]
-        cells.append(f"{r['lossless']:.3f}" if "lossless" in r else "-")
-        lines.append(cells)
+def _main_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if not r.get("sweep")]
+
+
+def _ar_speed(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """AR tokens/s per task (the ``vs ar`` denominator)."""
+    return {r["task"]: r["tokens_per_s"] for r in _main_rows(rows) if r["mode"] == "ar" and r["tokens_per_s"] > 0}
+
+
+def _render(header: list[str], lines: list[list[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = " | ".join(f"{{:<{w}}}" for w in widths)
-    text = [fmt.format(*header), "-+-".join("-" * w for w in widths)] + [fmt.format(*c) for c in lines]
+    return [fmt.format(*header), "-+-".join("-" * w for w in widths)] + [fmt.format(*c) for c in lines]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The report as fixed-width text: one line per task × mode (TPF, tokens/s, ÷ AR, accuracy,
+    lossless), then the sweep points, if any, and the settings."""
+    ar_tps = _ar_speed(rows)
+    header = ["task", "mode", "TPF", "tok/s", "vs ar", "accuracy", "lossless"]
+
+    def cells(r: dict[str, Any], label: str) -> list[str]:
+        base = ar_tps.get(r["task"])
+        metric = r.get("primary_metric")
+        acc = f"{r[metric]:.3f} ({metric})" if metric in r else "-"
+        return [r["task"], label, f"{r['tpf']:.2f}", f"{r['tokens_per_s']:.1f}",
+                f"{r['tokens_per_s'] / base:.2f}x" if base else "-", acc,
+                f"{r['lossless']:.3f}" if "lossless" in r else "-"]
+
+    main = [cells(r, r["mode"] if r.get("requested", True) else f"{r['mode']} (ref)") for r in _main_rows(rows)]
+    text = _render(header, main)
+    sweep = [r for r in rows if r.get("sweep")]
+    if sweep:
+        text += ["", "sweep points (the curve of tpf_accuracy.png):"]
+        label = {"threshold": lambda r: f"{r['mode']} tau={r['threshold']:g}",
+                 "block_size": lambda r: f"{r['mode']} B={r['block_size']}"}
+        text += _render(header, [cells(r, label[r["sweep"]](r)) for r in sweep])
     if rows:
         r0 = rows[0]
-        text.append(f"task {r0['task']}, {r0['samples']} samples, block {r0['block_size']}, "
-                    f"tau {r0['threshold']}, temperature {r0['temperature']}, {r0['dtype']} on {r0['device']}")
+        text.append(f"{len({r['task'] for r in rows})} task(s), {r0['samples']} samples each, block {r0['block_size']}, "
+                    f"tau {r0['threshold']}, temperature {r0['temperature']}, {r0['dtype']} on {r0['device']}; "
+                    "modes interleaved per prompt, so tok/s ratios share the machine's load")
     text.append(TPF_NOTE)
     if any("lossless" in r for r in rows):
         text.append("lossless = fraction of samples whose output equals AR greedy output token for token.")
@@ -69,8 +91,56 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(format_table(rows), flush=True)
 
 
+MODE_STYLE = {  # colour, marker: one per mode, the same in every panel
+    "ar": ("black", "*"),
+    "diffusion": ("tab:blue", "o"),
+    "linear_spec": ("tab:orange", "s"),
+    "quadratic_spec": ("tab:green", "D"),
+}
+
+
+def _sweep_label(r: dict[str, Any]) -> str:
+    return f"τ={r['threshold']:g}" if r["mode"] == "diffusion" else f"B={r['block_size']}"
+
+
+def _panel(ax, rows: list[dict[str, Any]]) -> None:
+    """One task: a marker per mode at the main setting, a line per mode through its sweep points."""
+    metric = rows[0].get("primary_metric", "token_accuracy")
+    main = _main_rows(rows)
+    for mode, (colour, marker) in MODE_STYLE.items():
+        points = [r for r in rows if r["mode"] == mode and (r.get("sweep") or r in main)]
+        if not points:
+            continue
+        key = "threshold" if mode == "diffusion" else "block_size"
+        points.sort(key=lambda r: r[key])
+        if len(points) > 1:
+            ax.plot([p["tpf"] for p in points], [p[metric] for p in points], "-", color=colour, alpha=0.5, lw=1.2)
+        for i, p in enumerate(points):
+            is_main = not p.get("sweep")
+            ax.scatter([p["tpf"]], [p[metric]], color=colour, marker=marker, s=90 if is_main else 30,
+                       edgecolors="black" if is_main else "none", zorder=3,
+                       label=f"{mode} ({_sweep_label(p)})" if is_main and mode != "ar" else (mode if is_main else None))
+            if len(points) > 1:  # label the sweep, alternating sides so neighbours do not stack
+                ax.annotate(_sweep_label(p), (p["tpf"], p[metric]), textcoords="offset points",
+                            xytext=(6, 6 if i % 2 == 0 else -12), fontsize=7, color=colour)
+    ar = next((r for r in main if r["mode"] == "ar"), None)
+    if ar is not None:
+        ax.axhline(ar[metric], color="black", ls=":", lw=0.8, alpha=0.6)
+    xs = [r["tpf"] for r in rows]
+    ys = [r[metric] for r in rows]
+    pad_x = max(0.1, 0.08 * (max(xs) - min(xs)))
+    pad_y = max(0.02, 0.12 * (max(ys) - min(ys)))
+    ax.set_xlim(min(xs) - pad_x, max(xs) + 2 * pad_x)  # axes fit the data: differences stay visible
+    ax.set_ylim(max(0.0, min(ys) - pad_y) if min(ys) >= 0 else min(ys) - pad_y, min(1.0, max(ys) + pad_y) + 0.01)
+    ax.set_xlabel("tokens per forward (prefill excluded)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{rows[0]['task']}: {metric} vs TPF")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
 def plot_tpf_accuracy(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Accuracy (the task's primary metric) against TPF: one point per mode, a line for the τ sweep.
+    """Accuracy (each task's primary metric) against TPF: one panel per task, AR as the reference.
 
     Returns False (and logs why) when matplotlib is missing; the plot is a convenience, the numbers
     are in ``eval.json``.
@@ -85,24 +155,11 @@ def plot_tpf_accuracy(rows: list[dict[str, Any]], path: Path) -> bool:
         return False
     if not rows:
         return False
-    metric = rows[0].get("primary_metric", "token_accuracy")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        ax.scatter([r["tpf"]], [r[metric]], s=50, zorder=3, label=r["mode"])
-        ax.annotate(r["mode"], (r["tpf"], r[metric]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        sweep = r.get("tau_sweep") or []
-        if sweep:
-            xs, ys = [p["tpf"] for p in sweep], [p[metric] for p in sweep]
-            ax.plot(xs, ys, "--", color="gray", zorder=2, label="diffusion, tau sweep")
-            for p in sweep:
-                ax.annotate(f"τ={p['threshold']:g}", (p["tpf"], p[metric]), textcoords="offset points",
-                            xytext=(4, -10), fontsize=7, color="gray")
-    ax.set_xlabel("tokens per forward (prefill excluded)")
-    ax.set_ylabel(metric)
-    ax.set_ylim(-0.05, 1.05)  # metrics are fractions; a fixed scale keeps plots of different runs comparable
-    ax.set_title(f"{rows[0]['task']}: accuracy vs TPF")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        _panel(ax, [r for r in rows if r["task"] == task])
+    fig.suptitle("accuracy vs tokens per forward (dotted: AR accuracy)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,14 +1,19 @@
-"""The evaluator: decode a task in every requested mode, measure speed and accuracy, write the report.
+"""The evaluator: decode tasks in every requested mode, measure speed and accuracy, write the report.
 
-For each mode it decodes all samples, timing only the decoding (after one warm-up call), and
-reports tokens per forward (TPF, the prefill forward excluded), tokens/s, the task's accuracy
-metrics and, for the self-speculation modes, ``lossless`` = the fraction of samples whose output
-equals AR greedy output token for token. Writes ``eval.json``, ``samples.jsonl`` and
-``tpf_accuracy.png`` into ``out`` and prints a table (DESIGN.md, "nemodiff-eval writes").
+For each task it decodes all samples in every run (a requested mode at the main setting, or a sweep
+point: diffusion at another τ, a self-speculation mode at another block size). The runs are
+**interleaved**: for every chunk of prompts each run decodes it in turn, so a load change on a shared
+machine hits every mode alike and the ``tokens/s ÷ ar`` ratios stay meaningful. Only decoder calls are
+timed, after one warm-up call per run. Each row reports tokens per forward (TPF, the prefill forward
+excluded), tokens/s, the task's accuracy metrics and, for the self-speculation modes, ``lossless`` =
+the fraction of samples whose output equals AR greedy output token for token. Writes ``eval.json``,
+``samples.jsonl`` and ``tpf_accuracy.png`` into ``out`` and prints a table (DESIGN.md, "nemodiff-eval
+writes").
 
 Run (CPU, the embedded model)::
 
-    nemodiff-eval model=<hf dir or run dir> modes=[ar,diffusion,linear_spec,quadratic_spec] out=/tmp/eval limit=8
+    nemodiff-eval model=<hf dir or run dir> task=[arithmetic,code_completion] out=/tmp/eval limit=8 \\
+        sweep.threshold=[0.5,0.7,0.9] sweep.block_size=[4,8,16]
 """
 
 from __future__ import annotations
@@ -29,11 +34,21 @@ from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "run_evaluation", "ALL_MODES", "SPEC_MODES"]
+__all__ = ["EvalConfig", "SweepConfig", "run_evaluation", "ALL_MODES", "SPEC_MODES"]
 
 ALL_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 SPEC_MODES = ("linear_spec", "quadratic_spec")
 # Self-speculation decoders are batch 1 (ALGORITHMS.md §5.16): only BATCHED_MODES get batch_size prompts per call.
+
+
+@dataclass
+class SweepConfig:
+    """Extra decoding settings for the TPF-versus-accuracy curve; each point is one more ``eval.json`` row."""
+
+    threshold: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95])
+    """Diffusion re-run at each τ (when ``diffusion`` is among the modes); [] = off."""
+    block_size: list[int] = field(default_factory=list)
+    """linear_spec and quadratic_spec (those among the modes) re-run at each block size; [] = off."""
 
 
 @dataclass
@@ -45,10 +60,10 @@ class EvalConfig:
     out: str
     """Output directory (created)."""
     modes: list[str] = field(default_factory=lambda: list(ALL_MODES))
-    task: str = "code_completion"
-    """A bundled task name or a path to a ``.jsonl`` file with ``prompt``/``reference`` fields."""
+    task: Any = "code_completion"
+    """A bundled task name or a path to a ``.jsonl`` file with ``prompt``/``reference`` fields, or a list of them."""
     limit: int | None = None
-    """Evaluate only the first ``limit`` samples."""
+    """Evaluate only the first ``limit`` samples of each task."""
     max_new_tokens: int = 64
     block_size: int | None = None
     """Decoding block size; None = the model's ``inference_block_size``."""
@@ -57,8 +72,7 @@ class EvalConfig:
     temperature: float = 0.0
     batch_size: int = 1
     """Prompts per decoder call in ar/diffusion mode (self-speculation is always batch 1)."""
-    tau_sweep: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95])
-    """Re-run diffusion mode at each τ for the TPF-accuracy plot; empty = off."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     chat_template: bool | None = None
     """Render prompts with the tokenizer's chat template; None = when it has one."""
     dtype: str = "float32"
@@ -75,16 +89,36 @@ class EvalConfig:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        tasks = self.tasks
+        if not tasks or not all(isinstance(t, str) and t for t in tasks):
+            raise ValueError(f"task must be a task name / .jsonl path or a non-empty list of them, got {self.task!r}")
+        if any(not 0.0 < t <= 1.0 for t in self.sweep.threshold):
+            raise ValueError(f"sweep.threshold values must be in (0, 1], got {list(self.sweep.threshold)}")
+        if any(b < 1 for b in self.sweep.block_size):
+            raise ValueError(f"sweep.block_size values must be >= 1, got {list(self.sweep.block_size)}")
+
+    @property
+    def tasks(self) -> list[str]:
+        """``task`` as a list (one name or path, or several)."""
+        return [self.task] if isinstance(self.task, str) else list(self.task)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One decoding setting to run over every sample: a mode at the main setting or a sweep point."""
+
+    mode: str
+    cfg: DecodeConfig
+    sweep: str | None = None  # None (a requested mode), "threshold" or "block_size"
 
 
 @dataclass
 class ModeRun:
-    """Raw outcome of decoding every sample once in one mode."""
+    """Raw outcome of decoding every sample once with one :class:`RunSpec`."""
 
-    mode: str
-    threshold: float
-    results: list  # list[DecodeResult], one per sample
-    seconds: float
+    spec: RunSpec
+    results: list = field(default_factory=list)  # list[DecodeResult], one per sample
+    seconds: float = 0.0
 
     @property
     def generated_tokens(self) -> int:
@@ -100,63 +134,74 @@ class ModeRun:
 
 
 class Evaluator:
-    """Holds the loaded model, the task and the rendered prompts for one evaluation."""
+    """Holds the loaded model and decodes, scores and summarises one task at a time."""
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_eval(cfg.model, cfg.dtype, cfg.device)
         self.tokenizer = self.dlm.tokenizer
-        self.task: Task = get_task(cfg.task, tokenizer=self.tokenizer, limit=cfg.limit,
-                                   chat_template=cfg.chat_template, token_budget=cfg.max_new_tokens)
-        self.samples = self.task.samples()
-        if not self.samples:
-            raise ValueError(f"task {cfg.task!r} has no samples")
-        self.prompts = [self.task.render(self.tokenizer, s) for s in self.samples]
         self.block_size = cfg.block_size or self.dlm.settings.inference_block_size
         self.decode_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, block_size=self.block_size,
                                        threshold=cfg.threshold, temperature=cfg.temperature,
                                        eos_token_ids=self.eos_ids, seed=cfg.seed)
 
+    def load_task(self, name: str) -> tuple[Task, list[list[int]]]:
+        """The task and its rendered prompt ids."""
+        task = get_task(name, tokenizer=self.tokenizer, limit=self.cfg.limit,
+                        chat_template=self.cfg.chat_template, token_budget=self.cfg.max_new_tokens)
+        if not task.samples():
+            raise ValueError(f"task {name!r} has no samples")
+        return task, [task.render(self.tokenizer, s) for s in task.samples()]
+
+    def run_specs(self, modes: list[str]) -> list[RunSpec]:
+        """The main runs (``modes`` in order) followed by the sweep points not equal to a main run."""
+        specs = [RunSpec(m, self.decode_cfg) for m in modes]
+        if "diffusion" in modes:
+            specs += [RunSpec("diffusion", replace(self.decode_cfg, threshold=t), "threshold")
+                      for t in sorted(set(self.cfg.sweep.threshold)) if abs(t - self.cfg.threshold) > 1e-9]
+        for mode in (m for m in SPEC_MODES if m in modes):
+            specs += [RunSpec(mode, replace(self.decode_cfg, block_size=b), "block_size")
+                      for b in sorted(set(self.cfg.sweep.block_size)) if b != self.block_size]
+        return specs
+
     def _sync(self) -> None:
         if self.lm.device.type == "cuda":
             torch.cuda.synchronize(self.lm.device)
 
-    def decode(self, mode: str, threshold: float | None = None) -> ModeRun:
-        """Decode every sample in ``mode``; the clock covers decoder calls only."""
-        dcfg = self.decode_cfg if threshold is None else replace(self.decode_cfg, threshold=threshold)
-        step = self.cfg.batch_size if mode in BATCHED_MODES else 1
-        # Warm-up: one short call at the real batch size, so lazy initialisation (kernels picked per
-        # shape and dtype, allocator growth) is not timed.
-        generate(self.lm, self.prompts[:step], mode, replace(dcfg, max_new_tokens=2))
-        results, seconds = [], 0.0
-        for start in range(0, len(self.prompts), step):
-            chunk = self.prompts[start:start + step]
-            self._sync()
-            t0 = time.perf_counter()
-            results.extend(generate(self.lm, chunk, mode, dcfg))
-            self._sync()
-            seconds += time.perf_counter() - t0
-        return ModeRun(mode, dcfg.threshold, results, seconds)
+    def decode_interleaved(self, specs: list[RunSpec], prompts: list[list[int]]) -> list[ModeRun]:
+        """Decode every prompt with every spec, spec after spec per chunk of prompts; time decoder calls only."""
+        runs = [ModeRun(s) for s in specs]
+        for s in specs:  # warm-up: lazy initialisation (kernels per shape, allocator growth) is not timed
+            step = self.cfg.batch_size if s.mode in BATCHED_MODES else 1
+            generate(self.lm, prompts[:step], s.mode, replace(s.cfg, max_new_tokens=2))
+        for start in range(0, len(prompts), self.cfg.batch_size):
+            chunk = prompts[start:start + self.cfg.batch_size]
+            for run in runs:
+                self._sync()
+                t0 = time.perf_counter()
+                run.results.extend(generate(self.lm, chunk, run.spec.mode, run.spec.cfg))
+                self._sync()
+                run.seconds += time.perf_counter() - t0
+        return runs
 
     def text(self, tokens: list[int]) -> str:
         """Output text for scoring: EOS and other special tokens removed."""
         return self.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True)
 
-    def score(self, run: ModeRun) -> tuple[dict[str, float], list[dict[str, float]]]:
-        """(mean metrics, per-sample metrics) of one mode run."""
-        per_sample = [self.task.score(s, self.text(r.tokens)) for s, r in zip(self.samples, run.results)]
-        names = self.task.metric_names
-        means = {k: sum(m[k] for m in per_sample) / len(per_sample) for k in names}
+    def score(self, task: Task, run: ModeRun) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """(mean metrics, per-sample metrics) of one run."""
+        per_sample = [task.score(s, self.text(r.tokens)) for s, r in zip(task.samples(), run.results)]
+        means = {k: sum(m[k] for m in per_sample) / len(per_sample) for k in task.metric_names}
         return means, per_sample
 
-    def summary(self, run: ModeRun, metrics: dict[str, float], requested: bool) -> dict[str, Any]:
+    def summary(self, task: Task, run: ModeRun, metrics: dict[str, float], requested: bool) -> dict[str, Any]:
         """One ``eval.json`` row."""
         import transformers
 
-        gen, fwd = run.generated_tokens, run.forwards
+        gen, fwd, spec = run.generated_tokens, run.forwards, run.spec
         return {
-            "mode": run.mode, "task": self.task.name, "samples": len(run.results),
+            "mode": spec.mode, "task": task.name, "sweep": spec.sweep, "samples": len(run.results),
             "generated_tokens": gen, "forwards": fwd, "prefill_forwards": run.prefill_forwards,
             # TPF excludes prefill forwards (ALGORITHMS.md §3.6/§5.13); the prefill-inclusive figure sits beside it.
             "tpf": gen / fwd if fwd else 0.0,
@@ -164,22 +209,23 @@ class Evaluator:
             "tokens_per_s": gen / run.seconds if run.seconds > 0 else 0.0,
             "decode_seconds": run.seconds,
             **metrics,
-            "metric_names": list(self.task.metric_names), "primary_metric": self.task.primary_metric,
+            "metric_names": list(task.metric_names), "primary_metric": task.primary_metric,
             "requested": requested,
-            "block_size": self.block_size, "threshold": run.threshold, "temperature": self.cfg.temperature,
+            "block_size": spec.cfg.block_size, "threshold": spec.cfg.threshold, "temperature": self.cfg.temperature,
             "max_new_tokens": self.cfg.max_new_tokens,
-            "batch_size": self.cfg.batch_size if run.mode in BATCHED_MODES else 1,
+            "batch_size": self.cfg.batch_size if spec.mode in BATCHED_MODES else 1,
             "dtype": self.cfg.dtype, "device": str(self.lm.device),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "model": str(self.hf_dir), "seed": self.cfg.seed,
         }
 
-    def sample_rows(self, run: ModeRun, per_sample: list[dict[str, float]]) -> list[dict[str, Any]]:
-        """``samples.jsonl`` rows of one mode run."""
-        return [{"mode": run.mode, "index": i, "prompt_ids": p, "output_ids": list(r.tokens),
+    def sample_rows(self, task: Task, prompts: list[list[int]], run: ModeRun,
+                    per_sample: list[dict[str, float]]) -> list[dict[str, Any]]:
+        """``samples.jsonl`` rows of one run."""
+        return [{"task": task.name, "mode": run.spec.mode, "index": i, "prompt_ids": p, "output_ids": list(r.tokens),
                  "forwards": r.stats.forwards, "prefill_forwards": r.stats.prefill_forwards,
                  "finished_by": r.stats.finished_by, "output_text": self.text(r.tokens), "metrics": m}
-                for i, (p, r, m) in enumerate(zip(self.prompts, run.results, per_sample))]
+                for i, (p, r, m) in enumerate(zip(prompts, run.results, per_sample))]
 
 
 def _modes_to_run(modes: list[str]) -> tuple[list[str], bool]:
@@ -189,12 +235,37 @@ def _modes_to_run(modes: list[str]) -> tuple[list[str], bool]:
     return (["ar"] + ordered if extra_ar else ordered), extra_ar
 
 
+def evaluate_task(ev: Evaluator, name: str, modes: list[str]) -> tuple[list[dict], list[dict]]:
+    """(eval.json rows, samples.jsonl rows) of one task: every mode and sweep point, interleaved."""
+    cfg = ev.cfg
+    task, prompts = ev.load_task(name)
+    specs = ev.run_specs(modes)
+    log.info("task %s: %d samples, block %d, tau %.2f, max_new_tokens %d, %d runs interleaved", task.name,
+             len(prompts), ev.block_size, cfg.threshold, cfg.max_new_tokens, len(specs))
+    runs = ev.decode_interleaved(specs, prompts)
+    ar_tokens = next(([list(r.tokens) for r in run.results] for run in runs if run.spec.mode == "ar"), None)
+    rows, sample_rows = [], []
+    for run in runs:
+        metrics, per_sample = ev.score(task, run)
+        row = ev.summary(task, run, metrics, requested=run.spec.mode in cfg.modes and run.spec.sweep is None)
+        if run.spec.mode in SPEC_MODES:
+            same = [list(r.tokens) == ref for r, ref in zip(run.results, ar_tokens)]
+            row["lossless"] = sum(same) / len(same)
+        rows.append(row)
+        if run.spec.sweep is None:
+            sample_rows.extend(ev.sample_rows(task, prompts, run, per_sample))
+            log.info("%s %s: tpf %.2f, %.1f tok/s, %s", task.name, run.spec.mode, row["tpf"], row["tokens_per_s"],
+                     ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return rows, sample_rows
+
+
 def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Evaluate ``cfg.model`` on ``cfg.task`` in ``cfg.modes``; write the report into ``cfg.out``.
+    """Evaluate ``cfg.model`` on every task of ``cfg.task`` in ``cfg.modes``; write the report into ``cfg.out``.
 
     Returns:
-        The ``eval.json`` rows (one per mode run, ``ar`` included whenever a self-speculation mode
-        was asked for; it then has ``requested: false`` if it was not asked for itself).
+        The ``eval.json`` rows: per task, one per mode (``ar`` included whenever a self-speculation
+        mode was asked for; it then has ``requested: false``), then one per sweep point (``sweep`` names
+        the swept setting; main rows have ``sweep: null``).
     """
     ev = Evaluator(cfg)
     modes, extra_ar = _modes_to_run(list(cfg.modes))
@@ -203,40 +274,11 @@ def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
     if cfg.batch_size > 1 and any(m in SPEC_MODES for m in modes):
         log.warning("batch_size=%d: ar runs batched while self-speculation runs batch 1; padding can change "
                     "floating-point results, so 'lossless' is exact only with batch_size=1", cfg.batch_size)
-    log.info("task %s: %d samples, block %d, tau %.2f, max_new_tokens %d", ev.task.name, len(ev.samples),
-             ev.block_size, cfg.threshold, cfg.max_new_tokens)
-    rows, sample_rows, ar_tokens = [], [], None
-    for mode in modes:
-        run = ev.decode(mode)
-        metrics, per_sample = ev.score(run)
-        row = ev.summary(run, metrics, requested=mode in cfg.modes)
-        if mode == "ar":
-            ar_tokens = [list(r.tokens) for r in run.results]
-        if mode in SPEC_MODES:
-            same = [list(r.tokens) == ref for r, ref in zip(run.results, ar_tokens)]
-            row["lossless"] = sum(same) / len(same)
-        if mode == "diffusion":
-            row["tau_sweep"] = _tau_sweep(ev, cfg, row)
-        log.info("%s: tpf %.2f, %.1f tok/s, %s", mode, row["tpf"], row["tokens_per_s"],
-                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        rows.append(row)
-        sample_rows.extend(ev.sample_rows(run, per_sample))
+    rows, sample_rows = [], []
+    for name in cfg.tasks:
+        task_rows, task_samples = evaluate_task(ev, name, modes)
+        rows += task_rows
+        sample_rows += task_samples
     write_outputs(Path(cfg.out), rows, sample_rows, config=asdict(cfg))
     print_table(rows)
     return rows
-
-
-def _tau_sweep(ev: Evaluator, cfg: EvalConfig, main_row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Diffusion mode at each τ of ``cfg.tau_sweep`` (the main run is reused at its own τ)."""
-    points = []
-    for tau in sorted(set(cfg.tau_sweep)):
-        if abs(tau - cfg.threshold) < 1e-9:
-            metrics = {k: main_row[k] for k in ev.task.metric_names}
-            tpf, tps = main_row["tpf"], main_row["tokens_per_s"]
-        else:
-            run = ev.decode("diffusion", threshold=tau)
-            metrics, _ = ev.score(run)
-            tpf = run.generated_tokens / run.forwards if run.forwards else 0.0
-            tps = run.generated_tokens / run.seconds if run.seconds > 0 else 0.0
-        points.append({"threshold": tau, "tpf": tpf, "tokens_per_s": tps, **metrics})
-    return points

@@ -7,9 +7,11 @@ it can be checked on hand-written examples.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable, Sequence
 
-__all__ = ["first_nonempty_line", "token_accuracy", "cut_at_function_end", "ast_valid", "exact_match"]
+__all__ = ["first_nonempty_line", "token_accuracy", "cut_at_function_end", "ast_valid", "exact_match",
+           "strict_answer", "flexible_answer", "normalise_number"]
 
 Encode = Callable[[str], Sequence[int]]
 
@@ -83,3 +85,29 @@ def ast_valid(prompt: str, body: str) -> float:
     except (SyntaxError, ValueError):  # ValueError: source contains NUL bytes
         return 0.0
     return 1.0
+
+
+# lm-eval's gsm8k filters: "strict-match" takes the number after "#### ", "flexible-extract" the
+# last number anywhere in the output.
+_STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+_ANY_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def normalise_number(text: str) -> str:
+    """Drop thousands separators, a dollar sign and a trailing full stop ("1,200." -> "1200")."""
+    return text.replace(",", "").replace("$", "").rstrip(".")
+
+
+def strict_answer(output: str) -> str | None:
+    """The first ``#### <number>`` answer of ``output`` (normalised), or None (GSM8K's strict match)."""
+    found = _STRICT_ANSWER.search(output)
+    return normalise_number(found.group(1)) if found else None
+
+
+def flexible_answer(output: str) -> str | None:
+    """The last number in ``output`` (normalised), or None (GSM8K's flexible extract)."""
+    found = _ANY_NUMBER.findall(output)
+    if not found:
+        return None
+    last = found[-1]
+    return normalise_number(last[0] or last[1])

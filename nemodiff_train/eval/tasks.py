@@ -9,6 +9,11 @@ Two kinds ship:
   (``nemodiff_train/assets/data/code_completion_test.jsonl``): a Python signature + docstring as the
   prompt, the function body as the reference. Metrics: ``first_line_exact``, ``token_accuracy``,
   ``ast_valid``.
+* ``arithmetic``: held-out grade-school word problems with worked solutions ending in
+  ``#### <answer>`` (``nemodiff_train/assets/data/arithmetic_test.jsonl``, built by
+  ``scripts/arithmetic_task.py``): templates, starting values, names and objects unseen in training.
+  Metrics: ``exact_match`` (the ``#### <number>`` answer, lm-eval's GSM8K strict match; primary),
+  ``flexible_match`` (the last number), ``token_accuracy`` of the worked solution.
 * any ``*.jsonl`` file with ``prompt`` and ``reference`` fields: ``exact_match``, ``token_accuracy``.
 
 Usage::
@@ -26,9 +31,12 @@ from typing import Any
 
 from . import scoring
 
-__all__ = ["Sample", "Task", "CodeCompletionTask", "get_task", "BUILTIN_TASKS", "CODE_COMPLETION_FILE"]
+__all__ = ["Sample", "Task", "CodeCompletionTask", "ArithmeticTask", "get_task", "BUILTIN_TASKS",
+           "CODE_COMPLETION_FILE", "ARITHMETIC_FILE"]
 
-CODE_COMPLETION_FILE = Path(__file__).resolve().parents[1] / "assets" / "data" / "code_completion_test.jsonl"
+_DATA = Path(__file__).resolve().parents[1] / "assets" / "data"
+CODE_COMPLETION_FILE = _DATA / "code_completion_test.jsonl"
+ARITHMETIC_FILE = _DATA / "arithmetic_test.jsonl"
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,31 @@ class CodeCompletionTask(Task):
                 "ast_valid": scoring.ast_valid(sample.prompt_text, output_text)}
 
 
-BUILTIN_TASKS: dict[str, type[Task]] = {"code_completion": CodeCompletionTask}
+class ArithmeticTask(Task):
+    """Solve a word problem step by step and end with ``#### <answer>`` (GSM8K's format).
+
+    Metrics:
+        exact_match: the ``#### <number>`` answer equals the row's ``answer`` (lm-eval's GSM8K
+            "strict-match"); the primary metric.
+        flexible_match: the last number of the output equals it ("flexible-extract").
+        token_accuracy: position-wise tokens of the reference worked solution reproduced.
+    """
+
+    metric_names = ("exact_match", "flexible_match", "token_accuracy")
+    primary_metric = "exact_match"
+
+    def __init__(self, path: str | Path = ARITHMETIC_FILE, **kwargs):
+        kwargs.setdefault("name", "arithmetic")
+        super().__init__(path, **kwargs)
+
+    def score(self, sample: Sample, output_text: str) -> dict[str, float]:
+        answer = scoring.normalise_number(str(sample.meta.get("answer") or scoring.strict_answer(sample.reference)))
+        return {"exact_match": float(scoring.strict_answer(output_text) == answer),
+                "flexible_match": float(scoring.flexible_answer(output_text) == answer),
+                "token_accuracy": self._token_accuracy(sample, output_text)}
+
+
+BUILTIN_TASKS: dict[str, type[Task]] = {"code_completion": CodeCompletionTask, "arithmetic": ArithmeticTask}
 
 
 def get_task(name_or_path: str, **kwargs) -> Task:
@@ -149,7 +181,7 @@ def get_task(name_or_path: str, **kwargs) -> Task:
 
 def _read_rows(path: Path, limit: int | None) -> list[Sample]:
     if not path.is_file():
-        hint = " (built by scripts/build_embedded_model.py)" if path == CODE_COMPLETION_FILE else ""
+        hint = " (built by scripts/build_embedded_model.py)" if path.parent == _DATA else ""
         raise FileNotFoundError(f"task data {path} does not exist{hint}")
     rows: list[Sample] = []
     with path.open(encoding="utf-8") as f:

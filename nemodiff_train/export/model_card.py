@@ -22,7 +22,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NOT_METRICS = {
     "mode", "task", "samples", "generated_tokens", "forwards", "prefill_forwards", "tpf", "tpf_incl_prefill",
     "tokens_per_s", "decode_seconds", "lossless", "requested", "block_size", "threshold", "temperature",
-    "max_new_tokens", "batch_size", "seed", "metric_names", "primary_metric",
+    "max_new_tokens", "batch_size", "seed", "metric_names", "primary_metric", "sweep",
 }
 
 
@@ -65,6 +65,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def eval_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: mode × task × samples × TPF × tokens/s × metrics × lossless."""
+    rows = [r for r in rows if not r.get("sweep")]  # sweep points (extra τ / block sizes) stay in eval.json
     metrics = _metric_names(rows)
     head = ["mode", "task", "samples", "TPF", "tokens/s", *metrics, "lossless"]
     order = {m: i for i, m in enumerate(MODES)}

@@ -47,23 +47,30 @@ def test_eval_cli_all_modes(assets, tmp_path):
     out_dir = tmp_path / "out"
     res = _run("nemodiff_train.cli.evaluate",
                [f"model={assets / 'model'}", f"modes=[{','.join(MODES)}]", f"task={assets / 'cc.jsonl'}",
-                f"out={out_dir}", "max_new_tokens=8", "block_size=4", "tau_sweep=[0.5,0.9]"], cwd=tmp_path)
+                f"out={out_dir}", "max_new_tokens=8", "block_size=4", "sweep.threshold=[0.5,0.9]",
+                "sweep.block_size=[2,4]"], cwd=tmp_path)
     # Hydra must not change directory or leave outputs/.hydra behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    rows = json.loads((out_dir / "eval.json").read_text())
+    all_rows = json.loads((out_dir / "eval.json").read_text())
+    rows = [r for r in all_rows if r["sweep"] is None]
     assert [r["mode"] for r in rows] == MODES
-    for r in rows:
+    # sweep points: diffusion at the other tau, each self-speculation mode at the other block size
+    sweep = [(r["mode"], r["sweep"], r["threshold"], r["block_size"]) for r in all_rows if r["sweep"]]
+    assert sweep == [("diffusion", "threshold", 0.5, 4), ("linear_spec", "block_size", 0.9, 2),
+                     ("quadratic_spec", "block_size", 0.9, 2)]
+    assert all(r["lossless"] == 1.0 for r in all_rows if r["mode"].endswith("_spec"))
+    for r in all_rows:
         for key in ("task", "samples", "generated_tokens", "forwards", "prefill_forwards", "tpf", "tokens_per_s",
                     "exact_match", "token_accuracy", "block_size", "threshold", "temperature", "dtype", "device",
                     "torch_version", "transformers_version", "model", "seed"):
             assert key in r, (r["mode"], key)
-        assert r["samples"] == 3 and r["prefill_forwards"] == 3 and r["block_size"] == 4
+        assert r["samples"] == 3 and r["prefill_forwards"] == 3
         assert r["tpf"] == pytest.approx(r["generated_tokens"] / r["forwards"])
     by_mode = {r["mode"]: r for r in rows}
     # fp32 on CPU: self-speculation is exactly AR greedy (ALGORITHMS.md §5.4), even for a random model.
     assert by_mode["linear_spec"]["lossless"] == 1.0 and by_mode["quadratic_spec"]["lossless"] == 1.0
     assert "lossless" not in by_mode["ar"] and "lossless" not in by_mode["diffusion"]
-    assert [p["threshold"] for p in by_mode["diffusion"]["tau_sweep"]] == [0.5, 0.9]
+    assert all(r["block_size"] == 4 for r in rows)
 
     samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * 3
@@ -86,7 +93,7 @@ def test_eval_cli_run_dir_bundled_task_and_spec_only(assets, tmp_path):
     (run / "hf").symlink_to(assets / "model", target_is_directory=True)
     res = _run("nemodiff_train.cli.evaluate",
                [f"model={run}", "modes=[linear_spec]", "limit=1", f"out={tmp_path / 'o'}", "max_new_tokens=4",
-                "block_size=4", "tau_sweep=[]"], cwd=tmp_path)
+                "block_size=4", "sweep.threshold=[]"], cwd=tmp_path)
     rows = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert [(r["mode"], r["requested"]) for r in rows] == [("ar", False), ("linear_spec", True)]
     assert rows[0]["task"] == "code_completion" and "first_line_exact" in rows[0]

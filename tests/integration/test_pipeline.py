@@ -25,7 +25,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 def test_tiny_recipe_trains_exports_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"
     _run("nemodiff_train.cli.train", "recipe=tiny_cpu", f"run.dir={run_dir}", "eval.at_end=true", "eval.limit=3",
-         "eval.max_new_tokens=12", "eval.tau_sweep=[]")
+         "eval.max_new_tokens=12", "eval.sweep.threshold=[]")
     hf = run_dir / "hf"
     # plain transformers loads the export (no remote code) and it carries the DLM settings
     from transformers import AutoModelForCausalLM
@@ -51,5 +51,5 @@ def test_tiny_recipe_trains_exports_and_evaluates(tmp_path):
     assert "| mode" in (hf / "README.md").read_text() or "TPF" in (hf / "README.md").read_text()
     # nemodiff-eval accepts the run directory itself
     _run("nemodiff_train.cli.evaluate", f"model={run_dir}", "modes=[ar,linear_spec]", f"out={tmp_path / 'ev'}",
-         "limit=2", "max_new_tokens=8", "tau_sweep=[]")
+         "limit=2", "max_new_tokens=8", "sweep.threshold=[]")
     assert (tmp_path / "ev" / "samples.jsonl").exists()

@@ -9,7 +9,7 @@ import pytest
 from nemodiff_train.cli.evaluate import EvalConfigError, to_eval_config
 from nemodiff_train.eval.loading import eos_token_ids, resolve_model_dir
 from nemodiff_train.eval.report import format_table, write_outputs
-from nemodiff_train.eval.runner import EvalConfig, _modes_to_run
+from nemodiff_train.eval.runner import EvalConfig, SweepConfig, _modes_to_run
 from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -27,7 +27,14 @@ def test_eval_config_defaults_and_checks():
     cfg = EvalConfig(model="m", out="o")
     assert cfg.modes == ["ar", "diffusion", "linear_spec", "quadratic_spec"]
     assert cfg.task == "code_completion" and cfg.max_new_tokens == 64 and cfg.block_size is None
-    assert cfg.tau_sweep == [0.5, 0.7, 0.9, 0.95]
+    assert cfg.sweep.threshold == [0.5, 0.7, 0.9, 0.95] and cfg.sweep.block_size == []
+    assert cfg.tasks == ["code_completion"]
+    assert EvalConfig(model="m", out="o", task=["arithmetic", "code_completion"]).tasks == ["arithmetic",
+                                                                                            "code_completion"]
+    with pytest.raises(ValueError, match="task must be"):
+        EvalConfig(model="m", out="o", task=[])
+    with pytest.raises(ValueError, match="sweep.threshold"):
+        EvalConfig(model="m", out="o", sweep=SweepConfig(threshold=[1.5]))
     with pytest.raises(ValueError, match="modes must be"):
         EvalConfig(model="m", out="o", modes=["ar", "beam"])
     with pytest.raises(ValueError, match="dtype"):
@@ -35,8 +42,12 @@ def test_eval_config_defaults_and_checks():
 
 
 def test_to_eval_config_names_bad_keys():
-    cfg = to_eval_config({"model": "m", "out": "o", "modes": ["ar"], "limit": 3, "tau_sweep": []})
-    assert cfg.modes == ["ar"] and cfg.limit == 3 and cfg.tau_sweep == []
+    cfg = to_eval_config({"model": "m", "out": "o", "modes": ["ar"], "limit": 3, "sweep": {"threshold": []},
+                          "task": ["arithmetic", "code_completion"]})
+    assert cfg.modes == ["ar"] and cfg.limit == 3 and cfg.sweep.threshold == []
+    assert cfg.tasks == ["arithmetic", "code_completion"]
+    with pytest.raises(EvalConfigError, match="unknown nemodiff-eval key 'sweep.tau'"):
+        to_eval_config({"model": "m", "out": "o", "sweep": {"tau": [0.5]}})
     with pytest.raises(EvalConfigError, match="unknown nemodiff-eval key 'modle'"):
         to_eval_config({"model": "m", "out": "o", "modle": "x"})
     with pytest.raises(EvalConfigError, match="needs out="):
@@ -81,11 +92,10 @@ def test_eos_ids_collect_tokenizer_generation_config_and_im_end():
 
 def test_report_files_and_table(tmp_path):
     rows = [_row("ar", 1.0, 100.0, 0.5),
-            _row("diffusion", 2.0, 150.0, 0.25, tau_sweep=[{"threshold": 0.5, "tpf": 3.0, "tokens_per_s": 1.0,
-                                                            "exact_match": 0.0, "token_accuracy": 0.1},
-                                                           {"threshold": 0.9, "tpf": 2.0, "tokens_per_s": 1.0,
-                                                            "exact_match": 0.25, "token_accuracy": 0.25}]),
-            _row("linear_spec", 1.5, 120.0, 0.5, lossless=1.0)]
+            _row("diffusion", 2.0, 150.0, 0.25),
+            _row("linear_spec", 1.5, 120.0, 0.5, lossless=1.0),
+            _row("diffusion", 3.0, 1.0, 0.1, sweep="threshold", threshold=0.5),
+            _row("linear_spec", 1.2, 90.0, 0.5, sweep="block_size", block_size=2, lossless=1.0)]
     samples = [{"mode": "ar", "index": 0, "prompt_ids": [1, 2], "output_ids": [3], "forwards": 1, "output_text": "x"}]
     write_outputs(tmp_path, rows, samples, config={"model": "m"})
     assert json.loads((tmp_path / "eval.json").read_text()) == rows
@@ -95,8 +105,12 @@ def test_report_files_and_table(tmp_path):
 
     table = format_table(rows)
     header = table.splitlines()[0]
-    for col in ("mode", "TPF", "tok/s", "vs ar", "exact_match", "token_accuracy", "lossless"):
+    for col in ("task", "mode", "TPF", "tok/s", "vs ar", "accuracy", "lossless"):
         assert col in header
     assert "1.50x" in table and "prefill forwards excluded" in table
-    spec_line = next(line for line in table.splitlines() if line.startswith("linear_spec"))
-    assert spec_line.rstrip().endswith("1.000")
+    assert "0.500 (token_accuracy)" in table
+    spec_line = next(line for line in table.splitlines() if "| linear_spec " in line)
+    assert spec_line.rstrip().endswith("1.000") and "1.20x" in spec_line
+    main, sweep = table.split("sweep points")
+    assert "tau=0.5" in sweep and "B=2" in sweep and "tau=0.5" not in main
+    assert "0.90x" in sweep  # sweep rows are compared with the same task's AR row

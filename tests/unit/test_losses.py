@@ -71,3 +71,28 @@ def test_no_masked_positions_gives_zero_with_graph():
 def test_loss_weights_validation():
     with pytest.raises(ValueError):
         LossWeights(alpha=-1)
+
+
+def test_masked_token_stats_by_hand_and_bucket_edges():
+    from nemodiff_train.core.losses import masked_token_stats
+
+    V, L = 6, 4
+    x0 = torch.tensor([[1, 2, 3, 4], [5, 0, 1, 2]])
+    hidden = torch.randn(2, 2 * L, V)
+    hidden[0, 0, 1] = 50.0  # a certain, correct fill
+    masked = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    # per-position p straddling every edge: 0.25 opens the second bucket, 1.0 closes the last
+    p = torch.tensor([[0.1, 0.25, 0.3, 0.5], [0.74, 0.2, 0.75, 1.0]])
+    stats = masked_token_stats(hidden, x0, masked, p, lambda h: h, chunk_size=2)
+    expected = torch.zeros(4, 3, dtype=torch.float64)
+    for b in range(2):
+        for i in range(L):
+            if not masked[b, i]:
+                continue
+            row = hidden[b, i]
+            bucket = min(int(p[b, i] // 0.25), 3)
+            expected[bucket, 0] += F.cross_entropy(row[None], x0[b, i][None]).item()
+            expected[bucket, 1] += float(row.argmax() == x0[b, i])
+            expected[bucket, 2] += 1
+    assert torch.allclose(stats, expected, atol=1e-5)
+    assert stats[:, 2].tolist() == [1.0, 1.0, 2.0, 2.0] and stats[0, 1] == 1.0

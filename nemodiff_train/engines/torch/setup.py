@@ -127,14 +127,16 @@ def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, dlm: DLMMod
 
 def evaluate_at_end(cfg: Config, run_dir: Path, sink) -> None:
     """Evaluate the exported model in every configured mode and refresh its model card."""
-    from ...eval.runner import EvalConfig, run_evaluation
+    from ...eval.runner import EvalConfig, SweepConfig, run_evaluation
 
     e = cfg.eval
     out = run_dir / "eval"
-    rows = run_evaluation(EvalConfig(model=str(run_dir / "hf"), modes=list(e.modes), task=e.task, out=str(out),
+    rows = run_evaluation(EvalConfig(model=str(run_dir / "hf"), modes=list(e.modes), out=str(out),
+                                     task=e.task if isinstance(e.task, str) else list(e.task),
                                      limit=e.limit, max_new_tokens=e.max_new_tokens,
                                      block_size=e.block_size or cfg.diffusion.inference_block_size,
-                                     threshold=e.threshold, tau_sweep=list(e.tau_sweep), seed=cfg.run.seed))
+                                     threshold=e.threshold, seed=cfg.run.seed,
+                                     sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size))))
     sink.message(f"evaluation written to {out}")
     try:
         from ...export import write_model_card

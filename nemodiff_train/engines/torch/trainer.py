@@ -22,6 +22,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from torch import nn
 
 from ...config.load import as_dict, save_config
 from ...config.schema import Config, StageConfig
-from ...core.losses import LossParts, LossWeights, joint_loss_parts
+from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights, joint_loss_parts, masked_token_stats
 from ...models.hf import DLMModel
 from .batches import GlobalOrder, MicroBatch, collate, rank_positions
 from .checkpointing import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
@@ -52,10 +53,16 @@ class TwoStreamLoss(nn.Module):
         self.block_size = block_size
         self.chunk_size = chunk_size
 
-    def forward(self, mb: MicroBatch) -> LossParts:
+    def forward(self, mb: MicroBatch, diagnostics: bool = False):
+        """``LossParts``; with ``diagnostics`` also :func:`masked_token_stats` of the same forward
+        (a flag, not a second method, so that FSDP's forward hooks gather the parameters)."""
         hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size)
-        return joint_loss_parts(hidden, self.dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask,
-                                mb.doc_ids, self.chunk_size)
+        parts = joint_loss_parts(hidden, self.dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask,
+                                 mb.doc_ids, self.chunk_size)
+        if not diagnostics:
+            return parts
+        return parts, masked_token_stats(hidden, mb.x0, mb.noise.masked, mb.noise.mask_prob, self.dlm.head,
+                                         chunk_size=self.chunk_size)
 
 
 class _StopFlag:
@@ -156,6 +163,7 @@ def _validate(module: TwoStreamLoss, val_ds, cfg: Config, stage: StageConfig, en
     n = min(len(val_ds), cfg.logging.val_batches * mbs)  # the same rows whatever the world size
     mine = [i for i in range(n) if i % env.world_size == env.rank]
     total = LossParts(*(torch.zeros((), device=env.device) for _ in range(4)))
+    stats = torch.zeros(len(MASK_RATE_EDGES) - 1, 3, dtype=torch.float64, device=env.device)
     d = cfg.diffusion
     module.eval()
     for start in range(0, len(mine), mbs):
@@ -163,17 +171,53 @@ def _validate(module: TwoStreamLoss, val_ds, cfg: Config, stage: StageConfig, en
         mb = collate([val_ds[i] for i in idx], idx, seed=cfg.run.seed + 7919, mask_token_id=mask_id,
                      schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
         with _autocast(cfg, env):
-            total = total + module(mb.to(env.device)).detached()
+            parts, mb_stats = module(mb.to(env.device), diagnostics=True)
+        total = total + parts.detached()
+        stats += mb_stats
     module.train()
     total = _reduce_parts(total, env.device)
+    all_reduce_sum(stats)
     w = LossWeights(d.alpha, d.beta)
     return {"val_ar_loss": (total.ar_sum / total.ar_count.clamp_min(1)).item(),
             "val_diffusion_loss": (total.diffusion_sum / total.diffusion_count.clamp_min(1)).item(),
-            "val_loss": (total.numerator(w) / total.denominator(w)).item()}
+            "val_loss": (total.numerator(w) / total.denominator(w)).item(),
+            **_mask_rate_metrics(stats)}
 
 
-def train(cfg: Config, run_dir: Path) -> Path:
-    """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns ``run_dir``."""
+def _mask_rate_metrics(stats: torch.Tensor) -> dict[str, float]:
+    """``val_masked_token_accuracy`` and the unweighted masked-token CE per masking-rate bucket
+    (``val_diffusion_ce_p0.25-0.50`` ...) from :func:`masked_token_stats` sums."""
+    ce, hits, count = stats.sum(0).tolist()
+    out = {"val_masked_token_accuracy": hits / count if count else float("nan")}
+    for (lo, hi), (b_ce, _, b_count) in zip(zip(MASK_RATE_EDGES, MASK_RATE_EDGES[1:]), stats.tolist()):
+        if b_count:
+            out[f"val_diffusion_ce_p{lo:.2f}-{hi:.2f}"] = b_ce / b_count
+    return out
+
+
+ValidationHook = Callable[[DLMModel], dict]
+
+
+def _validation_row(module: TwoStreamLoss, val_ds, cfg: Config, stage: StageConfig, env: DistEnv, mask_id: int,
+                    hooks: Sequence[ValidationHook]) -> dict:
+    """Validation losses, plus what each hook measures on rank 0 (e.g. decoding TPF with the current
+    weights); the other ranks wait at a barrier, so a slow hook cannot desynchronise the steps."""
+    row = _validate(module, val_ds, cfg, stage, env, mask_id)
+    if hooks:
+        if env.is_main:
+            for hook in hooks:
+                row.update(hook(module.dlm))
+        if dist.is_initialized():
+            dist.barrier()
+    return row
+
+
+def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook] = ()) -> Path:
+    """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns ``run_dir``.
+
+    ``validation_hooks`` run on rank 0 after every validation, with the unwrapped model; their
+    metrics join the validation row (``nemodiff-train`` passes the decode probe here).
+    """
     stop = _StopFlag()  # first: under Slurm the launcher leaves TERM/USR1 ignored until we take them
     env = init_distributed(cfg.engine.device)
     torch.manual_seed(cfg.run.seed)
@@ -213,9 +257,11 @@ def train(cfg: Config, run_dir: Path) -> Path:
         order = GlobalOrder(len(train_ds), cfg.run.seed, stage_index)
         sample_offset = sum(s.steps * s.global_batch_size for s in cfg.stages[:stage_index])
         if progress.step == first and cfg.logging.val_every > 0:
-            sink.log({"step": progress.step, "stage": stage.name, **_validate(loss_module, val_ds, cfg, stage, env, mask_id)})
+            sink.log({"step": progress.step, "stage": stage.name,
+                      **_validation_row(loss_module, val_ds, cfg, stage, env, mask_id, validation_hooks)})
         stopped = _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_module, optim, order,
-                             sample_offset, train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir)
+                             sample_offset, train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir,
+                             validation_hooks)
         if stopped:
             break
     if not stopped and env.is_main:
@@ -227,7 +273,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
 
 
 def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_module, optim, order, sample_offset,
-               train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir) -> bool:
+               train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir, validation_hooks=()) -> bool:
     d = cfg.diffusion
     seq_len = train_ds.meta["seq_len"]
     t_last, tokens_since = time.perf_counter(), 0
@@ -280,7 +326,7 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_mod
             sink.progress(progress.step, {"loss": record["loss"], "tok/s": record["tokens_per_s"]})
             t_last, tokens_since = now, 0
         if cfg.logging.val_every > 0 and (progress.step % cfg.logging.val_every == 0 or progress.step == last):
-            val = _validate(loss_module, val_ds, cfg, stage, env, mask_id)
+            val = _validation_row(loss_module, val_ds, cfg, stage, env, mask_id, validation_hooks)
             if val:
                 sink.log({"step": progress.step, "stage": stage.name, **val})
         interrupted = stop.agreed(env.device)
