@@ -34,7 +34,7 @@ from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "SweepConfig", "run_evaluation", "ALL_MODES", "SPEC_MODES"]
+__all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation", "ALL_MODES", "SPEC_MODES"]
 
 ALL_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 SPEC_MODES = ("linear_spec", "quadratic_spec")
@@ -52,6 +52,16 @@ class SweepConfig:
 
 
 @dataclass
+class HeadroomConfig:
+    """Settings of ``analysis=headroom`` (:mod:`nemodiff_train.eval.headroom`)."""
+
+    stride: int = 3
+    """Distance between block starts inside a reference."""
+    max_ref_tokens: int = 40
+    """Reference tokens scored per row."""
+
+
+@dataclass
 class EvalConfig:
     """Everything ``nemodiff-eval`` accepts (the Hydra config is merged into this; unknown keys fail)."""
 
@@ -59,6 +69,9 @@ class EvalConfig:
     """HF model directory, or a training run directory holding the export in ``hf/``."""
     out: str
     """Output directory (created)."""
+    analysis: str = "decode"
+    """``decode`` (every mode, TPF, tokens/s, accuracy) or ``headroom`` (teacher-forced confidence of
+    the diffusion view per block offset: why TPF is what it is)."""
     modes: list[str] = field(default_factory=lambda: list(ALL_MODES))
     task: Any = "code_completion"
     """A bundled task name or a path to a ``.jsonl`` file with ``prompt``/``reference`` fields, or a list of them."""
@@ -73,6 +86,7 @@ class EvalConfig:
     batch_size: int = 1
     """Prompts per decoder call in ar/diffusion mode (self-speculation is always batch 1)."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    headroom: HeadroomConfig = field(default_factory=HeadroomConfig)
     chat_template: bool | None = None
     """Render prompts with the tokenizer's chat template; None = when it has one."""
     dtype: str = "float32"
@@ -80,6 +94,8 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.analysis not in ("decode", "headroom"):
+            raise ValueError(f"analysis must be decode or headroom, got {self.analysis!r}")
         unknown = [m for m in self.modes if m not in ALL_MODES]
         if unknown or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {list(ALL_MODES)}, got {list(self.modes)}")
@@ -267,6 +283,10 @@ def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
         mode was asked for; it then has ``requested: false``), then one per sweep point (``sweep`` names
         the swept setting; main rows have ``sweep: null``).
     """
+    if cfg.analysis == "headroom":
+        from .headroom import run_headroom
+
+        return run_headroom(cfg)
     ev = Evaluator(cfg)
     modes, extra_ar = _modes_to_run(list(cfg.modes))
     if extra_ar:

@@ -25,8 +25,16 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 def test_tiny_recipe_trains_exports_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"
     _run("nemodiff_train.cli.train", "recipe=tiny_cpu", f"run.dir={run_dir}", "eval.at_end=true", "eval.limit=3",
-         "eval.max_new_tokens=12", "eval.sweep.threshold=[]")
+         "eval.max_new_tokens=12", "eval.sweep.threshold=[]",
+         "eval.probe.samples=2", "eval.probe.max_new_tokens=8", "eval.probe.task=arithmetic")
     hf = run_dir / "hf"
+    # TPF during training: every validation row carries the decode probe and the mask-fill diagnostics
+    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_ar_loss" in line]
+    assert val and all(r["probe_linear_spec_lossless"] == 1.0 and r["probe_quadratic_spec_lossless"] == 1.0
+                       for r in val)
+    for r in val:
+        assert r["probe_diffusion_tpf"] > 0 and 0 <= r["probe_ar_exact_match"] <= 1
+        assert 0 <= r["val_masked_token_accuracy"] <= 1 and any(k.startswith("val_diffusion_ce_p") for k in r)
     # plain transformers loads the export (no remote code) and it carries the DLM settings
     from transformers import AutoModelForCausalLM
 
