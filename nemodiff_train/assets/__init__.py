@@ -1,6 +1,7 @@
 """Embedded default assets: a tiny Qwen3 AR base model, its tokenizer and small datasets.
 
-Everything here is derived offline from the Python standard library's source code by
+Everything here is derived offline from the Python standard library's source code and from
+generated arithmetic word problems (``scripts/arithmetic_task.py``) by
 ``scripts/build_embedded_model.py`` (the exact command is recorded in the metadata), so the
 toolkit can run end to end without network access or downloaded weights.
 
@@ -13,6 +14,9 @@ Layout::
     data/sft_train.jsonl.gz         {"messages": [user, assistant], "source"}: docstring -> body
     data/sft_val.jsonl.gz           the same, from val-split modules
     data/code_completion_test.jsonl {"prompt", "reference", "source", "name"}: test-split modules
+    data/arithmetic_pretrain_{train,val}.jsonl.gz  {"text", "source"}: word problem + worked solution
+    data/arithmetic_sft_{train,val}.jsonl.gz       {"messages": [user, assistant], "source"}
+    data/arithmetic_test.jsonl      {"prompt", "reference", "answer", "template", "held_out_template"}
 """
 from __future__ import annotations
 
@@ -41,6 +45,11 @@ DATA_FILES = (
     "sft_train.jsonl.gz",
     "sft_val.jsonl.gz",
     "code_completion_test.jsonl",
+    "arithmetic_pretrain_train.jsonl.gz",
+    "arithmetic_pretrain_val.jsonl.gz",
+    "arithmetic_sft_train.jsonl.gz",
+    "arithmetic_sft_val.jsonl.gz",
+    "arithmetic_test.jsonl",
 )
 
 
