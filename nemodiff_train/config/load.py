@@ -171,6 +171,11 @@ def validate(cfg: Config) -> None:
         need(cfg.engine.distributed is None, "engine.distributed",
              f"{cfg.engine.distributed!r} is a torch-engine setting, but engine.name=megatron (the recipe's "
              "engine?); add engine=torch to use the torch engine, or use engine.tp/pp/cp with Megatron")
+        for key, unread in (("export.remote_code", cfg.export.remote_code), ("export.push_to_hub", cfg.export.push_to_hub),
+                            ("eval.at_end", cfg.eval.at_end)):
+            need(not unread, key, "the Megatron engine does not do this at the end of training: run "
+                 "`nemodiff-export checkpoint=<run.dir> out=<dir> remote_code=true push_to_hub=<repo>` and "
+                 "`nemodiff-eval model=<dir>` after it")
     need(not cfg.engine.compile, "engine.compile", "torch.compile is not supported (neither engine reads it); "
          "remove the key")
     for key in ("engine.dist_timeout_s", "engine.main_work_timeout_s"):

@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 COMMON = ["recipe=tiny_cpu", "engine.device=cpu", "export.at_end=false", "stages.0.steps=2",
           "stages.0.global_batch_size=6", "stages.0.micro_batch_size=1", "logging.val_batches=5",
           "logging.val_every=2", "checkpoint.every=100", "engine.dist_timeout_s=120"]
-_PREPARED: dict[str, Path] = {}  # one prepared (tokenized, packed) data directory for every run here
 
 
 def _env(**extra) -> dict:
@@ -34,9 +33,7 @@ def _env(**extra) -> dict:
 def _train(run_dir: Path, *extra: str, nproc: int = 0, env: dict | None = None) -> list[dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone"] \
         if nproc else [sys.executable]
-    prepared = _PREPARED.setdefault("dir", run_dir.parent / "prepared")  # the first run writes it
-    cmd = [*launcher, "-m", "nemodiff_train.cli.train", *COMMON, f"run.dir={run_dir}",
-           f"stages.0.data.prepared_dir={prepared}", *extra]
+    cmd = [*launcher, "-m", "nemodiff_train.cli.train", *COMMON, f"run.dir={run_dir}", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=900)
     assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -107,3 +104,19 @@ def test_dist_timeout_is_applied(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert out.returncode != 0, out.stdout
     assert "barrier passed 1" not in out.stdout
+
+
+def test_push_to_hub_at_end_is_attempted(tmp_path):
+    """export.push_to_hub is read at the end of training (at 7b8f318 it validated and was ignored):
+    with no Hub reachable (offline) the run fails after exporting, naming the key and how to retry."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nemodiff_train.cli.train", *COMMON, f"run.dir={run_dir}",
+           "stages.0.steps=1", "logging.val_every=0",
+           "export.at_end=true", "export.push_to_hub=nobody/nemodiff-test"]
+    env = _env(HF_HUB_OFFLINE="1")
+    env.pop("HF_TOKEN", None)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode != 0
+    assert "export.push_to_hub=nobody/nemodiff-test" in out.stderr, out.stderr[-3000:]
+    assert "nemodiff-export out=" in out.stderr  # how to retry the upload alone
+    assert (run_dir / "hf" / "config.json").is_file()  # the export itself was written first

@@ -101,6 +101,8 @@ def test_main_work_waiter_sees_failure_and_timeout(tmp_path):
     (["recipe=nld_3b_sft", "engine=torch", "engine.recompute=full"], "engine.recompute"),
     (["recipe=tiny_cpu", "engine.precision=fp32", "model.dtype=bfloat16"], "engine.precision"),
     (["recipe=tiny_cpu", "engine.dist_timeout_s=0"], "engine.dist_timeout_s"),
+    (["recipe=nld_3b_sft", "export.push_to_hub=me/x"], "export.push_to_hub"),
+    (["recipe=nld_3b_sft", "eval.at_end=true"], "eval.at_end"),
 ])
 def test_keys_no_engine_honours_are_rejected(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
