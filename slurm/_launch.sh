@@ -23,9 +23,10 @@
 #                   A job requeued by Slurm (--requeue, preemption, AUTO_REQUEUE) keeps its job id
 #                   and so its RUN_DIR.
 #   RUNS_ROOT       parent of the default RUN_DIR (default $PWD/runs; $PWD = sbatch's --chdir)
-#   ENGINE          non-empty: `engine=$ENGINE` is appended (ENGINE=megatron: Megatron engine,
-#                   same torchrun launch). The 8B/14B scripts default to megatron; ENGINE= (empty)
-#                   selects the recipe's default engine.
+#   ENGINE          non-empty: `engine=$ENGINE` is appended (same torchrun launch). Every NLD recipe's
+#                   engine is megatron (the 8B/14B scripts also set ENGINE=megatron); ENGINE=torch runs
+#                   the torch engine (data-parallel only: the 3B recipes, e.g.
+#                   `ENGINE=torch sbatch slurm/sft_3b.sh engine.distributed=fsdp2`).
 #   GPUS_PER_NODE   default $SLURM_GPUS_ON_NODE, else 8
 #   NPROC_PER_NODE  processes per node (default GPUS_PER_NODE; CPU recipes set it)
 #   NNODES          default $SLURM_NNODES

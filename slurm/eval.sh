@@ -9,7 +9,7 @@
 #
 # Evaluate a model on one node:  python -m nemodiff_train.cli.evaluate model=$MODEL out=$OUT "$@"
 #
-#   MODEL=runs/nld_8b_pretrain-1234/export sbatch slurm/eval.sh [evaluate overrides...]
+#   MODEL=runs/nld_8b_pretrain-1234/hf sbatch slurm/eval.sh [evaluate overrides...]
 #   MODEL=... OUT=... NEMODIFF_DRY_RUN=1 bash slurm/eval.sh ...   print the resolved command only
 #
 # MODEL is required; OUT defaults to ${RUNS_ROOT:-$PWD/runs}/eval-<job id>. Fewer GPUs:

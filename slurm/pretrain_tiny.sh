@@ -12,7 +12,7 @@
 # Tiny CPU pretraining (recipe `tiny_cpu`): 1 node, no GPUs, NPROC_PER_NODE=2 processes under
 # torchrun -- the same slurm/_launch.sh path as the GPU scripts, so tests exercise it.
 #
-#   sbatch slurm/pretrain_tiny.sh [hydra overrides...]     e.g. sbatch slurm/pretrain_tiny.sh train.max_steps=20
+#   sbatch slurm/pretrain_tiny.sh [hydra overrides...]     e.g. sbatch slurm/pretrain_tiny.sh stages.0.steps=20
 #   NEMODIFF_DRY_RUN=1 bash slurm/pretrain_tiny.sh ...     print the resolved command only
 #
 # Chain jobs (each resumes from the latest checkpoint in the shared RUN_DIR):

@@ -10,7 +10,7 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #
-# 14B SFT: recipe `nld_14b_sft`, 8 nodes x 8 GPUs (the recipe's hardware and memory estimate), ENGINE=megatron by default (ENGINE= for the recipe default).
+# 14B SFT: recipe `nld_14b_sft`, 8 nodes x 8 GPUs (the recipe's hardware and memory estimate), engine=megatron (the recipe's; its tensor parallelism has no torch-engine equivalent).
 #
 #   sbatch slurm/sft_14b.sh [hydra overrides...]          e.g.  sbatch slurm/sft_14b.sh diffusion.block_size=32
 #   NEMODIFF_DRY_RUN=1 bash slurm/sft_14b.sh ...          print the resolved command only

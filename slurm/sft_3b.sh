@@ -14,6 +14,7 @@
 #
 #   sbatch slurm/sft_3b.sh [hydra overrides...]          e.g.  sbatch slurm/sft_3b.sh diffusion.block_size=32
 #   NEMODIFF_DRY_RUN=1 bash slurm/sft_3b.sh ...          print the resolved command only
+#   ENGINE=torch sbatch slurm/sft_3b.sh engine.distributed=fsdp2   the torch engine (FSDP2, bf16 compute, fp32 master weights) instead of the recipe's Megatron
 #
 # Chain jobs (each resumes from the latest checkpoint in the shared RUN_DIR):
 #   jid=$(sbatch --parsable slurm/sft_3b.sh)

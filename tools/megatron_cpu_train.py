@@ -10,6 +10,10 @@ modelopt / resiliency-ext) and CUDA calls through ``tools/megatron_cpu_emulation
         run.dir=/tmp/run model.path=/tmp/tiny [--sigterm-at-step 3] [--summary out.json]
 
 Prints one ``MEGATRON_CPU_RESULT {...}`` JSON line (also written to ``--summary``).
+
+    python tools/megatron_cpu_train.py --export-cli checkpoint=<megatron run dir> out=<dir> remote_code=true
+
+runs the real ``nemodiff-export`` CLI instead (same shims and emulation), for Megatron run directories.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> int:
     p.add_argument("--sigterm-at-step", type=int, default=None, help="send SIGTERM to self after this step")
     p.add_argument("--signal", default="SIGTERM", choices=["SIGTERM", "SIGUSR1"])
     p.add_argument("--summary", default=None)
+    p.add_argument("--export-cli", action="store_true", help="run nemodiff-export with the overrides instead")
     args = p.parse_args()
 
     import megatron_shims
@@ -53,6 +58,19 @@ def main() -> int:
         port = s.getsockname()[1]
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WANDB_MODE": "disabled"})
+
+    if args.export_cli:
+        from nemodiff_train.cli.export import main as export_main
+
+        sys.argv = ["nemodiff-export", *args.overrides]
+        try:
+            export_main()
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        print(f"MEGATRON_CPU_RESULT {json.dumps({'exit_code': code})}", flush=True)
+        sys.stdout.flush()
+        os._exit(code)
 
     from megatron.bridge.training.callbacks import Callback
 

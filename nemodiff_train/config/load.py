@@ -98,7 +98,7 @@ _CHOICES = {
     "engine.name": ("torch", "megatron"),
     "engine.device": ("auto", "cpu", "cuda"),
     "engine.precision": ("auto", "fp32", "bf16"),
-    "engine.distributed": ("ddp", "fsdp2"),
+    "engine.distributed": ("ddp", "fsdp2", None),  # None: the Megatron engine (conf/engine/megatron.yaml)
     "engine.transformer_impl": ("auto", "local", "transformer_engine"),
     "engine.megatron_attention": ("auto", "flex", "sdpa"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
@@ -161,6 +161,25 @@ def validate(cfg: Config) -> None:
     if cfg.engine.name == "torch":
         for key in ("engine.tp", "engine.pp", "engine.cp", "engine.ep"):
             need(_get(cfg, key) == 1, key, "model parallelism needs engine=megatron (the torch engine is data-parallel)")
+        need(cfg.engine.distributed is not None, "engine.distributed", "the torch engine needs ddp or fsdp2")
+        need(not cfg.engine.sequence_parallel, "engine.sequence_parallel", "needs engine=megatron (tensor parallel)")
+        need(cfg.engine.recompute is None, "engine.recompute",
+             "is a Megatron setting; the torch engine's activation checkpointing is model.gradient_checkpointing")
+        need(not (cfg.engine.precision == "fp32" and cfg.model.dtype == "bfloat16"), "engine.precision",
+             "fp32 contradicts model.dtype=bfloat16 (model.dtype is the compute dtype; master weights are fp32)")
+    else:  # keys only the torch engine reads must not be silently ignored
+        need(cfg.engine.distributed is None, "engine.distributed",
+             f"{cfg.engine.distributed!r} is a torch-engine setting, but engine.name=megatron (the recipe's "
+             "engine?); add engine=torch to use the torch engine, or use engine.tp/pp/cp with Megatron")
+        for key, unread in (("export.remote_code", cfg.export.remote_code), ("export.push_to_hub", cfg.export.push_to_hub),
+                            ("eval.at_end", cfg.eval.at_end)):
+            need(not unread, key, "the Megatron engine does not do this at the end of training: run "
+                 "`nemodiff-export checkpoint=<run.dir> out=<dir> remote_code=true push_to_hub=<repo>` and "
+                 "`nemodiff-eval model=<dir>` after it")
+    need(not cfg.engine.compile, "engine.compile", "torch.compile is not supported (neither engine reads it); "
+         "remove the key")
+    for key in ("engine.dist_timeout_s", "engine.main_work_timeout_s"):
+        need(_get(cfg, key) > 0, key, "must be > 0 seconds")
 
 
 def register_schema() -> None:

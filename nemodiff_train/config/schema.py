@@ -36,7 +36,7 @@ class ModelConfig:
     mask_token_id: Optional[int] = None  # a reserved id (NLD: 100); None = use/add mask_token
     mask_token: str = "<|mask|>"
     untie_head: bool = True
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (autocast precision: engine.precision)
+    dtype: str = "float32"  # torch engine: the COMPUTE dtype (float32 | bfloat16); master weights are float32
     attn_implementation: Optional[str] = None  # sdpa (CPU default) | flex_attention (CUDA default)
     gradient_checkpointing: bool = False
 
@@ -109,9 +109,11 @@ class ScheduleConfig:
 class EngineConfig:
     name: str = "torch"  # torch | megatron
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    distributed: str = "ddp"  # ddp | fsdp2 (torch engine)
-    compile: bool = False
+    precision: str = "auto"  # auto (bf16 if model.dtype=bfloat16 or on CUDA, else fp32) | fp32 | bf16
+    distributed: Optional[str] = "ddp"  # ddp | fsdp2 (torch engine; conf/engine/megatron.yaml sets null)
+    compile: bool = False  # not supported: true is rejected at validation
+    dist_timeout_s: float = 1800.0  # process-group time-out of every collective (init_process_group)
+    main_work_timeout_s: float = 21600.0  # torch: how long ranks wait for one rank's data prep / download / export
     # megatron engine
     tp: int = 1
     pp: int = 1

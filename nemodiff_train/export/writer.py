@@ -249,6 +249,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     out = Path(out)
     _dtype_name(dtype)
     _shard_size(max_shard_size)
+    from ..engines.megatron.export import export_run_dir, is_megatron_run
+
+    if is_megatron_run(checkpoint):  # Megatron → HF through AutoBridge, then this same exporter
+        return export_run_dir(checkpoint, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,
+                              overwrite=overwrite, max_shard_size=max_shard_size)
     src = resolve_source(checkpoint)
     protect = [Path(checkpoint)] + [p for p in (src.run_dir, src.ckpt_dir, src.hf_dir) if p is not None]
     _check_out(out, overwrite, protect)

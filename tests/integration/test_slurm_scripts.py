@@ -243,11 +243,11 @@ def test_tiny_cpu_single_node(no_scontrol_path, tmp_path):
         RUNS_ROOT=tmp_path,
     )
     del env["SLURM_GPUS_ON_NODE"]
-    srun, torchrun, module, args = split_launch(dry_run("pretrain_tiny.sh", "train.max_steps=3", env=env)[0])
+    srun, torchrun, module, args = split_launch(dry_run("pretrain_tiny.sh", "stages.0.steps=3", env=env)[0])
     assert "--nodes=1" in srun and "--ntasks-per-node=1" in srun
     assert "--nnodes=1" in torchrun and "--nproc-per-node=2" in torchrun
     assert "--rdzv-endpoint=vm:20007" in torchrun
-    assert args == ["recipe=tiny_cpu", f"run.dir={tmp_path}/tiny_cpu-7", "train.max_steps=3"]
+    assert args == ["recipe=tiny_cpu", f"run.dir={tmp_path}/tiny_cpu-7", "stages.0.steps=3"]
     # NPROC_PER_NODE overrides; torchrun falls back to `python -m torch.distributed.run`
     assert torchrun[:3] == ["python", "-m", "torch.distributed.run"]
     _, torchrun, _, _ = split_launch(dry_run("pretrain_tiny.sh", env={**env, "NPROC_PER_NODE": "4"})[0])

@@ -10,6 +10,7 @@ not skip): a broken install must be visible.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ try:
 except (ImportError, ValueError):
     _present = False
 SKIP_REASON = "megatron-bridge is not installed (see tests/megatron/INSTALL.md)"
+# CI (.ci/run) sets NEMODIFF_REQUIRE_MEGATRON=1: a missing install then fails every test, never skips
+REQUIRED = os.environ.get("NEMODIFF_REQUIRE_MEGATRON") == "1"
 
 if _present:
     import megatron_shims
@@ -36,6 +39,8 @@ if _present:
 def _megatron_imported():
     """Import Megatron once, when the first test of this directory runs (not at collection: a run that
     deselects this tier never imports it). A broken install fails here; it does not skip."""
+    if not _present and REQUIRED:
+        pytest.fail(f"NEMODIFF_REQUIRE_MEGATRON=1 but {SKIP_REASON}", pytrace=False)
     if _present:
         import megatron.bridge.training.pretrain  # noqa: F401
 
@@ -52,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.megatron)
-            if not _present:
+            if not _present and not REQUIRED:
                 item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 

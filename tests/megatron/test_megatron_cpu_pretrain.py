@@ -127,3 +127,14 @@ def test_pretrain_signal_resume_export(tmp_path):
     assert sd_t.keys() == sd_i.keys()
     assert any(not torch.equal(sd_t[k], sd_i[k]) for k in sd_t)  # it trained
     assert not torch.equal(sd_t["lm_head.weight"], sd_t["model.embed_tokens.weight"])  # untied
+
+    # nemodiff-export of the Megatron run directory: the same exporter as a torch run (remote code,
+    # model card), the same weights as the engine's own export
+    exp = tmp_path / "exported"
+    rc, res_e, out = _run(["--export-cli", f"checkpoint={run_dir}", f"out={exp}", "remote_code=true"])
+    assert rc == 0 and res_e.get("exit_code") == 0, out[-3000:]
+    assert (exp / "modeling_nemodiff.py").is_file() and (exp / "README.md").is_file()
+    exp_conf = json.loads((exp / "config.json").read_text())
+    assert exp_conf["nemodiff"]["mask_token_id"] == len(tok) and "auto_map" in exp_conf
+    sd_e = load_dlm(exp).hf.state_dict()
+    assert sd_e.keys() == sd_t.keys() and all(torch.equal(sd_e[k], sd_t[k]) for k in sd_t)

@@ -31,6 +31,8 @@ out only for a single-stage recipe).
 
 from __future__ import annotations
 
+import math
+
 import signal
 from pathlib import Path
 
@@ -235,7 +237,7 @@ def to_container(cfg: Config, *, run_dir: str | Path | None = None, hf_dir: str 
             async_save=False,
             fully_parallel_save=not cpu,
         ),
-        dist=DistributedInitConfig(distributed_backend="gloo" if cpu else "nccl", distributed_timeout_minutes=60),
+        dist=DistributedInitConfig(distributed_backend="gloo" if cpu else "nccl", distributed_timeout_minutes=max(1, math.ceil(cfg.engine.dist_timeout_s / 60))),
         rng=RNGConfig(seed=1234 + cfg.run.seed),
         mixed_precision="bf16_mixed" if bf16 else None,
     )

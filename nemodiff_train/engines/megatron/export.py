@@ -19,7 +19,7 @@ import torch
 from ...config.schema import Config
 from .model import auto_bridge, build_provider, dlm_record, mask_token_id_of
 
-__all__ = ["latest_iteration_dir", "export_to_hf", "export_run"]
+__all__ = ["latest_iteration_dir", "export_to_hf", "export_run", "is_megatron_run", "export_run_dir"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json", "tekken.json")
@@ -108,3 +108,41 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, dtype: str
     hf_dir = init if (init / "config.json").is_file() else resolve_model_dir(cfg.model.path)
     return export_to_hf(cfg, stage_checkpoint_dir(run_dir, cfg, i), Path(out) if out else run_dir / "hf",
                         hf_dir=hf_dir, stage_index=i, dtype=dtype)
+
+
+def is_megatron_run(path: str | Path) -> bool:
+    """True for a Megatron-engine run directory (a stage save dir with ``latest_checkpointed_iteration.txt``)."""
+    root = Path(path) / "checkpoints"
+    return root.is_dir() and any(root.glob("*/latest_checkpointed_iteration.txt"))
+
+
+def export_run_dir(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", remote_code: bool = False,
+                   eval_json: str | Path | None = None, overwrite: bool = False,
+                   max_shard_size: str | int = "5GB") -> Path:
+    """``nemodiff-export`` of a Megatron run directory: :func:`export_run` (AutoBridge, float32) into a
+    temporary directory beside ``out``, then the package's own exporter on that HF directory, so a
+    Megatron run gets the same layout, ``nemodiff`` record, remote code and model card as a torch run.
+    """
+    import tempfile
+
+    from ...export import ExportError, export_checkpoint
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # fail before the long conversion
+        raise ExportError(f"output directory {out} is not empty (pass overwrite=true to replace it)")
+    try:
+        import megatron.bridge  # noqa: F401
+    except Exception as e:  # not installed, or its CUDA-only imports fail on this machine
+        raise ExportError(f"{run_dir} is a Megatron run: exporting it needs megatron-bridge importable "
+                          f"(a NeMo container, or the CPU tier of scripts/install_megatron_cpu.sh with "
+                          f"tools/megatron_shims.py); import failed: {type(e).__name__}: {e}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if eval_json is None and (run_dir / "eval" / "eval.json").is_file():
+        eval_json = run_dir / "eval" / "eval.json"
+    with tempfile.TemporaryDirectory(prefix=".megatron-hf-", dir=out.parent) as tmp:
+        try:
+            hf = export_run(run_dir, Path(tmp) / "hf", dtype="float32")
+        except FileNotFoundError as e:
+            raise ExportError(f"{run_dir} is a Megatron run, but: {e}") from None
+        return export_checkpoint(hf, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,
+                                 overwrite=overwrite, max_shard_size=max_shard_size)

@@ -84,7 +84,7 @@ def prepare_stage(cfg: Config, run_dir: Path, stage_index: int, hf_dir: Path) ->
                                val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
                                pack=dc.pack, max_documents=dc.max_documents))
         convert_prepared(prepared, out)
-    _wait_for(out / MARKER, "the converted data")
+    _wait_for(out / MARKER, "the converted data", cfg.engine.main_work_timeout_s)
     prefixes = json.loads((out / MARKER).read_text())["prefixes"]
     train = [prefixes["train"]] if prefixes.get("train") else []
     valid = [prefixes["val"]] if prefixes.get("val") else []

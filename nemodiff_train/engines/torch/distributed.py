@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Read torchrun's environment; init the process group when there is more than one process."""
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
+    """Read torchrun's environment; init the process group when there is more than one process.
+
+    ``timeout_s`` (``engine.dist_timeout_s``) bounds every collective: a rank that waits longer for
+    the others fails instead of hanging. Long one-rank work never waits in a collective
+    (``main_work.py``), so this can stay short.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,7 +44,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
     return DistEnv(rank, world, local_rank, dev)
 
 

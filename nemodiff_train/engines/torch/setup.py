@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ...config.schema import Config
 from ...models.hf import DLMModel, load_dlm
 from .distributed import DistEnv
+from .main_work import MainWork
 
 __all__ = ["resolve_model_path", "build_model", "prepare_stage_data", "resolve_source", "evaluate_at_end"]
 
@@ -48,33 +48,27 @@ def resolve_source(text: str) -> str:
     return f"{path}:{weight}" if weight else path
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLMModel:
+    """Load the AR checkpoint as a float32 DLM (master weights); rank 0 records it in ``<run>/hf_base``.
 
-
-def build_model(cfg: Config, run_dir: Path, env: DistEnv) -> DLMModel:
-    """Load the AR checkpoint as a DLM; rank 0 records its architecture in ``<run>/hf_base``."""
+    Every node resolves ``model.path`` itself (its local rank 0 downloads a Hub model into that
+    node's cache while the node's other ranks wait on a file): a path in rank 0's cache may not exist
+    on another node. Under FSDP2 with several ranks the model is loaded on the CPU and each layer
+    moves to the GPU as it is sharded (:mod:`.parallelize`); otherwise it is loaded onto the device.
+    The compute dtype (``model.dtype``) is applied by :mod:`.parallelize`, never to the weights.
+    """
     m = cfg.model
     mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[m.dtype]
     attn = m.attn_implementation or ("flex_attention" if env.device.type == "cuda" else "sdpa")
-    path = resolve_model_path(m.path) if env.is_main else None
-    if dist.is_initialized():  # rank 0 may have downloaded it; everyone uses the same snapshot
-        box = [str(path) if path else None]
-        dist.broadcast_object_list(box, src=0)
-        path = Path(box[0])
+    path = Path(work.run("model", lambda: str(resolve_model_path(m.path)), per_node=True))
+    shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
-    dlm = load_dlm(path, mask_token=mask, untie_head=m.untie_head, dtype=dtype, attn_implementation=attn,
-                   device=env.device, settings={"train_block_size": d.block_size,
-                                                "inference_block_size": d.inference_block_size,
-                                                "attention_pattern": d.pattern})
-    if m.gradient_checkpointing:
-        dlm.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dlm = load_dlm(path, mask_token=mask, untie_head=m.untie_head, dtype=torch.float32, attn_implementation=attn,
+                   device="cpu" if shard_later else env.device,
+                   settings={"train_block_size": d.block_size, "inference_block_size": d.inference_block_size,
+                             "attention_pattern": d.pattern})
     dlm.hf.train()
-    if env.is_main:
-        _save_base(dlm, cfg, run_dir / "hf_base", source=path)
-    _barrier()
+    work.run("hf_base", lambda: _save_base(dlm, cfg, run_dir / "hf_base", source=path))
     return dlm
 
 
@@ -97,7 +91,7 @@ def _save_base(dlm: DLMModel, cfg: Config, out: Path, source: Path) -> None:
     (out / "SOURCE").write_text(str(source) + "\n")
 
 
-def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, dlm: DLMModel, env: DistEnv):
+def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, work: MainWork):
     """Tokenize + pack the stage's sources once (rank 0; idempotent), then open train/val memory maps."""
     from ...data.packed import PackedDataset
     from ...data.prepare import DataPrepConfig, prepare
@@ -111,12 +105,13 @@ def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, dlm: DLMMod
         return [SourceSpec.parse(resolve_source(s), text_field=dc.text_field, messages_field=dc.messages_field)
                 for s in items]
 
-    if env.is_main:
+    def _prepare() -> None:
         prepare(DataPrepConfig(kind=dc.kind, sources=specs(dc.sources), val_sources=specs(dc.val_sources),
                                tokenizer=str(run_dir / "hf_base"), seq_len=dc.seq_len, out=str(out),
                                val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
                                pack=dc.pack, max_documents=dc.max_documents))
-    _barrier()
+
+    work.run(f"data_{stage_index}", _prepare)  # the other ranks wait on a file, not on a collective
     train_ds = PackedDataset(out, "train")
     try:
         val_ds = PackedDataset(out, "val")

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ...config.load import as_dict, save_config
@@ -36,7 +35,9 @@ from .batches import GlobalOrder, MicroBatch, collate, rank_positions
 from .checkpointing import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from .lr_schedule import lr_at
+from .main_work import MainWork
 from .metrics import MetricsSink
+from .parallelize import Parallelized, parallelize
 from .setup import build_model, prepare_stage_data
 
 log = logging.getLogger(__name__)
@@ -95,30 +96,6 @@ def _stage_bounds(cfg: Config) -> list[tuple[int, int]]:
     return bounds
 
 
-def _wrap(loss_module: TwoStreamLoss, cfg: Config, env: DistEnv) -> nn.Module:
-    if env.world_size == 1:
-        return loss_module
-    if cfg.engine.distributed == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in loss_module.dlm.backbone.layers:
-            fully_shard(layer)
-        fully_shard(loss_module)
-        return loss_module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-
-
-def _autocast(cfg: Config, env: DistEnv):
-    precision = cfg.engine.precision
-    if precision == "auto":
-        precision = "bf16" if env.device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(env.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _state(dlm: DLMModel, optim: torch.optim.Optimizer | None, with_optim: bool) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -154,23 +131,43 @@ def _reduce_parts(parts: LossParts, device) -> LossParts:
     return LossParts(*flat.unbind())
 
 
+def validation_split(n: int, world: int, rank: int, micro: int) -> list[list[int | None]]:
+    """This rank's validation micro-batches over rows ``0..n-1``: row ``i`` goes to rank ``i % world``,
+    and every rank gets the SAME number of micro-batches of ``micro`` rows, padded with ``None``
+    (a padding row: computed, contributes zero). Under FSDP2 every forward all-gathers, so a rank
+    with fewer forwards than the others would leave them waiting forever."""
+    mine: list[int | None] = list(range(rank, n, world))
+    forwards = max(1, math.ceil(math.ceil(n / world) / micro))
+    mine += [None] * (forwards * micro - len(mine))
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
 @torch.no_grad()
-def _validate(module: TwoStreamLoss, val_ds, cfg: Config, stage: StageConfig, env: DistEnv, mask_id: int) -> dict:
-    """Held-out AR loss (mean next-token CE) and diffusion loss (Σ CE/p per masked token), fixed noise."""
+def _validate(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, env: DistEnv, mask_id: int) -> dict:
+    """Held-out AR loss (mean next-token CE) and diffusion loss (Σ CE/p per masked token), fixed noise.
+
+    The same ``logging.val_batches × micro_batch_size`` rows whatever the world size, each noised
+    from its own index, so the result equals the one-process loss (up to summation order).
+    """
     if val_ds is None or len(val_ds) == 0:
         return {}
     mbs = stage.micro_batch_size
-    n = min(len(val_ds), cfg.logging.val_batches * mbs)  # the same rows whatever the world size
-    mine = [i for i in range(n) if i % env.world_size == env.rank]
+    n = min(len(val_ds), cfg.logging.val_batches * mbs)
     total = LossParts(*(torch.zeros((), device=env.device) for _ in range(4)))
     stats = torch.zeros(len(MASK_RATE_EDGES) - 1, 3, dtype=torch.float64, device=env.device)
     d = cfg.diffusion
+    module = par.loss_module
     module.eval()
-    for start in range(0, len(mine), mbs):
-        idx = mine[start:start + mbs]
-        mb = collate([val_ds[i] for i in idx], idx, seed=cfg.run.seed + 7919, mask_token_id=mask_id,
+    for idx in validation_split(n, env.world_size, env.rank, mbs):
+        rows = []
+        for i in idx:
+            row = dict(val_ds[0 if i is None else i])
+            if i is None:  # padding: no supervised token, so no AR target and nothing masked
+                row["loss_mask"] = torch.zeros_like(torch.as_tensor(row["loss_mask"]), dtype=torch.bool)
+            rows.append(row)
+        mb = collate(rows, [0 if i is None else i for i in idx], seed=cfg.run.seed + 7919, mask_token_id=mask_id,
                      schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
-        with _autocast(cfg, env):
+        with par.compute_context(env.device):
             parts, mb_stats = module(mb.to(env.device), diagnostics=True)
         total = total + parts.detached()
         stats += mb_stats
@@ -198,17 +195,22 @@ def _mask_rate_metrics(stats: torch.Tensor) -> dict[str, float]:
 ValidationHook = Callable[[DLMModel], dict]
 
 
-def _validation_row(module: TwoStreamLoss, val_ds, cfg: Config, stage: StageConfig, env: DistEnv, mask_id: int,
-                    hooks: Sequence[ValidationHook]) -> dict:
+def _validation_row(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, env: DistEnv, mask_id: int,
+                    hooks: Sequence[ValidationHook], work: MainWork, step: int) -> dict:
     """Validation losses, plus what each hook measures on rank 0 (e.g. decoding TPF with the current
-    weights); the other ranks wait at a barrier, so a slow hook cannot desynchronise the steps."""
-    row = _validate(module, val_ds, cfg, stage, env, mask_id)
+    weights); the other ranks wait on a file (``main_work.py``), not in a collective, so a slow hook
+    neither desynchronises the steps nor trips the process-group time-out."""
+    row = _validate(par, val_ds, cfg, stage, env, mask_id)
     if hooks:
-        if env.is_main:
+        dlm = par.loss_module.dlm
+
+        def _hooks() -> dict:
+            out: dict = {}
             for hook in hooks:
-                row.update(hook(module.dlm))
-        if dist.is_initialized():
-            dist.barrier()
+                out.update(hook(dlm))
+            return out
+
+        row.update(work.run(f"validation_hooks_{step}", _hooks) or {})
     return row
 
 
@@ -219,13 +221,14 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     metrics join the validation row (``nemodiff-train`` passes the decode probe here).
     """
     stop = _StopFlag()  # first: under Slurm the launcher leaves TERM/USR1 ignored until we take them
-    env = init_distributed(cfg.engine.device)
+    env = init_distributed(cfg.engine.device, timeout_s=cfg.engine.dist_timeout_s)
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    dlm = build_model(cfg, run_dir, env)
+    work = MainWork(env, run_dir, cfg.engine.main_work_timeout_s)
+    dlm = build_model(cfg, run_dir, env, work)
     mask_id = dlm.settings.mask_token_id
     weights = LossWeights(cfg.diffusion.alpha, cfg.diffusion.beta)
 
@@ -240,13 +243,12 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     if ckpt:
         sink.message(f"resuming from {ckpt} (step {progress.step})")
 
-    loss_module = TwoStreamLoss(dlm, cfg.diffusion.block_size, cfg.diffusion.loss_chunk_size).to(env.device)
-    wrapped = _wrap(loss_module, cfg, env)
+    par = parallelize(TwoStreamLoss(dlm, cfg.diffusion.block_size, cfg.diffusion.loss_chunk_size), cfg, env)
     stopped = False
     for stage_index, (stage, (first, last)) in enumerate(zip(cfg.stages, _stage_bounds(cfg))):
         if progress.step >= last:
             continue
-        train_ds, val_ds = prepare_stage_data(cfg, stage_index, run_dir, dlm, env)
+        train_ds, val_ds = prepare_stage_data(cfg, stage_index, run_dir, work)
         optim = _make_optimizer(dlm, cfg, stage)
         if ckpt is not None:  # resume: weights always; optimizer only inside the same stage
             same_stage = first < progress.step
@@ -258,22 +260,22 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
         sample_offset = sum(s.steps * s.global_batch_size for s in cfg.stages[:stage_index])
         if progress.step == first and cfg.logging.val_every > 0:
             sink.log({"step": progress.step, "stage": stage.name,
-                      **_validation_row(loss_module, val_ds, cfg, stage, env, mask_id, validation_hooks)})
-        stopped = _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_module, optim, order,
+                      **_validation_row(par, val_ds, cfg, stage, env, mask_id, validation_hooks, work, progress.step)})
+        stopped = _run_stage(cfg, stage, stage_index, first, last, env, dlm, par, optim, order,
                              sample_offset, train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir,
-                             validation_hooks)
+                             validation_hooks, work)
         if stopped:
             break
-    if not stopped and env.is_main:
-        _finish(cfg, run_dir, sink)
+    if not stopped:  # export + evaluation on rank 0; the others wait on a file, not in a collective
+        work.run("finish", lambda: _finish(cfg, run_dir, sink))
     sink.close()
-    if dist.is_initialized():
-        dist.barrier()
     return run_dir
 
 
-def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_module, optim, order, sample_offset,
-               train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir, validation_hooks=()) -> bool:
+def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized, optim, order, sample_offset,
+               train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir, validation_hooks=(),
+               work: MainWork | None = None) -> bool:
+    wrapped = par.module
     d = cfg.diffusion
     seq_len = train_ds.meta["seq_len"]
     t_last, tokens_since = time.perf_counter(), 0
@@ -298,7 +300,7 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_mod
             sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
             ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
             with ctx:
-                with _autocast(cfg, env):
+                with par.compute_context(env.device):
                     parts = wrapped(mb)
                 (parts.numerator(weights) * (env.world_size / global_den)).backward()
             step_parts = step_parts + parts.detached()
@@ -326,7 +328,7 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_mod
             sink.progress(progress.step, {"loss": record["loss"], "tok/s": record["tokens_per_s"]})
             t_last, tokens_since = now, 0
         if cfg.logging.val_every > 0 and (progress.step % cfg.logging.val_every == 0 or progress.step == last):
-            val = _validation_row(loss_module, val_ds, cfg, stage, env, mask_id, validation_hooks)
+            val = _validation_row(par, val_ds, cfg, stage, env, mask_id, validation_hooks, work, progress.step)
             if val:
                 sink.log({"step": progress.step, "stage": stage.name, **val})
         interrupted = stop.agreed(env.device)
@@ -343,7 +345,8 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, wrapped, loss_mod
 
 
 def _finish(cfg: Config, run_dir: Path, sink: MetricsSink) -> None:
-    """Export (and evaluate) the final checkpoint on rank 0."""
+    """Export, evaluate, push the final checkpoint (rank 0; ``export.at_end``, ``eval.at_end``,
+    ``export.push_to_hub`` with ``export.private``)."""
     if not cfg.export.at_end:
         return
     from ...export import export_checkpoint
@@ -355,3 +358,13 @@ def _finish(cfg: Config, run_dir: Path, sink: MetricsSink) -> None:
         from .setup import evaluate_at_end
 
         evaluate_at_end(cfg, run_dir, sink)
+    if cfg.export.push_to_hub:
+        from ...export import ExportError, push_to_hub
+
+        try:
+            push_to_hub(out, cfg.export.push_to_hub, private=cfg.export.private)
+        except Exception as e:  # the export is on disk: say how to retry the push alone
+            raise ExportError(f"export.push_to_hub={cfg.export.push_to_hub}: the upload of {out} failed ({e}); "
+                              f"retry with: nemodiff-export out={out} push_to_hub={cfg.export.push_to_hub} "
+                              f"private={str(cfg.export.private).lower()}") from None
+        sink.message(f"pushed {out} to {cfg.export.push_to_hub}")
