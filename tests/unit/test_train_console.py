@@ -40,7 +40,8 @@ def _two_stages(sink: MetricsSink) -> None:
                       "lr": 5e-4, "tokens_per_s": 1000.0})
             sink.progress(step, {"loss": LOSSES[step], "tok/s": 1000.0})
             if step == 2:
-                sink.log({"step": 2, "stage": name, "val_ar_loss": 4.125, "val_diffusion_loss": 12.0})
+                sink.log({"step": 2, "stage": name, "val_ar_loss": 4.125, "val_diffusion_loss": 12.0,
+                          "val_masked_token_accuracy": 0.25, "probe_diffusion_tpf": 1.0, "probe_linear_spec_tpf": 1.5})
         sink.end_stage()
     sink.message("exported runs/x/hf")
     sink.close()
@@ -69,12 +70,14 @@ def test_plain_lines_when_not_a_terminal(tmp_path, capsys):
     assert lines[1] == "  step 0 validation (pretrain, the base model before training): AR loss 4.250, diffusion loss 14.500"
     assert lines[2].startswith("  pretrain step 1/3 | loss 6.000 (ema), last 6.000 | ar 3.000, diffusion 9.000")
     assert lines[3].startswith("  pretrain step 2/3 | loss 5.444 (ema), last 5.000")  # (0.8*.2*6 + .2*5) / (1-.64)
-    assert lines[4] == "  step 2 validation (pretrain): AR loss 4.125, diffusion loss 12.000"
-    assert lines[6] == "stage 2/2 sft: steps 4-6 (8 rows x 128 tokens per step)"
-    assert lines[7].startswith("  step 3 validation (sft, before this stage)")
+    assert lines[4] == ("  step 2 validation (pretrain): AR loss 4.125, diffusion loss 12.000, "
+                        "masked-token accuracy 0.250")
+    assert lines[5] == "    decode probe TPF: diffusion 1.00, linear_spec 1.50"
+    assert lines[7] == "stage 2/2 sft: steps 4-6 (8 rows x 128 tokens per step)"
+    assert lines[8].startswith("  step 3 validation (sft, before this stage)")
     # the EMA restarts with the stage: the sft losses are on another scale
-    assert lines[8].startswith("  sft step 1/3 | loss 4.000 (ema)")
-    assert f"loss {_reference_ema([LOSSES[4], LOSSES[5], LOSSES[6]]):.3f} (ema)" in lines[10]
+    assert lines[9].startswith("  sft step 1/3 | loss 4.000 (ema)")
+    assert f"loss {_reference_ema([LOSSES[4], LOSSES[5], LOSSES[6]]):.3f} (ema)" in lines[11]
     assert lines[-1] == "exported runs/x/hf" and out.count("exported") == 1
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records if "loss" in r] == list(LOSSES.values())  # raw values kept

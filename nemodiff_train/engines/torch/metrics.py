@@ -183,7 +183,8 @@ class MetricsSink:
 
 
 def _validation_line(record: dict, stage: tuple[str, int, int] | None) -> str:
-    """``step 150 validation (pretrain): AR loss 4.412, diffusion loss 10.310``."""
+    """``  step 150 validation (pretrain): AR loss 4.412, diffusion loss 10.310[, masked-token accuracy 0.123]``
+    and, when the decode probe ran, a second line with its TPF per mode."""
     step = record["step"]
     where = record.get("stage") or (stage[0] if stage else "")
     if step == 0:
@@ -192,7 +193,14 @@ def _validation_line(record: dict, stage: tuple[str, int, int] | None) -> str:
         where += ", before this stage"
     ar, diff = record.get("val_ar_loss"), record.get("val_diffusion_loss")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    return f"  step {step} validation ({where}): AR loss {fmt(ar)}, diffusion loss {fmt(diff)}"
+    text = f"  step {step} validation ({where}): AR loss {fmt(ar)}, diffusion loss {fmt(diff)}"
+    if isinstance(record.get("val_masked_token_accuracy"), float):
+        text += f", masked-token accuracy {record['val_masked_token_accuracy']:.3f}"
+    tpf = {k[len("probe_"):-len("_tpf")]: v for k, v in record.items()
+           if k.startswith("probe_") and k.endswith("_tpf") and isinstance(v, (int, float))}
+    if tpf:  # the decode probe (eval.probe): tokens per forward with the current weights
+        text += "\n    decode probe TPF: " + ", ".join(f"{m} {v:.2f}" for m, v in tpf.items())
+    return text
 
 
 def _start_wandb(run_dir: Path, cfg, config_dict: dict, run_name: str):
