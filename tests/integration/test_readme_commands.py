@@ -65,7 +65,7 @@ RUN = {
 # Needs the Hub (the README line says so): command -> its offline counterpart in RUN. The test composes
 # and validates the config of training commands offline (--cfg job).
 NEEDS_HUB = {
-    "torchrun --nproc-per-node=8 -m nemodiff_train.cli.train recipe=nld_8b_sft run.dir=runs/y engine=torch "
+    "torchrun --nproc-per-node=8 -m nemodiff_train.cli.train recipe=nld_3b_sft run.dir=runs/y engine=torch "
     "engine.distributed=fsdp2": TORCHRUN,
     "nemodiff-lm-eval --model nemodiff --model_args pretrained=runs/x/hf,mode=linear_spec --tasks gsm8k": LM_EVAL,
     "nemodiff-export out=exports/x push_to_hub=org/name": PUSH_DRY,
