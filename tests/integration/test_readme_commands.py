@@ -31,8 +31,11 @@ TRAIN = "nemodiff-train recipe=demo_cpu run.dir=runs/x diffusion.block_size=32 o
 TORCHRUN = "torchrun --nproc-per-node=2 -m nemodiff_train.cli.train recipe=tiny_cpu run.dir=runs/y engine.distributed=fsdp2"
 DATA = ("nemodiff-data pretrain --source 'data/*.jsonl:0.7' --source code.parquet:0.3 --tokenizer runs/x/hf "
         "--seq-len 4096 --out prepared/")
-EVAL = ("nemodiff-eval model=runs/x/hf modes=[ar,diffusion,linear_spec,quadratic_spec] task=code_completion "
-        "out=runs/x/eval")
+EVAL = ("nemodiff-eval model=runs/x/hf modes=[ar,diffusion,linear_spec,quadratic_spec] "
+        "task=[arithmetic,code_completion] out=runs/x/eval")
+SWEEP = ("nemodiff-eval model=runs/x/hf task=arithmetic sweep.threshold=[0.5,0.7,0.9] sweep.block_size=[4,8,16] "
+         "out=runs/x/sweep")
+HEADROOM_X = "nemodiff-eval analysis=headroom model=runs/x/hf task=[arithmetic,code_completion] out=runs/x/headroom"
 EVAL_JSONL = "nemodiff-eval model=runs/x/hf modes=[ar,linear_spec] task=my_rows.jsonl out=runs/x/eval_mine"
 EXPORT = "nemodiff-export checkpoint=runs/x out=exports/x dtype=bfloat16 remote_code=true"
 PUSH_DRY = "nemodiff-export out=exports/x push_to_hub=org/name dry_run=true"
@@ -55,6 +58,8 @@ RUN = {
     DATA: DATA,
     EVAL: f"{EVAL} {SMALL_EVAL}",
     EVAL_JSONL: f"{EVAL_JSONL} {SMALL_EVAL}",
+    SWEEP: f"{SWEEP} limit=1 max_new_tokens=4",  # the sweep points as written, on one sample
+    HEADROOM_X: f"{HEADROOM_X} limit=1",
     EXPORT: EXPORT,
     PUSH_DRY: PUSH_DRY,
     LM_EVAL: LM_EVAL.replace("--limit 20", "--limit 2") + " --gen_kwargs max_gen_toks=4 --device cpu",
@@ -224,7 +229,8 @@ def test_readme_commands_run_offline(workdir):
 
     _write_pretrain_files(work)
     (work / "my_rows.jsonl").write_text(json.dumps({"prompt": "def one():\n", "reference": "    return 1\n"}) + "\n")
-    for command in (TORCHRUN, DATA, EVAL, EVAL_JSONL, EXPORT, PUSH_DRY, LM_EVAL, HEADROOM, BUILD_VARIANT):
+    for command in (TORCHRUN, DATA, EVAL, EVAL_JSONL, SWEEP, HEADROOM_X, EXPORT, PUSH_DRY, LM_EVAL, HEADROOM,
+                    BUILD_VARIANT):
         _sh(RUN[command], root, work)
     assert (work / "runs/y/hf/config.json").is_file()
     assert json.loads((work / "prepared/meta.json").read_text())["seq_len"] == 4096
