@@ -185,7 +185,7 @@ def _env(root: Path) -> dict:
 
 
 def _sh(command: str, root: Path, cwd: Path) -> subprocess.CompletedProcess:
-    res = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=_env(root), cwd=cwd, timeout=900)
+    res = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=_env(root), cwd=cwd, timeout=3600)  # a guard, not a speed limit
     assert res.returncode == 0, f"{command}\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"
     return res
 
