@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/demo_cpu}
 shift || true
+echo "installing nemodiff-train with pip (torch==2.13.0, extra [eval]); quiet, the first time takes a while..."
 python -m pip install -q "torch==2.13.0" -e ".[eval]"
+echo "installed; training recipe=demo_cpu into $RUN_DIR"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 nemodiff-train recipe=demo_cpu run.dir="$RUN_DIR" "$@"
 python - "$RUN_DIR" <<'PY'

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config.load import merge_into
+from ._console import interactive, quiet_libraries
 
 from ..eval.runner import EvalConfig, run_evaluation
 
@@ -51,6 +52,7 @@ def _app(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point (``nemodiff-eval``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(progress_bars=interactive())
     _app()
 
 

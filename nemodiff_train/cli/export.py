@@ -25,6 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config.load import merge_into
+from ._console import interactive, quiet_libraries
 
 from ..export import ExportError, export_checkpoint, push_to_hub
 
@@ -98,6 +99,7 @@ def _app(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point (``nemodiff-export``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(progress_bars=interactive())
     _app()
 
 

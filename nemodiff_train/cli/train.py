@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config.load import CONF_DIR, ConfigError, register_schema, to_config
+from ._console import quiet_libraries
 
 __all__ = ["main", "default_run_dir"]
 
@@ -68,6 +69,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # Training prints its own progress per stage (engines/torch/metrics.py); the libraries' bars
+    # for loading and saving the model would only interleave with it.
+    quiet_libraries(progress_bars=False)
     register_schema()
     _hydra_main()
 

@@ -35,7 +35,7 @@ from .blend import blend, holdout
 from .format import FORMAT_VERSION, META_FILE, SPLITS, atomic_dir, read_meta, write_meta
 from .ingest import EncoderSpec, ingest_source
 from .packing import write_split
-from .report import SkipReport
+from .report import SkipReport, report_lines, skip_phrase
 from .sources import SourceSpec, resolve_files
 from .tokenizer import TokenizerError, control_strings, load_tokenizer, special_ids, tokenizer_digest
 
@@ -227,7 +227,9 @@ def _build(cfg: DataPrepConfig, tmp: Path, encoder: EncoderSpec, controls: list[
         )
         stores.append(store)
         report.merge(rep)
-        log(f"source {spec.label}: {store.n_docs} documents, {store.n_tokens} tokens, {rep.total} rows skipped")
+        dropped = skip_phrase(rep.counts, kind=cfg.kind, seq_len=cfg.seq_len, max_chars=cfg.max_chars)
+        log(f"source {spec.label}: {store.n_docs} {'conversations' if cfg.kind == 'sft' else 'documents'}, "
+            f"{store.n_tokens} tokens" + (f"; {dropped}" if dropped else ""))
 
     n_train = len(cfg.sources)
     lengths = [s.lengths for s in stores]
@@ -334,15 +336,8 @@ def _log_report(out: Path, meta: dict, log) -> None:
                     f"  source {s['name']} (weight {s['weight']:g}): {s['documents']} docs, {s['tokens']} tokens"
                     f" -> {share:.1%} of train"
                 )
-    skipped = meta["report"]["skipped"]
-    if skipped:
-        total = sum(skipped.values())
-        by_count = sorted(skipped.items(), key=lambda kv: -kv[1])
-        log(f"  skipped {total} rows: " + ", ".join(f"{r} {n}" for r, n in by_count))
-        examples = meta["report"]["examples"]
-        for ex in examples[:LOGGED_EXAMPLES]:
-            log(f"    {ex}")
-        if len(examples) > LOGGED_EXAMPLES:
-            log(f"    ... (first {len(examples)} examples in {out / META_FILE})")
-    else:
-        log("  skipped 0 rows")
+    opts = meta.get("options", {})
+    for line in report_lines(meta["report"], kind=meta["kind"], seq_len=meta["seq_len"],
+                             max_chars=opts.get("max_chars"), meta_file=str(out / META_FILE),
+                             examples=LOGGED_EXAMPLES):
+        log("  " + line)

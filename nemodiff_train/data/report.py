@@ -4,6 +4,11 @@ Every row that preparation drops is counted under one *reason* (the constants be
 the first :data:`MAX_EXAMPLES` rows, remembered as ``"<file>:<line>: <reason> (<detail>)"`` so
 a user can open the file at that line. ``<line>`` is the 1-based line of a JSON-lines file, or
 the 1-based row of a parquet/arrow file or Hub data set.
+
+Two reasons are the *policy* working as configured rather than bad data (:data:`POLICY`): rows
+longer than ``seq_len`` tokens (SFT conversations are never cut) or than ``max_chars`` characters.
+:func:`report_lines` says those as what they are ("520 conversations longer than seq_len=256 left
+out") and lists examples only for the malformed rows.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ __all__ = [
     "TEMPLATE_ERROR",
     "TEMPLATE_MISMATCH",
     "NO_ASSISTANT_TOKENS",
+    "POLICY",
+    "skip_phrase",
+    "report_lines",
 ]
 
 MAX_EXAMPLES = 20
@@ -53,6 +61,12 @@ SPECIAL_TOKEN_IN_CONTENT = "special-token-in-content"  # content contains e.g. "
 TEMPLATE_ERROR = "template-error"  # the chat template raised
 TEMPLATE_MISMATCH = "template-mismatch"  # prefix rendering is not a prefix of the full rendering
 NO_ASSISTANT_TOKENS = "no-assistant-tokens"  # nothing left to supervise
+
+# Reasons that are a length limit doing its job; formatted with the limits (seq_len, max_chars).
+POLICY = {
+    OVER_LONG_TOKENS: "longer than seq_len={seq_len} tokens",
+    OVER_LONG_CHARS: "longer than max_chars={max_chars} characters",
+}
 
 
 @dataclass
@@ -92,3 +106,48 @@ class SkipReport:
     def to_json(self) -> dict:
         """The ``report`` object of ``meta.json``."""
         return {"skipped": dict(sorted(self.counts.items())), "examples": list(self.examples)}
+
+
+def _rows(kind: str | None) -> str:
+    return "conversations" if kind == "sft" else "documents"
+
+
+def skip_phrase(counts: dict, *, kind: str | None = None, seq_len: int | None = None,
+                max_chars: int | None = None) -> str:
+    """One phrase for a source line: ``"21 conversations longer than seq_len=256 tokens left out,
+    2 malformed rows skipped (bad-json 2)"``; ``""`` when nothing was dropped."""
+    parts = []
+    for reason, text in POLICY.items():
+        n = counts.get(reason, 0)
+        if n:
+            parts.append(f"{n} {_rows(kind)} {text.format(seq_len=seq_len, max_chars=max_chars)} left out")
+    bad = {r: n for r, n in counts.items() if r not in POLICY and n}
+    if bad:
+        detail = ", ".join(f"{r} {n}" for r, n in sorted(bad.items(), key=lambda kv: -kv[1]))
+        parts.append(f"{sum(bad.values())} malformed rows skipped ({detail})")
+    return ", ".join(parts)
+
+
+def report_lines(report: dict, *, kind: str | None, seq_len: int | None, max_chars: int | None,
+                 meta_file: str, examples: int) -> list[str]:
+    """Console lines for the ``report`` object of ``meta.json`` (see :meth:`SkipReport.to_json`).
+
+    Policy drops get one line each and a pointer to ``meta_file``; malformed rows get a count by
+    reason and their first ``examples`` examples (``file:line: reason (detail)``).
+    """
+    counts = report.get("skipped") or {}
+    lines = []
+    for reason, text in POLICY.items():
+        n = counts.get(reason, 0)
+        if n:
+            lines.append(f"{n} {_rows(kind)} {text.format(seq_len=seq_len, max_chars=max_chars)} left out, "
+                         f"see {meta_file}")
+    bad = {r: n for r, n in counts.items() if r not in POLICY and n}
+    if bad:
+        lines.append(f"{sum(bad.values())} malformed rows skipped: "
+                     + ", ".join(f"{r} {n}" for r, n in sorted(bad.items(), key=lambda kv: -kv[1])))
+        shown = [e for e in report.get("examples") or [] if not any(f": {r}" in e for r in POLICY)]
+        lines.extend(f"  {e}" for e in shown[:examples])
+        if len(shown) > examples:
+            lines.append(f"  ... (more examples in {meta_file})")
+    return lines

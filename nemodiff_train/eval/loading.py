@@ -1,7 +1,7 @@
 """Model loading shared by the evaluator and the lm-eval plugin.
 
 Accepts a Hugging Face directory or a training run directory (``config.yaml`` + ``hf/``), picks the
-device and dtype, and collects every id that should end generation.
+device and dtype, and collects every id that should end generation (:mod:`.stop_tokens`).
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
+from .stop_tokens import CHAT_END_TOKENS, stop_token_ids  # noqa: F401  - re-exported
+
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_model_dir", "pick_device", "pick_dtype", "eos_token_ids", "load_for_eval", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-CHAT_END_TOKENS = ("<|im_end|>",)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -54,21 +55,8 @@ def pick_dtype(dtype: str) -> torch.dtype:
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
-    """Ids that end a generation: the tokenizer's EOS, the generation config's, and ``<|im_end|>``.
-
-    ``<|im_end|>`` is included because chat-SFT'd models end their turn with it, and some
-    tokenizers name a different EOS (``<|endoftext|>``).
-    """
-    ids: list[int] = []
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    gen_eos = getattr(generation_config, "eos_token_id", None)
-    if gen_eos is not None:
-        ids.extend(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
-    if tokenizer is not None:
-        vocab = tokenizer.get_vocab()
-        ids.extend(int(vocab[t]) for t in CHAT_END_TOKENS if t in vocab)
-    return tuple(dict.fromkeys(ids))  # de-duplicated, order kept
+    """Ids that end a generation: :func:`~nemodiff_train.eval.stop_tokens.stop_token_ids` (the one definition)."""
+    return stop_token_ids(tokenizer, generation_config)
 
 
 def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto"):

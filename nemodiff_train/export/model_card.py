@@ -148,12 +148,13 @@ print(tok.decode(model.generate(ids, max_new_tokens=64, do_sample=False)[0]))
 from nemodiff_train.models.hf import load_dlm
 from nemodiff_train.models.cached import HFCachedLM
 from nemodiff_train.decoding import DecodeConfig, generate
+from nemodiff_train.eval.stop_tokens import stop_token_ids   # EOS and <|im_end|>, as nemodiff-eval
 
 dlm = load_dlm("{repo}")            # a local directory (snapshot_download it first)
 lm = HFCachedLM(dlm)
 prompt = dlm.tokenizer("def fibonacci(n):").input_ids
 cfg = DecodeConfig(max_new_tokens=64, block_size={block}, threshold=0.9,
-                   eos_token_ids=(dlm.tokenizer.eos_token_id,))
+                   eos_token_ids=stop_token_ids(dlm.tokenizer, dlm.hf.generation_config))
 for mode in ("ar", "diffusion", "linear_spec", "quadratic_spec"):
     out = generate(lm, [prompt], mode, cfg)[0]
     print(mode, out.stats.tpf, dlm.tokenizer.decode(out.tokens))

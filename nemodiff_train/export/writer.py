@@ -1,11 +1,16 @@
 """Write a DLM as a Hugging Face directory of its base architecture, atomically.
 
-The export is the base architecture's own layout (safetensors shards + index, ``config.json``,
-tokenizer files, ``generation_config.json``), so ``AutoModelForCausalLM.from_pretrained(out)`` loads
+The export is the base architecture's own layout (``model.safetensors``, or shards + an index
+above ``max_shard_size``; ``config.json``, tokenizer files, ``generation_config.json``), so ``AutoModelForCausalLM.from_pretrained(out)`` loads
 it with no remote code and computes the training model's causal logits. ``config.json`` records
 the DLM settings and training provenance under ``nemodiff``, which is all
 :func:`nemodiff_train.models.hf.load_dlm` needs. Optional extras: self-contained remote code
 (``modeling_nemodiff.py``, :mod:`.remote_code`) and the model card (``README.md``, :mod:`.model_card`).
+
+Stop tokens: ``generation_config.json`` lists the toolkit's whole stop set
+(:func:`nemodiff_train.eval.stop_tokens.stop_token_ids`: EOS and ``<|im_end|>``) as ``eos_token_id``
+and each of those tokens is a special token of the saved tokenizer, so plain ``generate()`` and the
+remote code's ``generate(mode=...)`` stop where ``nemodiff-eval`` stops.
 
 Everything is written into ``<out>.tmp-<pid>`` and renamed to ``out`` at the end; a failure removes
 the temporary directory, so ``out`` is either the complete export or untouched.
@@ -151,6 +156,57 @@ def _write_config(folder: Path, record: dict, dtype: str, auto_map: dict | None)
     file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _write_stop_tokens(folder: Path, dlm) -> tuple[int, ...]:
+    """Put the stop set into ``generation_config.json`` and the saved tokenizer's special tokens.
+
+    ``_from_model_config`` is dropped: with it, transformers may rebuild the generation config from
+    ``config.json`` (whose ``eos_token_id`` is the single EOS) and lose the list.
+    Returns the stop ids written (``()`` when the model names none).
+    """
+    from ..eval.stop_tokens import stop_token_ids
+
+    tok = dlm.tokenizer
+    stops = stop_token_ids(tok, getattr(dlm.hf, "generation_config", None))
+    if not stops:
+        return stops
+    file = folder / "generation_config.json"
+    gen = json.loads(file.read_text()) if file.is_file() else {}
+    gen.pop("_from_model_config", None)
+    gen["eos_token_id"] = list(stops)
+    if gen.get("pad_token_id") is None:  # generate() needs one to pad finished rows of a batch
+        gen["pad_token_id"] = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else stops[0]
+    file.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    if tok is not None:
+        _mark_special(folder, stops)
+    return stops
+
+
+def _mark_special(folder: Path, ids: tuple[int, ...]) -> None:
+    """Re-save the tokenizer in ``folder`` with every token of ``ids`` registered as special.
+
+    Special means never split, skipped by ``decode(skip_special_tokens=True)``, and listed in
+    ``all_special_ids``. The tokenizer of the live model is left as it is.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    vocab_size = len(tok)
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ExportError(f"stop token ids {bad} are outside the tokenizer's vocabulary ({vocab_size} tokens)")
+    missing = [tok.convert_ids_to_tokens(i) for i in ids if i not in set(tok.all_special_ids)]
+    if not missing:
+        return
+    # transformers 5 calls them extra special tokens, 4.x additional special tokens.
+    key = "extra_special_tokens" if hasattr(tok, "_extra_special_tokens") else "additional_special_tokens"
+    replace = {"replace_extra_special_tokens" if key == "extra_special_tokens"
+               else "replace_additional_special_tokens": False}
+    tok.add_special_tokens({key: missing}, **replace)
+    if len(tok) != vocab_size or any(i not in set(tok.all_special_ids) for i in ids):
+        raise ExportError(f"could not register stop tokens {missing} as special tokens of the tokenizer")
+    tok.save_pretrained(str(folder))
+
+
 def _verify(folder: Path) -> None:
     """Every weight file the index names is there (a cheap guard against a partial save)."""
     index = folder / "model.safetensors.index.json"
@@ -221,6 +277,7 @@ def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict |
         _write_config(tmp, record, name, auto_map)
         if dlm.tokenizer is not None:
             dlm.tokenizer.save_pretrained(str(tmp))
+        _write_stop_tokens(tmp, dlm)
         write_model_card(tmp, rows=rows, metadata=record)
         _verify(tmp)
         _commit(tmp, out)
@@ -232,7 +289,8 @@ def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict |
             except OSError:
                 break
         raise
-    log.info("exported %s (%s%s)", out, name, ", remote code" if remote_code else "")
+    # debug: the CLIs (nemodiff-export, the trainer's export at the end) print their own one line
+    log.debug("exported %s (%s%s)", out, name, ", remote code" if remote_code else "")
     return out
 
 

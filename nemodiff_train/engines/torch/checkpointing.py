@@ -11,9 +11,11 @@ load it into a freshly built HF model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """Without a process group DCP warns that it assumes one process, which is exactly the case here
+    (a plain ``nemodiff-train`` run); the warning would only look like a failure in the log."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], trainer_state: dict, keep_last: int) -> Path:
     """Save ``state`` (tensors / DCP-stateful dicts) and ``trainer_state`` (JSON) for ``step``; all ranks call.
 
@@ -82,7 +94,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], trainer_sta
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
@@ -100,7 +113,8 @@ def load_checkpoint(ckpt: Path, state: dict[str, Any]) -> dict:
     """Load DCP shards into ``state`` in place; returns the trainer state."""
     trainer_state = read_trainer_state(ckpt)
     try:
-        dcp.load(state, checkpoint_id=str(ckpt))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(ckpt))
     except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, KeyError)
         raise CheckpointError(f"{ckpt}: cannot load checkpoint into this model/optimizer: {e}") from None
     return trainer_state
@@ -111,7 +125,8 @@ def load_model_weights(ckpt: Path, hf_model: torch.nn.Module) -> None:
     read_trainer_state(ckpt)
     state = hf_model.state_dict()  # DCP loads in place into these tensors
     try:
-        dcp.load({"model": state}, checkpoint_id=str(ckpt))
+        with _quiet_single_process():
+            dcp.load({"model": state}, checkpoint_id=str(ckpt))
     except Exception as e:
         raise CheckpointError(f"{ckpt}: model weights do not fit this architecture: {e}") from None
     hf_model.load_state_dict(state)

@@ -248,6 +248,8 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     for stage_index, (stage, (first, last)) in enumerate(zip(cfg.stages, _stage_bounds(cfg))):
         if progress.step >= last:
             continue
+        sink.start_stage(stage.name, stage_index, len(cfg.stages), first, last, progress.step,
+                         detail=f"{stage.kind}, {stage.global_batch_size} rows x {stage.data.seq_len} tokens per step")
         train_ds, val_ds = prepare_stage_data(cfg, stage_index, run_dir, work)
         optim = _make_optimizer(dlm, cfg, stage)
         if ckpt is not None:  # resume: weights always; optimizer only inside the same stage
@@ -264,6 +266,7 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
         stopped = _run_stage(cfg, stage, stage_index, first, last, env, dlm, par, optim, order,
                              sample_offset, train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir,
                              validation_hooks, work)
+        sink.end_stage()
         if stopped:
             break
     if not stopped:  # export + evaluation on rank 0; the others wait on a file, not in a collective
