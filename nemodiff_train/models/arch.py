@@ -14,13 +14,12 @@ Tested families (tests/integration/test_arch_matrix.py): :data:`TESTED_FAMILIES`
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
 
 from .attention import SUPPORTED_IMPLEMENTATIONS, UnsupportedModelError, check_implementation
 
 __all__ = ["TESTED_FAMILIES", "LayerWindows", "layer_windows", "causal_lm_class", "check_config",
-           "pick_attn_implementation", "decoder_attribute"]
+           "pick_attn_implementation", "decoder_attribute", "cache_kwarg", "attn_implementation_of"]
 
 TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "granite", "gemma2")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -95,12 +94,23 @@ def layer_windows(config, backbone=None) -> LayerWindows:
     windows = tuple(int(window) if t == SLIDING else None for t in types)
     if len(set(windows)) <= 1:
         return LayerWindows(windows)
-    if backbone is not None and forward_src and not re.search(r"isinstance\(\s*(\w+\s*:=\s*)?attention_mask\s*,\s*dict\s*\)",
-                                                             forward_src):
+    # transformers' decoders with per-type masks open with `if not isinstance(... attention_mask, dict):`
+    if backbone is not None and forward_src and "attention_mask, dict)" not in forward_src:
         raise UnsupportedModelError(
             f"{family}: layers have different sliding windows but {type(backbone).__name__}.forward takes one "
             "attention mask for all layers, so the per-layer windows cannot be applied")
     return LayerWindows(windows, types)
+
+
+def cache_kwarg(module) -> str:
+    """Name of the KV-cache argument of a transformers forward (``cache`` in v5.x, ``past_key_values`` before)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def attn_implementation_of(hf) -> str:
+    """The attention implementation a loaded model runs (checked: one whose kernel takes our masks)."""
+    return check_implementation(getattr(hf.config, "_attn_implementation", None) or "eager")
 
 
 def causal_lm_class(config):

@@ -10,16 +10,18 @@ decoders' masks and cache edits (a crash, or keys silently missing). So the cach
 RoPE position of each cached key is tracked beside it, and each windowed layer's mask additionally
 hides keys ``window`` or more positions behind the query (one mask per layer type when layers differ),
 which is exactly what the base model's windowed layers see.
+
+This module imports only torch, the standard library and (inside functions) transformers, with
+:mod:`.arch` and :mod:`.attention`: the exported remote code inlines all three
+(``export/remote_code.py``), so ``trust_remote_code`` users decode through this very adapter.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .arch import layer_windows
+from .arch import attn_implementation_of, cache_kwarg, layer_windows
 from .attention import implementation_form, window_keep
-from .hf import DLMModel, attn_implementation_of, cache_kwarg
 
 __all__ = ["HFCachedLM", "PositionedCache"]
 
@@ -46,16 +48,17 @@ class HFCachedLM:
     """Adapter from a HF ``*ForCausalLM`` (or a :class:`DLMModel`) to the decoders' interface.
 
     Args:
-        model: a :class:`DLMModel` or a bare HF causal LM.
+        model: a :class:`~nemodiff_train.models.hf.DLMModel` or a bare HF causal LM.
         mask_token_id: required when ``model`` is a bare HF model.
     Raises:
         UnsupportedModelError: an attention implementation or layer layout the masks cannot express.
     """
 
-    def __init__(self, model: DLMModel | nn.Module, mask_token_id: int | None = None):
-        self.hf = model.hf if isinstance(model, DLMModel) else model
+    def __init__(self, model, mask_token_id: int | None = None):
+        is_dlm = hasattr(model, "hf") and hasattr(model, "settings")  # a DLMModel (not imported: see above)
+        self.hf = model.hf if is_dlm else model
         if mask_token_id is None:
-            if not isinstance(model, DLMModel):
+            if not is_dlm:
                 raise ValueError("a bare HF model needs mask_token_id")
             mask_token_id = model.settings.mask_token_id
         self.mask_token_id = int(mask_token_id)

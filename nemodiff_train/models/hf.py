@@ -12,7 +12,6 @@ scaling and soft-capping (Granite ``logits_scaling``, Gemma-2 ``final_logit_soft
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,9 @@ from torch import nn
 
 from ..core.masks import SequenceLayout, dense_mask, flex_block_mask, get_pattern
 from ..core.sequence import two_stream_inputs
-from .arch import TESTED_FAMILIES, check_config, decoder_attribute, layer_windows, pick_attn_implementation
-from .attention import UnsupportedModelError, check_implementation, implementation_form
+from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
+                   pick_attn_implementation)
+from .attention import UnsupportedModelError, implementation_form
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +31,6 @@ __all__ = ["DLMModel", "load_dlm", "resolve_mask_token", "untie_output_head", "M
            "UnsupportedModelError", "attn_implementation_of"]
 
 MASK_TOKEN = "<|mask|>"
-
-
-def attn_implementation_of(hf: nn.Module) -> str:
-    """The attention implementation a loaded model runs (checked: one whose kernel takes our masks)."""
-    return check_implementation(getattr(hf.config, "_attn_implementation", None) or "eager")
-
-
-def cache_kwarg(module: nn.Module) -> str:
-    """Name of the KV-cache argument of a transformers forward (``cache`` in v5.x, ``past_key_values`` before)."""
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def resolve_mask_token(model, tokenizer, mask_token: int | str | None = None) -> int:
