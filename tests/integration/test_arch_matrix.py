@@ -58,7 +58,7 @@ def data(tmp_path_factory):
 
 def _eval_args(model: Path, out: Path, task: Path) -> dict:
     return dict(model=str(model), out=str(out), modes=["ar", "linear_spec", "quadratic_spec"], task=str(task),
-                limit=2, max_new_tokens=NEW_TOKENS, block_size=4, tau_sweep=[], chat_template=False, device="cpu")
+                limit=2, max_new_tokens=NEW_TOKENS, block_size=4, chat_template=False, device="cpu")
 
 
 def _train_cli(model_dir: Path, run_dir: Path, data: Path) -> Path:
