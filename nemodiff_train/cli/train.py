@@ -99,7 +99,9 @@ def run(cfg_dict: DictConfig) -> Path:
         if new_dir and _is_rank0():
             shutil.rmtree(run_dir, ignore_errors=True)  # a run that never started leaves nothing behind
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(message if message.startswith("model.path=") else f"model.path={cfg.model.path!r}: {message}") from None
+        if not message.startswith("model.path="):
+            message = f"model.path={cfg.model.path!r}: {message}"
+        raise ConfigError(message) from None
 
 
 def _validation_hooks(cfg) -> list:
