@@ -115,11 +115,12 @@ def _defined_names(node: ast.stmt) -> list[str]:
 
 def inline_decoding(package: Path = DECODING_DIR) -> tuple[list[str], str, list[str]]:
     """The decoding package as one flat module (see :func:`inline_package`; torch and stdlib only)."""
-    imports, body, modules = inline_package(package)
+    imports, body, modules = inline_package(package, label="decoding")
     return _merge_imports(imports), body, modules
 
 
-def inline_package(package: Path, entry: str = "__init__", allowed: frozenset = _ALLOWED_ROOTS):
+def inline_package(package: Path, entry: str = "__init__", allowed: frozenset = _ALLOWED_ROOTS,
+                   label: str | None = None):
     """The modules of ``package`` reachable from ``entry`` as one flat module.
 
     Returns:
@@ -129,7 +130,7 @@ def inline_package(package: Path, entry: str = "__init__", allowed: frozenset = 
         ExportError: a module imports something outside ``allowed``, or two modules define the
             same top-level name (they would overwrite each other in one namespace).
     """
-    label = package.name
+    label = label or package.name  # the folder name messages and section comments show
     modules = _dependency_order(package, entry, allowed)
     imports: list[ast.Import | ast.ImportFrom] = []
     parts: list[str] = []
@@ -317,7 +318,7 @@ __all__ = ["{cls}", "NemoDiffGenerateOutput"]
 def modeling_source(model_type: str, version: str) -> str:
     """The full text of ``modeling_nemodiff.py`` for a ``model_type``."""
     base = base_class_name(model_type)
-    dec_imports, dec_body, modules = inline_package(DECODING_DIR)
+    dec_imports, dec_body, modules = inline_package(DECODING_DIR, label="decoding")
     lm_imports, lm_body, lm_modules = inline_package(MODELS_DIR, "cached", _ADAPTER_ROOTS)
     listing = textwrap.fill(", ".join([f"{m}.py" for m in modules] + [f"models/{m}.py" for m in lm_modules]),
                             width=100, initial_indent="# ", subsequent_indent="# ")
