@@ -46,7 +46,20 @@ def _app(cfg: DictConfig) -> None:
     except (EvalConfigError, ValueError) as e:  # ValueError: EvalConfig.__post_init__ checks
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    run_evaluation(eval_cfg)
+    from ..eval.loading import resolve_model_dir
+    from ..models.attention import UnsupportedModelError
+
+    try:  # user errors about `model` (missing directory, unsupported architecture): one line, no traceback
+        resolve_model_dir(eval_cfg.model)
+        run_evaluation(eval_cfg)
+    except UnsupportedModelError as e:
+        print(f"nemodiff-eval: error: model={eval_cfg.model!r}: unsupported model: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        if not str(e).startswith(str(eval_cfg.model)):
+            raise
+        print(f"nemodiff-eval: error: model={eval_cfg.model!r}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ file receives the validated dataclass tree.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,16 +32,76 @@ def default_run_dir(recipe: str | None) -> Path:
     return Path("runs") / f"{recipe or 'run'}-{stamp}"
 
 
+def check_model(cfg) -> None:
+    """Refuse, before anything is written, a model the run cannot use: a missing directory, a directory
+    without ``config.json``, an unsupported architecture or attention implementation (ConfigError naming
+    ``model.path`` and the directory). Hub ids that are not local directories are left to the engine."""
+    from ..models.attention import UnsupportedModelError
+
+    path = cfg.model.path
+    if path == "embedded":
+        from ..assets import embedded_model_dir
+
+        local = embedded_model_dir()
+    else:
+        local = Path(path).expanduser()
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not local.is_dir():
+        if looks_like_hub_id:
+            return
+        raise ConfigError(f"model.path={path!r}: {local} is not a directory")
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"model.path={path!r}: {local} is not a Hugging Face model directory (no config.json)")
+    from transformers import AutoConfig
+
+    from ..models.arch import check_config, pick_attn_implementation
+
+    try:
+        config = AutoConfig.from_pretrained(local)
+    except Exception as e:  # unknown model_type, malformed JSON: transformers' own message, one line
+        raise ConfigError(f"model.path={path!r}: {local / 'config.json'} cannot be loaded: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        check_config(config)
+    except UnsupportedModelError as e:
+        raise ConfigError(f"model.path={path!r} ({local}): unsupported model: {e}") from None
+    if cfg.model.attn_implementation is not None:
+        try:
+            pick_attn_implementation(config, "cpu", cfg.model.attn_implementation)
+        except UnsupportedModelError as e:
+            raise ConfigError(f"model.attn_implementation: {e}") from None
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run(cfg_dict: DictConfig) -> Path:
     cfg = to_config(cfg_dict)
+    check_model(cfg)
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.recipe)
     if cfg.engine.name == "megatron":
         from ..engines.megatron.train import run as megatron_run
 
         return megatron_run(cfg)  # requires run.dir: every rank and every job of a chain share it
     from ..engines.torch.trainer import train
+    from ..models.attention import UnsupportedModelError
 
-    return train(cfg, run_dir, validation_hooks=_validation_hooks(cfg))
+    hooks = _validation_hooks(cfg)
+    new_dir = not run_dir.exists()
+    try:
+        return train(cfg, run_dir, validation_hooks=hooks)
+    except (OSError, UnsupportedModelError) as e:  # OSError: missing/unreadable weights (FileNotFoundError too)
+        # before the model loads, the run directory holds only config.yaml (hf_base/ follows the load)
+        never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}
+        if not never_started:
+            raise
+        if new_dir and _is_rank0():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run that never started leaves nothing behind
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not message.startswith("model.path="):
+            message = f"model.path={cfg.model.path!r}: {message}"
+        raise ConfigError(message) from None
 
 
 def _validation_hooks(cfg) -> list:

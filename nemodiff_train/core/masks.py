@@ -13,6 +13,12 @@ patterns on rows of length S = L. With packed rows (per-token document ids) no p
 cross a document boundary, and block indices restart at every document start, so a packed row behaves
 exactly like its documents run one by one.
 
+Sliding windows: both builders take an optional ``window`` W and then also require
+``pos(q) - pos(k) < W``, with ``pos`` the token's RoPE position (its position inside its document, the
+same for both streams). That is transformers' own sliding-window rule (a query sees the W most recent
+positions, itself included) applied on the position axis, so the clean stream sees exactly what the
+base model's windowed layer sees and the noisy stream is windowed on the same scale.
+
 Spec: ALGORITHMS.md §1.2 (BD3-LM), §1.7 (Efficient-DLM), §2.3 (the NLD "sbd_block_diff" mask).
 """
 
@@ -91,11 +97,18 @@ class _Index:
         self.doc = None if layout.doc_ids is None else layout.doc_ids.to(device)
         blocks = layout.block_ids()
         self.blk = None if blocks is None else blocks.to(device)
+        self.pos = None if layout.doc_ids is None else document_positions(layout.doc_ids).to(device)
 
     def same_doc(self, b, i, j):
         if self.doc is None:
             return (i >= 0) & (j >= 0)  # a tensor of the broadcast shape, all True
         return self.doc[b, i] == self.doc[b, j]
+
+    def position(self, b, i):
+        """RoPE position of stream index ``i`` (its index inside its document)."""
+        if self.pos is None:
+            return i
+        return self.pos[b, i]
 
     def block(self, b, i):
         if self.blk is None:
@@ -167,6 +180,22 @@ PATTERNS: dict[str, Pattern] = {
 }
 
 
+def _windowed(pattern: Pattern, window: int | None) -> PredicateFn:
+    """``pattern.allow`` restricted to keys fewer than ``window`` positions behind the query (None = no window)."""
+    if window is None:
+        return pattern.allow
+    if int(window) <= 0:
+        raise ValueError(f"a sliding window must be a positive number of positions, got {window}")
+    two_streams = pattern.streams > 1
+
+    def allow(b, q, k, ix: _Index):
+        qi, ki = (q % ix.L, k % ix.L) if two_streams else (q, k)
+        near = (ix.position(b, qi) - ix.position(b, ki)) < window
+        return pattern.allow(b, q, k, ix) & near
+
+    return allow
+
+
 def get_pattern(name: str) -> Pattern:
     """Look a pattern up by name; unknown names raise with the list of known ones."""
     try:
@@ -176,8 +205,11 @@ def get_pattern(name: str) -> Pattern:
 
 
 def dense_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int = 1,
-               device: torch.device | str | None = None) -> torch.Tensor:
-    """Dense boolean mask for SDPA.
+               device: torch.device | str | None = None, window: int | None = None) -> torch.Tensor:
+    """Dense boolean mask for SDPA (and the source of the eager additive form).
+
+    Args:
+        window: optional sliding window W (see the module docstring); None = unlimited.
 
     Returns:
         ``[b, 1, S, S]`` bool, True where query row may attend key column; b = number of rows of
@@ -190,13 +222,13 @@ def dense_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int =
     bi = torch.arange(b, device=device).view(b, 1, 1)
     q = torch.arange(s, device=device).view(1, s, 1)
     k = torch.arange(s, device=device).view(1, 1, s)
-    allowed = pattern.allow(bi, q, k, ix)
+    allowed = _windowed(pattern, window)(bi, q, k, ix)
     return allowed.expand(b, s, s).unsqueeze(1).contiguous()
 
 
 def flex_block_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int = 1,
-                    device: torch.device | str = "cuda", tile: int = 128):
-    """flex-attention ``BlockMask`` for the same pattern (CUDA training path).
+                    device: torch.device | str = "cuda", tile: int = 128, window: int | None = None):
+    """flex-attention ``BlockMask`` for the same pattern (CUDA training path; ``window`` as in :func:`dense_mask`).
 
     The tile size is passed explicitly: relying on a default once produced wrong masks in a peer
     (bd3lms#23). Without doc ids the mask is shared across the batch (B=None broadcast).
@@ -207,8 +239,9 @@ def flex_block_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: 
     ix = _Index(layout, torch.device(device))
     s = pattern.row_length(layout)
     b = None if layout.doc_ids is None else layout.doc_ids.shape[0]
+    allow = _windowed(pattern, window)
 
     def mask_mod(bi, h, q, k):
-        return pattern.allow(bi, q, k, ix)
+        return allow(bi, q, k, ix)
 
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=tile)

@@ -59,13 +59,22 @@ def eos_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
     return stop_token_ids(tokenizer, generation_config)
 
 
-def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto"):
+def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto",
+                  attn_implementation: str | None = None):
     """Load a DLM for decoding.
+
+    Args:
+        attn_implementation: sdpa, eager or flex_attention; None = sdpa when the architecture supports
+            it, else eager (Gemma-2). The decoders' masks reach each in the form it reads
+            (:mod:`nemodiff_train.models.attention`).
 
     Returns:
         ``(dlm, cached_lm, eos_ids, hf_dir)``: the :class:`~nemodiff_train.models.hf.DLMModel`, its
         :class:`~nemodiff_train.models.cached.HFCachedLM`, the EOS ids and the directory loaded.
     """
+    from transformers import AutoConfig
+
+    from ..models.arch import pick_attn_implementation
     from ..models.cached import HFCachedLM
     from ..models.hf import load_dlm
 
@@ -76,8 +85,10 @@ def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto
         # length every step, so in bf16 those builds dominated (H200, tiny model: 24 tok/s on the
         # first pass, 330-420 tok/s with cuDNN SDPA off, the same outputs). Flash/efficient/math remain.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    # SDPA everywhere: decoders pass explicit dense 4-D masks, which SDPA takes as they are.
-    dlm = load_dlm(hf_dir, dtype=pick_dtype(dtype), device=dev, attn_implementation="sdpa")
+    # sdpa where the architecture has it (decoding masks change shape every call, which suits a dense
+    # mask better than a BlockMask rebuilt per call), else eager; never a hard-coded kernel.
+    attn = pick_attn_implementation(AutoConfig.from_pretrained(hf_dir), dev.type, attn_implementation, training=False)
+    dlm = load_dlm(hf_dir, dtype=pick_dtype(dtype), device=dev, attn_implementation=attn)
     dlm.eval()
     if dlm.tokenizer is None:
         raise ValueError(f"{hf_dir} has no tokenizer files; evaluation needs one to render prompts and decode outputs")

@@ -297,12 +297,14 @@ def load_source(src: Source):
 
     if src.kind == "hf":
         try:
-            dlm = load_dlm(src.hf_dir, dtype=torch.float32, attn_implementation="sdpa")
+            dlm = load_dlm(src.hf_dir, dtype=torch.float32, device="cpu")  # attention: what the architecture supports
         except Exception as e:
             raise ExportError(f"cannot load the Hugging Face model in {src.hf_dir}: {type(e).__name__}: {e}") from None
         return dlm, dict(getattr(dlm.hf.config, "nemodiff", None) or {})
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ..models.arch import pick_attn_implementation
 
     assert src.ckpt_dir is not None
     run_cfg = _run_config(src.run_dir)
@@ -312,8 +314,12 @@ def load_source(src: Source):
     except Exception as e:
         raise ExportError(f"{src.hf_dir / 'config.json'} is not a valid model config "
                           f"({type(e).__name__}: {e})") from None
+    try:  # not a hard-coded sdpa: some architectures support only eager (Gemma-2)
+        attn = pick_attn_implementation(config, "cpu")
+    except ValueError as e:
+        raise ExportError(f"{src.hf_dir / 'config.json'}: {e}") from None
     with _no_init():
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     hf.eval()
     keys = _check_against_model(src.ckpt_dir, md, hf, src.hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(src.hf_dir) if _has_tokenizer(src.hf_dir) else None

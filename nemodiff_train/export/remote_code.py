@@ -7,6 +7,12 @@ relative imports, ``__future__`` imports, module docstrings and ``__all__`` list
 absolute imports (torch and the standard library only, which DESIGN.md guarantees) hoisted. So the
 remote decoders are our decoders, byte for byte, and cannot drift from them.
 
+The decoders' model adapter is inlined the same way from ``nemodiff_train/models/cached.py`` and the
+two modules it imports (``attention.py``: the mask in the form each attention implementation reads,
+eager included; ``arch.py``: per-layer sliding windows), which may also import transformers. So a
+remote-code model loaded with ``attn_implementation="eager"`` or with sliding windows decodes exactly
+like the package.
+
 The model class subclasses the base architecture's transformers class (``Qwen3ForCausalLM``,
 ``LlamaForCausalLM``, ... chosen by ``model_type``) and only adds a ``mode=`` switch to
 ``generate``; the weights, config and forward are the base architecture's.
@@ -21,12 +27,14 @@ from pathlib import Path
 
 from .errors import ExportError
 
-__all__ = ["MODELING_FILE", "remote_class_name", "base_class_name", "inline_decoding", "modeling_source",
-           "write_remote_code"]
+__all__ = ["MODELING_FILE", "remote_class_name", "base_class_name", "inline_decoding", "inline_package",
+           "modeling_source", "write_remote_code"]
 
 MODELING_FILE = "modeling_nemodiff.py"
 DECODING_DIR = Path(__file__).resolve().parents[1] / "decoding"
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 _ALLOWED_ROOTS = frozenset(sys.stdlib_module_names) | {"torch"}
+_ADAPTER_ROOTS = _ALLOWED_ROOTS | {"transformers"}  # the model adapter may use transformers (remote code has it)
 
 
 def base_class_name(model_type: str) -> str:
@@ -55,7 +63,7 @@ def _module_source(package: Path, name: str) -> str:
     return file.read_text()
 
 
-def _dependency_order(package: Path, entry: str = "__init__") -> list[str]:
+def _dependency_order(package: Path, entry: str = "__init__", allowed: frozenset = _ALLOWED_ROOTS) -> list[str]:
     """Modules reachable from ``entry`` by relative imports, dependencies first."""
     order: list[str] = []
     visiting: set[str] = set()
@@ -79,15 +87,20 @@ def _dependency_order(package: Path, entry: str = "__init__") -> list[str]:
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 roots = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) \
                     else [(node.module or "").split(".")[0]]
-                bad = [r for r in roots if r not in _ALLOWED_ROOTS]
+                bad = [r for r in roots if r not in allowed]
                 if bad:
                     raise ExportError(f"remote_code: {package / name}.py line {node.lineno} imports {bad[0]!r}; "
-                                      "decoding modules may import only torch and the standard library")
+                                      f"{package.name} modules may import only {_allowed_text(allowed)}")
         visiting.discard(name)
         order.append(name)
 
     visit(entry)
     return order
+
+
+def _allowed_text(allowed: frozenset) -> str:
+    extra = sorted(allowed - frozenset(sys.stdlib_module_names))
+    return " and ".join(extra) + " and the standard library" if extra else "the standard library"
 
 
 def _defined_names(node: ast.stmt) -> list[str]:
@@ -101,16 +114,24 @@ def _defined_names(node: ast.stmt) -> list[str]:
 
 
 def inline_decoding(package: Path = DECODING_DIR) -> tuple[list[str], str, list[str]]:
-    """The decoding package as one flat module.
+    """The decoding package as one flat module (see :func:`inline_package`; torch and stdlib only)."""
+    imports, body, modules = inline_package(package, label="decoding")
+    return _merge_imports(imports), body, modules
+
+
+def inline_package(package: Path, entry: str = "__init__", allowed: frozenset = _ALLOWED_ROOTS,
+                   label: str | None = None):
+    """The modules of ``package`` reachable from ``entry`` as one flat module.
 
     Returns:
-        ``(imports, body, modules)``: the hoisted absolute import lines (merged), the concatenated code and the
+        ``(imports, body, modules)``: the hoisted absolute import nodes, the concatenated code and the
         inlined module names in order.
     Raises:
-        ExportError: a module imports something other than torch/stdlib, or two modules define the
+        ExportError: a module imports something outside ``allowed``, or two modules define the
             same top-level name (they would overwrite each other in one namespace).
     """
-    modules = _dependency_order(package)
+    label = label or package.name  # the folder name messages and section comments show
+    modules = _dependency_order(package, entry, allowed)
     imports: list[ast.Import | ast.ImportFrom] = []
     parts: list[str] = []
     owner: dict[str, str] = {}
@@ -140,8 +161,8 @@ def inline_decoding(package: Path = DECODING_DIR) -> tuple[list[str], str, list[
             else:
                 for defined in _defined_names(node):
                     if defined in owner and owner[defined] != name:
-                        raise ExportError(f"remote_code: {defined!r} is defined in both decoding/{owner[defined]}.py "
-                                          f"and decoding/{name}.py; they cannot share the inlined namespace")
+                        raise ExportError(f"remote_code: {defined!r} is defined in both {label}/{owner[defined]}.py "
+                                          f"and {label}/{name}.py; they cannot share the inlined namespace")
                     owner[defined] = name
         kept = []
         for n, line in enumerate(lines):
@@ -150,8 +171,8 @@ def inline_decoding(package: Path = DECODING_DIR) -> tuple[list[str], str, list[
             if n not in drop:
                 kept.append(line)
         body = "\n".join(kept).strip("\n")
-        parts.append(f"# {'-' * 96}\n# inlined from nemodiff_train/decoding/{name}.py\n# {'-' * 96}\n\n{body}\n")
-    return _merge_imports(imports), "\n\n".join(parts), modules
+        parts.append(f"# {'-' * 96}\n# inlined from nemodiff_train/{label}/{name}.py\n# {'-' * 96}\n\n{body}\n")
+    return imports, "\n\n".join(parts), modules
 
 
 def _merge_imports(nodes: list[ast.Import | ast.ImportFrom]) -> list[str]:
@@ -204,71 +225,9 @@ _FOOTER = '''
 # model class
 # {rule}
 
-import inspect as _nd_inspect
-
 from transformers import {base} as _NemoDiffBase
 
 _nemodiff_decode = generate  # the decoding package's dispatcher (inlined above)
-
-
-class _NemoDiffCachedLM:
-    """The decoders' model interface over this model with a transformers ``DynamicCache``."""
-
-    def __init__(self, model, mask_token_id: int):
-        self.hf = model
-        self.mask_token_id = int(mask_token_id)
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        params = _nd_inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x / 4.x
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-
-    def new_cache(self, batch_size: int):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.hf.config)
-        except TypeError:  # older transformers
-            return DynamicCache()
-
-    def cache_length(self, cache) -> int:
-        return int(cache.get_seq_length())
-
-    @torch.inference_mode()
-    def forward(self, cache, input_ids, position_ids, attention_mask, write_cache: bool):
-        cached = self.cache_length(cache)
-        if attention_mask.shape[-1] != cached + input_ids.shape[1]:
-            raise ValueError(f"mask covers {{attention_mask.shape[-1]}} keys, "
-                             f"cache+new = {{cached + input_ids.shape[1]}}")
-        out = self.hf(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
-                      attention_mask=attention_mask[:, None].to(self.device), use_cache=True,
-                      **{{self._cache_kw: cache}})
-        if not write_cache:
-            self.keep_cache(cache, torch.arange(cached))
-        return out.logits.float()
-
-    def _layers(self, cache):
-        if hasattr(cache, "layers"):
-            return [(layer, "keys", "values") for layer in cache.layers]
-        return [(cache, i, i) for i in range(len(cache.key_cache))]  # transformers 4.x lists
-
-    def keep_cache(self, cache, positions) -> None:
-        positions = positions.to(self.device)
-        if hasattr(cache, "layers"):
-            for layer in cache.layers:
-                if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-                    continue
-                layer.keys = layer.keys.index_select(-2, positions)
-                layer.values = layer.values.index_select(-2, positions)
-        else:
-            for i in range(len(cache.key_cache)):
-                cache.key_cache[i] = cache.key_cache[i].index_select(-2, positions)
-                cache.value_cache[i] = cache.value_cache[i].index_select(-2, positions)
-
-    def cache_tensors(self, cache):
-        if hasattr(cache, "layers"):
-            return [(layer.keys, layer.values) for layer in cache.layers]
-        return list(zip(cache.key_cache, cache.value_cache))
 
 
 class NemoDiffGenerateOutput(dict):
@@ -334,7 +293,7 @@ class {cls}(_NemoDiffBase):
         max_new = kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None)
         if max_new:
             cfg["max_new_tokens"] = int(max_new)
-        lm = _NemoDiffCachedLM(self, settings["mask_token_id"])
+        lm = HFCachedLM(self, settings["mask_token_id"])  # inlined from nemodiff_train/models/cached.py
         results = _nemodiff_decode(lm, prompts, mode, DecodeConfig(**cfg))
         pad = kwargs.get("pad_token_id")
         if pad is None:
@@ -359,11 +318,12 @@ __all__ = ["{cls}", "NemoDiffGenerateOutput"]
 def modeling_source(model_type: str, version: str) -> str:
     """The full text of ``modeling_nemodiff.py`` for a ``model_type``."""
     base = base_class_name(model_type)
-    imports, body, modules = inline_decoding()
-    listing = textwrap.fill(", ".join(f"{m}.py" for m in modules), width=100, initial_indent="# ",
-                            subsequent_indent="# ")
+    dec_imports, dec_body, modules = inline_package(DECODING_DIR, label="decoding")
+    lm_imports, lm_body, lm_modules = inline_package(MODELS_DIR, "cached", _ADAPTER_ROOTS)
+    listing = textwrap.fill(", ".join([f"{m}.py" for m in modules] + [f"models/{m}.py" for m in lm_modules]),
+                            width=100, initial_indent="# ", subsequent_indent="# ")
     source = (_HEADER.format(version=version, base=base, modules=listing)
-              + "\n".join(imports) + "\n\n" + body
+              + "\n".join(_merge_imports(dec_imports + lm_imports)) + "\n\n" + dec_body + "\n\n" + lm_body
               + _FOOTER.format(base=base, cls="NemoDiff" + base, rule="-" * 96))
     try:
         compile(source.encode("utf-8"), MODELING_FILE, "exec")  # bytes: honours coding cookies

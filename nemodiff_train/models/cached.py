@@ -1,32 +1,64 @@
 """The decoders' :class:`~nemodiff_train.decoding.interface.CachedLM` over a Hugging Face model.
 
-Uses transformers' own ``DynamicCache`` and passes the decoder's explicit mask as a 4-D tensor, which
-transformers hands to the attention kernel unchanged; a read-only (diffusion) pass runs with the
-cache and then drops the positions it appended, so cached K/V are read but never overwritten.
+Uses transformers' ``DynamicCache`` with full (never truncated) layers and passes the decoder's explicit
+mask as a 4-D mask in the form the model's attention implementation reads (:mod:`.attention`); a
+read-only (diffusion) pass runs with the cache and then drops the positions it appended, so cached K/V
+are read but never overwritten.
+
+Sliding windows: transformers' sliding-window cache drops keys on its own, out of step with the
+decoders' masks and cache edits (a crash, or keys silently missing). So the cache keeps every key, the
+RoPE position of each cached key is tracked beside it, and each windowed layer's mask additionally
+hides keys ``window`` or more positions behind the query (one mask per layer type when layers differ),
+which is exactly what the base model's windowed layers see.
+
+This module imports only torch, the standard library and (inside functions) transformers, with
+:mod:`.arch` and :mod:`.attention`: the exported remote code inlines all three
+(``export/remote_code.py``), so ``trust_remote_code`` users decode through this very adapter.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .hf import DLMModel, cache_kwarg
+from .arch import attn_implementation_of, cache_kwarg, layer_windows
+from .attention import implementation_form, window_keep
 
-__all__ = ["HFCachedLM"]
+__all__ = ["HFCachedLM", "PositionedCache"]
+
+
+class PositionedCache:
+    """A transformers ``DynamicCache`` plus the RoPE position of every cached key.
+
+    Attributes:
+        kv: the ``DynamicCache``.
+        positions: ``[b, C]`` int64 position of each cached column.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device):
+        from transformers import DynamicCache
+
+        self.kv = DynamicCache()  # no config: full layers only (see the module docstring)
+        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+
+    def get_seq_length(self) -> int:
+        return int(self.kv.get_seq_length())
 
 
 class HFCachedLM:
     """Adapter from a HF ``*ForCausalLM`` (or a :class:`DLMModel`) to the decoders' interface.
 
     Args:
-        model: a :class:`DLMModel` or a bare HF causal LM.
+        model: a :class:`~nemodiff_train.models.hf.DLMModel` or a bare HF causal LM.
         mask_token_id: required when ``model`` is a bare HF model.
+    Raises:
+        UnsupportedModelError: an attention implementation or layer layout the masks cannot express.
     """
 
-    def __init__(self, model: DLMModel | nn.Module, mask_token_id: int | None = None):
-        self.hf = model.hf if isinstance(model, DLMModel) else model
+    def __init__(self, model, mask_token_id: int | None = None):
+        is_dlm = hasattr(model, "hf") and hasattr(model, "settings")  # a DLMModel (not imported: see above)
+        self.hf = model.hf if is_dlm else model
         if mask_token_id is None:
-            if not isinstance(model, DLMModel):
+            if not is_dlm:
                 raise ValueError("a bare HF model needs mask_token_id")
             mask_token_id = model.settings.mask_token_id
         self.mask_token_id = int(mask_token_id)
@@ -34,34 +66,57 @@ class HFCachedLM:
         self._cache_kw = cache_kwarg(self.hf)
         self.device = next(self.hf.parameters()).device
         self.dtype = next(self.hf.parameters()).dtype
+        attn_implementation_of(self.hf)
+        self.windows = layer_windows(self.hf.config, self.hf.get_decoder())
 
-    def new_cache(self, batch_size: int):
-        from transformers import DynamicCache
+    def new_cache(self, batch_size: int) -> PositionedCache:
+        return PositionedCache(batch_size, self.device)
 
-        return DynamicCache(config=self.hf.config)
+    def cache_length(self, cache: PositionedCache) -> int:
+        return cache.get_seq_length()
 
-    def cache_length(self, cache) -> int:
-        return int(cache.get_seq_length())
+    def model_mask(self, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
+        """The decoder's ``[b, q, K]`` boolean mask as the model's ``attention_mask`` argument.
+
+        Each layer type's sliding window is applied with the RoPE positions; the result is in the form
+        of the attention implementation (one mask, or ``{layer type: mask}`` when layers differ).
+        """
+        implementation = attn_implementation_of(self.hf)
+        base = allowed[:, None]
+
+        def build(window):
+            keep = window_keep(query_positions, key_positions, window)
+            return implementation_form(base if keep is None else base & keep, implementation, self.dtype)
+
+        if self.windows.uniform:
+            return build(self.windows.windows[0] if self.windows.windows else None)
+        built = {w: build(w) for w in set(self.windows.windows)}
+        return {t: built[w] for t, w in self.windows.by_type().items()}
 
     @torch.inference_mode()
-    def forward(self, cache, input_ids, position_ids, attention_mask, write_cache: bool) -> torch.Tensor:
+    def forward(self, cache: PositionedCache, input_ids, position_ids, attention_mask, write_cache: bool) -> torch.Tensor:
         cached = self.cache_length(cache)
         if attention_mask.shape[-1] != cached + input_ids.shape[1]:
             raise ValueError(f"mask covers {attention_mask.shape[-1]} keys, cache+new = {cached + input_ids.shape[1]}")
-        out = self.hf(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
-                      attention_mask=attention_mask[:, None].to(self.device), use_cache=True,
-                      **{self._cache_kw: cache})
-        if not write_cache:
+        position_ids = position_ids.to(self.device)
+        keys = torch.cat([cache.positions, position_ids], dim=1)
+        mask = self.model_mask(attention_mask.to(self.device), position_ids, keys)
+        out = self.hf(input_ids=input_ids.to(self.device), position_ids=position_ids, attention_mask=mask,
+                      use_cache=True, **{self._cache_kw: cache.kv})
+        if write_cache:
+            cache.positions = keys
+        else:
             self.keep_cache(cache, torch.arange(cached))
         return out.logits.float()
 
-    def keep_cache(self, cache, positions: torch.Tensor) -> None:
+    def keep_cache(self, cache: PositionedCache, positions: torch.Tensor) -> None:
         positions = positions.to(self.device)
-        for layer in cache.layers:
+        for layer in cache.kv.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
             layer.keys = layer.keys.index_select(-2, positions)
             layer.values = layer.values.index_select(-2, positions)
+        cache.positions = cache.positions.index_select(1, positions)
 
-    def cache_tensors(self, cache):
-        return [(layer.keys, layer.values) for layer in cache.layers]
+    def cache_tensors(self, cache: PositionedCache):
+        return [(layer.keys, layer.values) for layer in cache.kv.layers]

@@ -2,14 +2,16 @@
 
 Nothing here copies modeling code. The two-stream forward runs the model's own modules on
 ``[x_t ; x_0]`` with explicit position ids and a prepared 4-D attention mask, which transformers
-passes to the attention kernel unchanged: a dense boolean ``[b, 1, 2L, 2L]`` mask for SDPA (CPU, and
-as a fallback) or a flex-attention ``BlockMask`` (CUDA). That covers every architecture whose
-attention takes ``position_ids`` for RoPE and a 4-D mask (Llama, Qwen2, Qwen3, Mistral, Ministral...).
+passes to the attention kernel unchanged, in the form that kernel reads (:mod:`.attention`: boolean
+for sdpa, additive float for eager, ``BlockMask`` for flex_attention), with each layer's sliding
+window applied as the base model applies it (:mod:`.arch`; one mask per layer type when layers differ).
+The output head is the model's own ``forward`` after its decoder (:meth:`DLMModel.head`), so logit
+scaling and soft-capping (Granite ``logits_scaling``, Gemma-2 ``final_logit_softcapping``, Cohere
+``logit_scale``...) are the architecture's. Tested families: :data:`.arch.TESTED_FAMILIES`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +21,16 @@ from torch import nn
 
 from ..core.masks import SequenceLayout, dense_mask, flex_block_mask, get_pattern
 from ..core.sequence import two_stream_inputs
+from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
+                   pick_attn_implementation)
+from .attention import UnsupportedModelError, implementation_form
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DLMModel", "load_dlm", "resolve_mask_token", "untie_output_head", "MASK_TOKEN", "cache_kwarg"]
+__all__ = ["DLMModel", "load_dlm", "resolve_mask_token", "untie_output_head", "MASK_TOKEN", "cache_kwarg",
+           "UnsupportedModelError", "attn_implementation_of"]
 
 MASK_TOKEN = "<|mask|>"
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "ministral", "ministral3")
-
-
-def cache_kwarg(module: nn.Module) -> str:
-    """Name of the KV-cache argument of a transformers forward (``cache`` in v5.x, ``past_key_values`` before)."""
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def resolve_mask_token(model, tokenizer, mask_token: int | str | None = None) -> int:
@@ -54,7 +53,9 @@ def resolve_mask_token(model, tokenizer, mask_token: int | str | None = None) ->
     existing = tokenizer.convert_tokens_to_ids(text)
     if existing is not None and existing != tokenizer.unk_token_id and existing < vocab:
         return int(existing)
-    tokenizer.add_special_tokens({"additional_special_tokens": [text]})
+    # append: passing the list alone would REPLACE the tokenizer's other extra special tokens
+    # (<|im_start|>, <|im_end|>...) in all_special_tokens and the saved tokenizer
+    tokenizer.add_special_tokens({"additional_special_tokens": [text]}, replace_extra_special_tokens=False)
     new_id = tokenizer.convert_tokens_to_ids(text)
     if new_id >= vocab:
         _grow_vocab_with_mean_rows(model, new_id + 1)
@@ -107,12 +108,29 @@ class DLMSettings:
     attention_pattern: str = "two_stream"
 
 
+class _GivenHidden(nn.Module):
+    """Stands in for the decoder while :meth:`DLMModel.head` runs the model's forward on given hidden states."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+
 class DLMModel(nn.Module):
     """A loaded HF causal LM plus the DLM settings; the unit both training and decoding use.
 
     Attributes:
         hf: the ``*ForCausalLM`` module (its ``state_dict`` is the HF layout, so export is a save).
         settings: :class:`DLMSettings`.
+        windows: :class:`~nemodiff_train.models.arch.LayerWindows` of the decoder's layers.
+    Raises:
+        UnsupportedModelError: the model's attention implementation, layer types or module layout
+            cannot be run correctly.
     """
 
     def __init__(self, hf: nn.Module, settings: DLMSettings, tokenizer=None):
@@ -121,27 +139,62 @@ class DLMModel(nn.Module):
         self.settings = settings
         self.tokenizer = tokenizer
         self._cache_kw = cache_kwarg(hf.get_decoder())
+        attn_implementation_of(hf)  # refuse a kernel that cannot take our masks now, not at the first step
+        self.windows = layer_windows(hf.config, hf.get_decoder())
+        self._decoder_name = decoder_attribute(hf)
 
     @property
     def config(self):
         return self.hf.config
 
     @property
+    def implementation(self) -> str:
+        """The attention implementation the model runs now (read per call: tools may switch it)."""
+        return attn_implementation_of(self.hf)
+
+    @property
     def backbone(self) -> nn.Module:
         return self.hf.get_decoder()
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output head: ``[..., d]`` → ``[..., V]`` logits (includes any final logit scaling)."""
-        logits = self.hf.get_output_embeddings()(hidden)
-        scale = getattr(self.hf, "logit_scale", None) or getattr(self.config, "logit_scale", None)
-        return logits * scale if isinstance(scale, float) and scale != 1.0 else logits
+        """Output head: ``[..., d]`` final hidden states → ``[..., V]`` logits, by the model's own forward.
+
+        The ``*ForCausalLM.forward`` runs with its decoder replaced by a module that returns ``hidden``,
+        so everything the architecture does after the decoder (the head, logit scaling, soft-capping)
+        is the architecture's own code, not a re-implementation of the common case.
+        """
+        lead, d = hidden.shape[:-1], hidden.shape[-1]
+        flat = hidden.reshape(1, -1, d)
+        modules = self.hf._modules
+        decoder = modules[self._decoder_name]
+        modules[self._decoder_name] = _GivenHidden(flat)
+        try:
+            logits = self.hf(inputs_embeds=flat, use_cache=False).logits
+        finally:
+            modules[self._decoder_name] = decoder
+        return logits.reshape(*lead, logits.shape[-1])
 
     def attention_mask(self, layout: SequenceLayout, batch_size: int, device: torch.device, pattern: str | None = None):
-        """The prepared 4-D mask for this model's attention implementation."""
+        """The prepared 4-D mask in the form this model's attention implementation reads.
+
+        Returns:
+            one mask (every layer has the same window), or ``{layer type: mask}`` when layers differ;
+            each a ``[b, 1, S, S]`` bool (sdpa) or model-dtype additive float (eager) tensor, or a
+            flex-attention ``BlockMask``.
+        """
         pattern = get_pattern(pattern or self.settings.attention_pattern)
-        if getattr(self.config, "_attn_implementation", "sdpa") == "flex_attention":
-            return flex_block_mask(pattern, layout, batch_size, device=device)
-        return dense_mask(pattern, layout, batch_size, device=device)
+        dtype = self.hf.get_input_embeddings().weight.dtype
+
+        def build(window):
+            if self.implementation == "flex_attention":
+                return flex_block_mask(pattern, layout, batch_size, device=device, window=window)
+            return implementation_form(dense_mask(pattern, layout, batch_size, device=device, window=window),
+                                       self.implementation, dtype)
+
+        if self.windows.uniform:
+            return build(self.windows.windows[0] if self.windows.windows else None)
+        built = {w: build(w) for w in set(self.windows.windows)}
+        return {t: built[w] for t, w in self.windows.by_type().items()}
 
     def two_stream_hidden(self, noisy_ids: torch.Tensor, clean_ids: torch.Tensor,
                           doc_ids: torch.Tensor | None = None, block_size: int | None = None,
@@ -179,8 +232,14 @@ def load_dlm(path: str | Path, *, mask_token: int | str | None = None, untie_hea
         mask_token: see :func:`resolve_mask_token`; ignored when the directory's config already
             records a ``nemodiff.mask_token_id`` (an exported DLM).
         untie_head: give the output head its own weights when the base ties them.
-        attn_implementation: ``sdpa`` (default on CPU) or ``flex_attention`` (default on CUDA).
+        attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``; None picks the first the
+            architecture supports (:func:`~nemodiff_train.models.arch.pick_attn_implementation`:
+            flex_attention on CUDA, else sdpa, else eager).
         settings: extra :class:`DLMSettings` fields (block sizes, pattern).
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``path``.
+        UnsupportedModelError: an architecture, layer type or attention implementation that cannot be
+            run correctly (the message names it).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -188,12 +247,12 @@ def load_dlm(path: str | Path, *, mask_token: int | str | None = None, untie_hea
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     device = torch.device(device)
-    if attn_implementation is None:
-        attn_implementation = "flex_attention" if device.type == "cuda" else "sdpa"
     config = AutoConfig.from_pretrained(path)
+    check_config(config)
+    attn_implementation = pick_attn_implementation(config, device.type, attn_implementation)
     family = getattr(config, "model_type", "?")
-    if family not in SUPPORTED_FAMILIES:
-        log.warning("model family %r is not in the tested set %s; trying anyway", family, SUPPORTED_FAMILIES)
+    if family not in TESTED_FAMILIES:
+        log.warning("model family %r is not in the tested set %s; trying anyway", family, TESTED_FAMILIES)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     hf.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None

@@ -59,7 +59,7 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     """
     m = cfg.model
     mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
-    attn = m.attn_implementation or ("flex_attention" if env.device.type == "cuda" else "sdpa")
+    attn = m.attn_implementation  # None: load_dlm picks what the architecture supports (flex on CUDA, sdpa, eager)
     path = Path(work.run("model", lambda: str(resolve_model_path(m.path)), per_node=True))
     shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
