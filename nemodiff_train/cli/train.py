@@ -65,6 +65,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"nemodiff-train: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # a torn/corrupt checkpoint or a full disk: the message names the files
+        if type(e).__name__ != "CheckpointError":
+            raise
+        print(f"nemodiff-train: checkpoint error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> None:

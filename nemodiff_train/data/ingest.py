@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
+from ..faults import fault_point
 from .blend import doc_key
 from .parallel import ordered_map
 from .report import SkipReport
@@ -133,6 +134,7 @@ def ingest_source(
                     if max_documents is not None and store.n_docs >= max_documents:
                         done = True
                         break
+            fault_point("data")  # NEMODIFF_FAULT=data:<n>: a fault mid-preparation
             if done:
                 break
     finally:
