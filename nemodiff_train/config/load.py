@@ -145,6 +145,8 @@ def validate(cfg: Config) -> None:
         need(st.data.seq_len > 1, f"{key}.data.seq_len", "must be > 1")
         need(len(st.data.sources) > 0, f"{key}.data.sources", "no data source given")
         need(0 <= st.data.val_fraction < 1, f"{key}.data.val_fraction", "must be in [0, 1)")
+        need(st.data.max_bad_fraction is None or 0 <= st.data.max_bad_fraction <= 1, f"{key}.data.max_bad_fraction",
+             "must be in [0, 1] (or null)")
         need(st.lr is None or st.lr > 0, f"{key}.lr", "must be > 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     for i, st in enumerate(cfg.stages):
