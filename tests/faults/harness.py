@@ -73,7 +73,10 @@ def launch(args: list[str], run_dir: Path, *, fault: str | None = None, nproc: i
         cmd = [sys.executable, "-m", "nemodiff_train.cli.train", *args]
     before = len(metrics(run_dir))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env(fault), timeout=timeout, cwd=str(ROOT))
-    return Launch(out.returncode, out.stdout + out.stderr, metrics(run_dir)[before:])
+    output = out.stdout + out.stderr
+    for name, value in SECRETS.items():
+        assert value not in output, f"{name} was printed by {cmd}"
+    return Launch(out.returncode, output, metrics(run_dir)[before:])
 
 
 def check_ok(result: Launch) -> Launch:
