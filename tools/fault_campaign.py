@@ -189,7 +189,7 @@ def corruption_campaign(baseline: Path, work: Path, n: int, rng: random.Random, 
         shutil.rmtree(run, ignore_errors=True)
     # one real resume through the CLI past a truncated newest checkpoint
     run = work / "corrupt_cli"
-    shutil.copytree(baseline, run, ignore=shutil.ignore_patterns("hf"))
+    shutil.copytree(baseline / "checkpoints", run / "checkpoints")  # prepared data records its tokenizer's path
     shard = run / "checkpoints" / "step_00000006" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     r = launch(base_args(assets, run, "export.at_end=false"), run)

@@ -50,7 +50,8 @@ def test_kill9_in_every_phase_resumes_bit_for_bit(assets, baseline, tmp_path):
     r = launch(args, run, fault="step:3")  # between backward and update of step 3
     assert r.returncode == KILLED and resumed_from(r) is None and r.steps == [1, 2], r.output[-2000:]
     assert _complete(run) == [2]
-    shutil.copytree(run, tmp_path / "one_to_two")  # for the world-size change below
+    # for the world-size change below (the checkpoints only: prepared data records its tokenizer's path)
+    shutil.copytree(run / "checkpoints", tmp_path / "one_to_two" / "checkpoints")
 
     r = launch(args, run, fault="checkpoint:1")  # the step-4 shards are written, COMPLETE is not
     assert r.returncode == KILLED and resumed_from(r) == 2 and r.steps == [3, 4], r.output[-2000:]
@@ -123,7 +124,7 @@ def test_torchrun_two_processes_kill9_resumes_bit_for_bit(assets, tmp_path, stra
         assert r.steps == [1, 2, 3, 4] and (run / "checkpoints" / "step_00000004.tmp").is_dir()
     else:
         assert r.steps == [1, 2]
-        shutil.copytree(run, tmp_path / "two_to_one")
+        shutil.copytree(run / "checkpoints", tmp_path / "two_to_one" / "checkpoints")
 
     r = check_ok(launch(base_args(assets, run, *extra), run, nproc=2))
     assert resumed_from(r) == last and r.steps == list(range(last + 1, 7))
