@@ -63,19 +63,20 @@ def _weights_equal(a: Path, b: Path) -> bool:
     return bool(wa) and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def kill_campaign(assets: Path, work: Path, n_kills: int, rng: random.Random, log) -> dict:
-    refs: dict[tuple, Path] = {}
+def reference_run(assets: Path, work: Path, nproc: int, strategy: str) -> Path:
+    """The uninterrupted run of a world size and strategy (made once)."""
+    run = work / f"reference_{nproc}_{strategy}"
+    if not (run / "checkpoints" / "step_00000006" / "COMPLETE").is_file():
+        extra = [f"engine.distributed={strategy}"] + (["export.at_end=false"] if nproc else [])
+        r = launch(base_args(assets, run, *extra), run, nproc=nproc, timeout=1800)
+        if r.returncode:
+            raise RuntimeError(f"reference run failed:\n{r.output[-3000:]}")
+    return run
 
+
+def kill_campaign(assets: Path, work: Path, n_kills: int, rng: random.Random, log, on_chain=lambda out: None) -> dict:
     def ref_run(nproc: int, strategy: str) -> Path:
-        key = (nproc, strategy)
-        if key not in refs:
-            run = work / f"reference_{nproc}_{strategy}"
-            extra = [f"engine.distributed={strategy}"] + (["export.at_end=false"] if nproc else [])
-            r = launch(base_args(assets, run, *extra), run, nproc=nproc, timeout=1800)
-            if r.returncode:
-                raise RuntimeError(f"reference run failed:\n{r.output[-3000:]}")
-            refs[key] = run
-        return refs[key]
+        return reference_run(assets, work, nproc, strategy)
 
     out = {"kills_injected": 0, "kills_survived": 0, "signals_injected": 0, "signals_clean_exit": 0,
            "steps_compared": 0, "steps_identical": 0, "chains": [], "by_phase": {p: 0 for p in PHASES}, "failures": []}
@@ -133,6 +134,7 @@ def kill_campaign(assets: Path, work: Path, n_kills: int, rng: random.Random, lo
         log(f"chain {chain} ({nproc or 1} proc {strategy}): {[e['fault'] for e in events]} -> "
             f"{'ok' if complete and not diffs else 'FAILED'}; kills so far {out['kills_injected']}")
         shutil.rmtree(run, ignore_errors=True)
+        on_chain(out)
     return out
 
 
@@ -236,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--fuzz", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
+    p.add_argument("--machine", default="", help="free text recorded in the report (e.g. '2-core shared CPU')")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     started = time.time()
@@ -247,7 +250,7 @@ def main(argv=None) -> int:
 
     try:
         assets = make_assets(work / "assets")
-        report = {"seed": args.seed}
+        report = {"seed": args.seed, "machine": args.machine}
         report["bad_rows"] = bad_rows_campaign(assets, work)
         log(f"bad rows: {report['bad_rows']['counted_total']}/{report['bad_rows']['planted_total']} reported")
         from tests.faults.test_config_fuzz import run_fuzz
@@ -256,9 +259,13 @@ def main(argv=None) -> int:
         report["fuzz"] = {"cases": fuzz["cases"], "clean_error": fuzz["clean_error"], "accepted": fuzz["accepted"],
                           "crashed_or_unnamed": len(fuzz["broken"]), "broken": [str(b) for b in fuzz["broken"][:10]]}
         log(f"fuzz: {report['fuzz']}")
-        report["kills"] = kill_campaign(assets, work, args.kills, rng, log)
-        report["corruptions"] = corruption_campaign(work / "reference_0_ddp", work, args.corruptions, rng, assets)
+        Path(args.out).write_text(json.dumps(report, indent=1))  # partial reports survive a later failure
+        report["corruptions"] = corruption_campaign(reference_run(assets, work, 0, "ddp"), work, args.corruptions,
+                                                    rng, assets)
         log(f"corruptions: {report['corruptions']['detected']}/{report['corruptions']['injected']}")
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        report["kills"] = kill_campaign(assets, work, args.kills, rng, log, on_chain=lambda k: Path(args.out).write_text(
+            json.dumps({**report, "kills": k}, indent=1)))
         k = report["kills"]
         report["summary"] = {
             "kills_survived": f"{k['kills_survived']}/{k['kills_injected']}",
