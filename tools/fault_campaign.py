@@ -83,7 +83,7 @@ def kill_campaign(assets: Path, work: Path, n_kills: int, rng: random.Random, lo
     chain = 0
     while out["kills_injected"] < n_kills:
         chain += 1
-        nproc, strategy = rng.choice([(0, "ddp")] * 3 + [(2, "ddp"), (2, "fsdp2")])
+        nproc, strategy = rng.choice([(0, "ddp")] * 4 + [(2, "ddp"), (2, "fsdp2")])
         ref = reference(ref_run(nproc, strategy))
         run = work / f"chain_{chain:03d}"
         args = base_args(assets, run, f"engine.distributed={strategy}", *(["export.at_end=false"] if nproc else []))
@@ -251,21 +251,22 @@ def main(argv=None) -> int:
     try:
         assets = make_assets(work / "assets")
         report = {"seed": args.seed, "machine": args.machine}
+        save = lambda: Path(args.out).write_text(json.dumps(report, indent=1))  # noqa: E731 - partial reports
         report["bad_rows"] = bad_rows_campaign(assets, work)
         log(f"bad rows: {report['bad_rows']['counted_total']}/{report['bad_rows']['planted_total']} reported")
+        save()
+        report["corruptions"] = corruption_campaign(reference_run(assets, work, 0, "ddp"), work, args.corruptions,
+                                                    rng, assets)
+        log(f"corruptions: {report['corruptions']['detected']}/{report['corruptions']['injected']}")
+        save()
+        report["kills"] = kill_campaign(assets, work, args.kills, rng, log,
+                                        on_chain=lambda k: (report.__setitem__("kills", k), save()))
         from tests.faults.test_config_fuzz import run_fuzz
 
         fuzz = run_fuzz(args.fuzz, seed=args.seed)
         report["fuzz"] = {"cases": fuzz["cases"], "clean_error": fuzz["clean_error"], "accepted": fuzz["accepted"],
                           "crashed_or_unnamed": len(fuzz["broken"]), "broken": [str(b) for b in fuzz["broken"][:10]]}
         log(f"fuzz: {report['fuzz']}")
-        Path(args.out).write_text(json.dumps(report, indent=1))  # partial reports survive a later failure
-        report["corruptions"] = corruption_campaign(reference_run(assets, work, 0, "ddp"), work, args.corruptions,
-                                                    rng, assets)
-        log(f"corruptions: {report['corruptions']['detected']}/{report['corruptions']['injected']}")
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        report["kills"] = kill_campaign(assets, work, args.kills, rng, log, on_chain=lambda k: Path(args.out).write_text(
-            json.dumps({**report, "kills": k}, indent=1)))
         k = report["kills"]
         report["summary"] = {
             "kills_survived": f"{k['kills_survived']}/{k['kills_injected']}",
