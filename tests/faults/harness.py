@@ -64,7 +64,7 @@ class Launch:
         return [r["step"] for r in train_rows(self.rows)]
 
 
-def launch(args: list[str], run_dir: Path, *, fault: str | None = None, nproc: int = 0, timeout: int = 300) -> Launch:
+def launch(args: list[str], run_dir: Path, *, fault: str | None = None, nproc: int = 0, timeout: int = 900) -> Launch:
     """Run the CLI once (``nproc`` > 0: under torchrun); never raises on a non-zero exit."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",

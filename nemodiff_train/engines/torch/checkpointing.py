@@ -93,11 +93,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies (shards present and not truncated), or ``None``."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        if verify_checkpoint(ckpt, deep=False) is None:
-            return ckpt
-    return None
+    """The newest checkpoint with a ``COMPLETE`` marker (export then names any damaged file), or ``None``."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _latest_verified(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files verify by size, or ``None``."""
+    return next((c for c in reversed(list_checkpoints(run_dir)) if verify_checkpoint(c, deep=False) is None), None)
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -398,7 +401,7 @@ def _manifest(tmp: Path, step: int, model: dict) -> dict:
 
 
 def _space_error(root: Path, step: int, need: int, free: int, cause: str) -> CheckpointError:
-    kept = latest_checkpoint(root.parent)
+    kept = _latest_verified(root.parent)
     return CheckpointError(
         f"cannot save checkpoint step {step} in {root}: {cause}; it needs about {need:,} bytes and the file "
         f"system has {free:,} free. {'The previous checkpoint ' + str(kept) + ' is intact.' if kept else 'No earlier checkpoint exists.'}"
