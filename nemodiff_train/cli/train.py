@@ -76,9 +76,37 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def preflight(cfg) -> None:
+    """Check what the config points at (model directory, local data files) before any work, naming the key.
+
+    Hub names (``org/name``) are left to the download; ``embedded`` means the shipped assets.
+    """
+    from ..data.sources import SourceError, SourceSpec, resolve_files
+    from ..engines.torch.setup import EMBEDDED, resolve_source
+
+    path = cfg.model.path
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
+    if path != EMBEDDED and looks_local and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model.path: {path!r} is not a directory (a local model directory, an org/name Hub id, "
+                          f"or {EMBEDDED!r})")
+    for i, stage in enumerate(cfg.stages):
+        d = stage.data
+        if d.prepared_dir and (Path(d.prepared_dir) / "meta.json").is_file():
+            continue  # already prepared: the raw sources are not read again
+        for field_name in ("sources", "val_sources"):
+            for j, text in enumerate(getattr(d, field_name)):
+                key = f"stages.{i}.data.{field_name}.{j}"
+                try:
+                    resolve_files(SourceSpec.parse(resolve_source(str(text)), text_field=d.text_field,
+                                                   messages_field=d.messages_field))
+                except (SourceError, ValueError, KeyError, FileNotFoundError) as e:
+                    raise ConfigError(f"{key}: {e}") from None
+
+
 def run(cfg_dict: DictConfig) -> Path:
     cfg = to_config(cfg_dict)
     check_model(cfg)
+    preflight(cfg)
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.recipe)
     if cfg.engine.name == "megatron":
         from ..engines.megatron.train import run as megatron_run
@@ -127,6 +155,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"nemodiff-train: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # a torn/corrupt checkpoint or a full disk: the message names the files
+        if type(e).__name__ != "CheckpointError":
+            raise
+        print(f"nemodiff-train: checkpoint error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ file that overrides any group). Every error names the key it is about.
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,36 @@ def to_config(cfg: DictConfig | dict) -> Config:
     except ConfigKeyError as e:
         raise ConfigError(f"unknown config key {_key_of(e)!r} (check its spelling): {e.msg}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid value for config key {_key_of(e)!r}: {e.msg}") from None
+        key, msg = _find_bad_key(Config, OmegaConf.to_container(raw, resolve=False), "") or (_key_of(e), e.msg)
+        raise ConfigError(f"invalid value for config key {key!r}: {msg}") from None
     validate(result)
     return result
+
+
+def _find_bad_key(schema: type, node: Any, prefix: str) -> tuple[str, str] | None:
+    """The full dotted key (list items included: ``stages.0.micro_batch_size``) whose value does not
+    fit ``schema``, and OmegaConf's message; OmegaConf's own errors lose the prefix inside lists."""
+    import typing
+
+    if not isinstance(node, dict):
+        return None
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items():
+        sub = hints.get(key)
+        item = typing.get_args(sub)[0] if typing.get_origin(sub) is list and typing.get_args(sub) else None
+        if is_dataclass(sub) and isinstance(value, dict):
+            found = _find_bad_key(sub, value, f"{prefix}{key}.")
+        elif item is not None and is_dataclass(item) and isinstance(value, list):
+            found = next((f for i, v in enumerate(value) if (f := _find_bad_key(item, v, f"{prefix}{key}.{i}."))), None)
+        else:
+            try:
+                OmegaConf.merge(OmegaConf.structured(schema), {key: value})
+                found = None
+            except OmegaConfBaseException as e:
+                found = (prefix + str(key), e.msg.splitlines()[0] if e.msg else type(e).__name__)
+        if found:
+            return found
+    return None
 
 
 def merge_into(schema: type, cfg: DictConfig | dict, *, app: str, error: type[Exception]):
@@ -124,6 +152,23 @@ def validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         need(value in choices, key, f"{value!r} is not one of {list(choices)}")
+    for key, value in _float_leaves(cfg, ""):
+        need(math.isfinite(value), key, f"{value} is not a finite number")
+    need(cfg.run.seed >= 0, "run.seed", "must be >= 0")
+    need(cfg.model.mask_token_id is None or cfg.model.mask_token_id >= 0, "model.mask_token_id", "must be >= 0")
+    need(cfg.diffusion.loss_chunk_size > 0, "diffusion.loss_chunk_size", "must be > 0")
+    o = cfg.optim
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    need(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    need(o.eps > 0, "optim.eps", "must be > 0")
+    need(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
+    need(cfg.logging.val_batches >= 1, "logging.val_batches", "must be >= 1")
+    e = cfg.eval
+    need(e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+    need(e.limit is None or e.limit >= 1, "eval.limit", "must be >= 1 (or null)")
+    need(e.block_size is None or e.block_size > 0, "eval.block_size", "must be > 0 (or null)")
+    need(0 < e.threshold <= 1, "eval.threshold", "must be in (0, 1]")
     d = cfg.diffusion
     need(d.pattern in PATTERNS, "diffusion.pattern", f"{d.pattern!r} is not one of {sorted(PATTERNS)}")
     need(PATTERNS[d.pattern].streams == 2, "diffusion.pattern",
@@ -139,18 +184,24 @@ def validate(cfg: Config) -> None:
         need(st.kind in ("pretrain", "sft"), f"{key}.kind", f"{st.kind!r} is not one of ['pretrain', 'sft']")
         need(st.steps > 0, f"{key}.steps", "must be > 0")
         need(st.micro_batch_size > 0, f"{key}.micro_batch_size", "must be > 0")
+        need(st.global_batch_size > 0, f"{key}.global_batch_size", "must be > 0")
+        need(st.data.num_proc >= 1, f"{key}.data.num_proc", "must be >= 1")
+        need(st.data.max_documents is None or st.data.max_documents >= 1, f"{key}.data.max_documents",
+             "must be >= 1 (or null)")
         need(st.global_batch_size % st.micro_batch_size == 0, f"{key}.global_batch_size",
              f"{st.global_batch_size} is not a multiple of micro_batch_size={st.micro_batch_size}")
         need(st.data.kind == st.kind, f"{key}.data.kind", f"{st.data.kind!r} does not match the stage kind {st.kind!r}")
         need(st.data.seq_len > 1, f"{key}.data.seq_len", "must be > 1")
         need(len(st.data.sources) > 0, f"{key}.data.sources", "no data source given")
         need(0 <= st.data.val_fraction < 1, f"{key}.data.val_fraction", "must be in [0, 1)")
+        need(st.data.max_bad_fraction is None or 0 <= st.data.max_bad_fraction <= 1, f"{key}.data.max_bad_fraction",
+             "must be in [0, 1] (or null)")
         need(st.lr is None or st.lr > 0, f"{key}.lr", "must be > 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     for i, st in enumerate(cfg.stages):
         peak = st.lr or cfg.optim.lr
         need(0 <= cfg.optim.min_lr <= peak, "optim.min_lr",
-             f"{cfg.optim.min_lr} must be in [0, peak lr of stage {i} ({peak})]")
+             f"{cfg.optim.min_lr} must be in [0, the peak lr of stage {i}] (stages.{i}.lr or optim.lr = {peak})")
     need(0 <= cfg.schedule.warmup_fraction < 1, "schedule.warmup_fraction", "must be in [0, 1)")
     need(0 <= cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction", "must be in [0, 1]")
     need(cfg.checkpoint.every > 0, "checkpoint.every", "must be > 0")
@@ -180,6 +231,18 @@ def validate(cfg: Config) -> None:
          "remove the key")
     for key in ("engine.dist_timeout_s", "engine.main_work_timeout_s"):
         need(_get(cfg, key) > 0, key, "must be > 0 seconds")
+
+
+def _float_leaves(obj: Any, prefix: str):
+    """``(dotted key, value)`` of every float in a dataclass tree (lists indexed like Hydra keys)."""
+    if is_dataclass(obj):
+        for f in fields(obj):
+            yield from _float_leaves(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield from _float_leaves(item, f"{prefix}{i}.")
+    elif isinstance(obj, float):
+        yield prefix[:-1], obj
 
 
 def register_schema() -> None:

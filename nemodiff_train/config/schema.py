@@ -71,6 +71,7 @@ class DataConfig:
     pack: bool = True
     prepared_dir: Optional[str] = None  # default: <run.dir>/data/<stage name>
     max_documents: Optional[int] = None
+    max_bad_fraction: Optional[float] = None  # stop when a source has more bad rows than this (None: skip them)
 
 
 @dataclass

@@ -36,6 +36,8 @@ def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="blend/shuffle seed (default 0)")
     p.add_argument("--max-chars", type=int, default=1_000_000, help="skip rows with more characters (default 1e6)")
     p.add_argument("--max-documents", type=int, default=None, help="read at most N valid documents per source")
+    p.add_argument("--max-bad-fraction", type=float, default=None,
+                   help="fail when a source has more than this fraction of bad (skipped) rows (default: skip them)")
     if kind == "pretrain":
         p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     else:
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             max_chars=args.max_chars,
             max_documents=args.max_documents,
+            max_bad_fraction=args.max_bad_fraction,
             **({"pack": args.pack, "truncate": args.truncate} if args.kind == "sft" else {}),
         )
     except (ValueError, TypeError) as e:

@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
+from ..faults import fault_point
 from .blend import doc_key
 from .parallel import ordered_map
 from .report import SkipReport
@@ -110,8 +111,13 @@ def ingest_source(
     max_documents: int | None,
     num_proc: int,
     control_strings: list[str] = (),
+    max_bad_fraction: float | None = None,
 ) -> tuple[DocStore, SkipReport]:
-    """Tokenize ``spec`` into a finished :class:`DocStore`; return it with the source's skips."""
+    """Tokenize ``spec`` into a finished :class:`DocStore`; return it with the source's skips.
+
+    ``max_bad_fraction``: raise :class:`SourceError` when more than this fraction of the source's
+    rows (read up to ``max_documents``) was skipped (``None``: only a source with no valid row fails).
+    """
     store = DocStore(store_prefix, with_mask=(kind == "sft"))
     report = SkipReport()
     items = _checked_items(spec, kind, max_chars, list(control_strings))
@@ -133,11 +139,19 @@ def ingest_source(
                     if max_documents is not None and store.n_docs >= max_documents:
                         done = True
                         break
+            fault_point("data")  # NEMODIFF_FAULT=data:<n>: a fault mid-preparation
             if done:
                 break
     finally:
         results.close()  # stops the worker pool early when max_documents was reached
         store.finish()
+    bad = report.total / max(report.total + store.n_docs, 1)
+    if store.n_docs and max_bad_fraction is not None and bad > max_bad_fraction:
+        raise SourceError(
+            f"source {spec.label!r}: {report.total} of {report.total + store.n_docs} rows ({bad:.1%}) were skipped, "
+            f"over max_bad_fraction={max_bad_fraction} ({report.summary()}); first: "
+            + "; ".join(report.examples[:3])
+        )
     if store.n_docs == 0:
         raise SourceError(
             f"source {spec.label!r} yielded no valid {'document' if kind == 'pretrain' else 'conversation'}"

@@ -82,6 +82,8 @@ class DataPrepConfig:
         pack: SFT only: pack several conversations per row (else one per row, padded).
         truncate: SFT only: cut conversations longer than seq_len instead of skipping them.
         max_documents: read at most this many valid documents from *each* source (quick runs).
+        max_bad_fraction: stop with an error when a source has more than this fraction of bad
+            (skipped) rows; ``None`` = proceed on the good rows (a source with none still fails).
     """
 
     kind: str
@@ -97,6 +99,7 @@ class DataPrepConfig:
     pack: bool = True
     truncate: bool = False
     max_documents: int | None = None
+    max_bad_fraction: float | None = None
 
     def __post_init__(self) -> None:
         self.sources = [_as_source(s) for s in (self.sources or [])]
@@ -118,6 +121,8 @@ class DataPrepConfig:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
         if self.max_documents is not None and int(self.max_documents) < 1:
             raise ValueError(f"max_documents must be >= 1 or None, got {self.max_documents}")
+        if self.max_bad_fraction is not None and not (0.0 <= float(self.max_bad_fraction) <= 1.0):
+            raise ValueError(f"max_bad_fraction must be in [0, 1] or None, got {self.max_bad_fraction}")
 
 
 def _spec_dict(s: SourceSpec) -> dict:
@@ -224,6 +229,7 @@ def _build(cfg: DataPrepConfig, tmp: Path, encoder: EncoderSpec, controls: list[
             max_documents=cfg.max_documents,
             num_proc=cfg.num_proc,
             control_strings=controls,
+            max_bad_fraction=cfg.max_bad_fraction,
         )
         stores.append(store)
         report.merge(rep)

@@ -26,6 +26,7 @@ __all__ = [
     "EMPTY_TEXT",
     "NON_UTF8",
     "OVER_LONG_CHARS",
+    "CORRUPT_FILE",
     "OVER_LONG_TOKENS",
     "TOKENIZER_ERROR",
     "BAD_MESSAGES",
@@ -50,6 +51,7 @@ WRONG_TYPE = "wrong-type"  # the field has the wrong type (null, number, ...)
 EMPTY_TEXT = "empty-text"  # text is empty or whitespace only
 NON_UTF8 = "non-utf8"  # the line is not valid UTF-8
 OVER_LONG_CHARS = "over-long-chars"  # more characters than max_chars
+CORRUPT_FILE = "corrupt-file"  # the file breaks off here (gzip cut mid-stream): its remaining rows are lost
 # tokenising
 OVER_LONG_TOKENS = "over-long-tokens"  # SFT conversation longer than seq_len (truncate=False)
 TOKENIZER_ERROR = "tokenizer-error"  # the tokenizer raised on this document

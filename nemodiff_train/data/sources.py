@@ -15,9 +15,11 @@ JSON-lines files are read line by line in binary, so each bad row is reported wi
 ``\\udXXX`` escape, which is valid JSON but not encodable), invalid JSON, a value
 that is not an object, a missing/null field, a field of the wrong type, empty text, or text over
 ``max_chars`` characters (reasons in :mod:`nemodiff_train.data.report`). Blank lines are ignored
-silently. Parquet/arrow files and Hub data sets go through ``datasets`` (streamed, so nothing is
-copied into the ``datasets`` cache) and get the same per-row checks, with the 1-based row number
-in place of the line.
+silently. Lines are read with a bounded buffer (a 100 MB line is skipped without being held in
+memory), and a gzip file cut mid-stream keeps its rows up to the cut (one ``corrupt-file`` skip).
+Parquet/arrow files and Hub data sets go through ``datasets`` (streamed, so nothing is copied into
+the ``datasets`` cache) and get the same per-row checks, with the 1-based row number in place of
+the line.
 
 Readers yield :class:`Row` (a usable value) and :class:`Skip` (a dropped row) items *in file
 order*, rather than writing to a report themselves, so the caller can stop at exactly
@@ -35,6 +37,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -223,21 +226,58 @@ def _first_nonblank_byte(path: Path) -> bytes:
                 return stripped[:1]
 
 
+def _raw_limit(max_chars: int) -> int:
+    """Bytes of one raw line (or JSON-array file) held in memory at most: a line this long cannot
+    hold a field of ``max_chars`` characters plus sane metadata (UTF-8 and JSON escapes take up to
+    12 bytes per character, hence the factor)."""
+    return 12 * max_chars + (1 << 20)
+
+
+def _bounded_lines(f, limit: int) -> Iterator[tuple[bytes, int]]:
+    """``(line, its length in bytes)`` of a binary stream, holding at most ``limit`` + 1 bytes: the
+    head of a longer line is returned truncated (length still exact), the rest read and dropped in
+    1 MiB pieces, so a 100 MB line (or a binary file without newlines) never sits in memory."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        n = len(raw)
+        if n > limit and not raw.endswith(b"\n"):
+            while True:
+                rest = f.readline(1 << 20)
+                n += len(rest)
+                if not rest or rest.endswith(b"\n"):
+                    break
+        yield raw, n
+
+
 def _iter_json_lines(path: Path, max_chars: int) -> Iterator[tuple[str, Any] | Skip]:
-    """``(where, parsed JSON)`` per non-blank line of a JSON-lines file, or :class:`Skip`."""
-    # A raw line this long cannot hold a field of max_chars characters plus sane metadata; skip
-    # it before json.loads so one giant line cannot blow up memory (UTF-8 and JSON escapes can
-    # take up to 12 bytes per character, hence the factor).
-    raw_limit = 12 * max_chars + (1 << 20)
+    """``(where, parsed JSON)`` per non-blank line of a JSON-lines file, or :class:`Skip`.
+
+    A gzip stream that ends early or is corrupt yields one ``corrupt-file`` skip at the line where it
+    broke; the rows before it are kept (the rest of the file cannot be read).
+    """
+    raw_limit = _raw_limit(max_chars)
+    lineno = 0
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        lines = _bounded_lines(f, raw_limit)
+        while True:
+            try:
+                raw, n_bytes = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as e:  # truncated / corrupt gzip, I/O error
+                yield Skip(f"{path}:{lineno + 1}", R.CORRUPT_FILE,
+                           f"{type(e).__name__}: {e}; the rest of the file is unreadable")
+                return
+            lineno += 1
             where = f"{path}:{lineno}"
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
                 continue
-            if len(raw) > raw_limit:
-                yield Skip(where, R.OVER_LONG_CHARS, f"line of {len(raw)} bytes")
+            if n_bytes > raw_limit:
+                yield Skip(where, R.OVER_LONG_CHARS, f"line of {n_bytes} bytes")
                 continue
             try:
                 line = raw.decode("utf-8")
@@ -250,10 +290,17 @@ def _iter_json_lines(path: Path, max_chars: int) -> Iterator[tuple[str, Any] | S
                 yield Skip(where, R.BAD_JSON, str(e))
 
 
-def _iter_json_array(path: Path) -> Iterator[tuple[str, Any] | Skip]:
-    """Items of a file holding one JSON array; ``where`` is ``file:#item`` (1-based)."""
+def _iter_json_array(path: Path, max_chars: int) -> Iterator[tuple[str, Any] | Skip]:
+    """Items of a file holding one JSON array; ``where`` is ``file:#item`` (1-based).
+
+    The array is parsed whole, so files over :func:`_raw_limit` bytes are refused (convert them to
+    JSON lines) rather than loaded."""
+    limit = _raw_limit(max_chars)
     with _open_binary(path) as f:
-        raw = f.read()
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise SourceError(f"{path}: a JSON array file over {limit:,} bytes is not loaded into memory; "
+                          "convert it to JSON lines (one object per line)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -324,10 +371,10 @@ def _iter_raw(spec: SourceSpec, max_chars: int) -> Iterator[tuple[str, Any] | Sk
         if lower.endswith(_JSON_SUFFIXES):
             try:
                 if lower.endswith((".json", ".json.gz")) and _first_nonblank_byte(path) == b"[":
-                    yield from _iter_json_array(path)
+                    yield from _iter_json_array(path, max_chars)
                 else:
                     yield from _iter_json_lines(path, max_chars)
-            except (OSError, EOFError) as e:  # unreadable file, truncated/corrupt gzip
+            except (OSError, EOFError, zlib.error) as e:  # unreadable file, gzip header/array body corrupt
                 raise SourceError(f"source {spec.label!r}: cannot read {path}: {type(e).__name__}: {e}") from e
         else:
             builder = "parquet" if lower.endswith(".parquet") else "arrow"

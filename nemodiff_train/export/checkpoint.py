@@ -115,13 +115,13 @@ def _hf_base(run_dir: Path | None, ckpt: Path) -> Path:
 
 def read_dcp_metadata(ckpt: Path):
     """The DCP ``Metadata`` of a checkpoint (tensor sizes and where each one is stored)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from ..engines.torch.checkpointing import SafeFileSystemReader  # .metadata is a pickle: restricted classes
 
     file = ckpt / DCP_METADATA
     if not file.is_file():
         raise ExportError(f"checkpoint file {file} is missing: {ckpt} is not a readable DCP checkpoint")
     try:
-        return FileSystemReader(str(ckpt)).read_metadata()
+        return SafeFileSystemReader(str(ckpt)).read_metadata()
     except Exception as e:  # pickle / EOF / attribute errors of a garbled file
         raise ExportError(f"checkpoint file {file} is unreadable ({type(e).__name__}: {e})") from None
 
@@ -203,13 +203,15 @@ def _load_weights(ckpt: Path, md, model: torch.nn.Module, keys: list[str]) -> No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from ..engines.torch.checkpointing import SafeFileSystemReader
+
     sd = model.state_dict()
     wanted = {k: sd[k] for k in keys}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")  # no process group: expected
             # no_dist: export runs in one process, even on rank 0 of a live process group (end of training)
-            dcp.load({"model": wanted}, checkpoint_id=str(ckpt), no_dist=True)
+            dcp.load({"model": wanted}, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException; also RuntimeError...
         e = _first_line(e)
         raise ExportError(_diagnose_unreadable(ckpt, md) or

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..faults import fault_point
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict |
     try:
         tmp.mkdir(parents=True)
         _save_weights(dlm.hf, tmp, DTYPES[name], max_shard_size)
+        fault_point("export")  # NEMODIFF_FAULT=export:<n>: a fault with the weights half-exported
         auto_map = None
         if source is not None:
             (tmp / MODELING_FILE).write_text(source)

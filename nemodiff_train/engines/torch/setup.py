@@ -109,7 +109,8 @@ def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, work: MainW
         prepare(DataPrepConfig(kind=dc.kind, sources=specs(dc.sources), val_sources=specs(dc.val_sources),
                                tokenizer=str(run_dir / "hf_base"), seq_len=dc.seq_len, out=str(out),
                                val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
-                               pack=dc.pack, max_documents=dc.max_documents))
+                               pack=dc.pack, max_documents=dc.max_documents,
+                               max_bad_fraction=dc.max_bad_fraction))
 
     work.run(f"data_{stage_index}", _prepare)  # the other ranks wait on a file, not on a collective
     train_ds = PackedDataset(out, "train")

@@ -32,7 +32,9 @@ from ...config.schema import Config, StageConfig
 from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights, joint_loss_parts, masked_token_stats
 from ...models.hf import DLMModel
 from .batches import GlobalOrder, MicroBatch, collate, rank_positions
-from .checkpointing import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from ...faults import fault_point
+from .checkpointing import (load_checkpoint, model_identity, read_trainer_state, restore_rng, resume_checkpoint,
+                            save_checkpoint)
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from .lr_schedule import lr_at
 from .main_work import MainWork
@@ -233,13 +235,17 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     weights = LossWeights(cfg.diffusion.alpha, cfg.diffusion.beta)
 
     progress = _Progress()
-    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    # the newest checkpoint that verifies against this model; all failing is an error, never step 0
+    ckpt, notes = (resume_checkpoint(run_dir, model_identity(_state(dlm, None, False)["model"]))
+                   if cfg.checkpoint.resume else (None, []))
     resume_state = read_trainer_state(ckpt) if ckpt else None
     if resume_state:
         progress = _Progress(resume_state["step"], resume_state["tokens"])
     sink = MetricsSink(run_dir, enabled=env.is_main, total_steps=cfg.total_steps, start_step=progress.step,
                        progress_bar=cfg.logging.progress_bar, wandb_cfg=cfg.logging.wandb,
                        config_dict=as_dict(cfg), run_name=cfg.run.name or cfg.recipe or run_dir.name)
+    for note in notes:
+        sink.message(note)
     if ckpt:
         sink.message(f"resuming from {ckpt} (step {progress.step})")
 
@@ -257,6 +263,9 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
             state = _state(dlm, optim, with_optim=same_stage)
             load_checkpoint(ckpt, state)
             _load_state(dlm, optim, state)
+            note = restore_rng(ckpt, env.rank, env.world_size)  # dropout etc.; noise and data order are seeded
+            if note:
+                sink.message(note)
             ckpt = None
         order = GlobalOrder(len(train_ds), cfg.run.seed, stage_index)
         sample_offset = sum(s.steps * s.global_batch_size for s in cfg.stages[:stage_index])
@@ -307,6 +316,7 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized
                     parts = wrapped(mb)
                 (parts.numerator(weights) * (env.world_size / global_den)).backward()
             step_parts = step_parts + parts.detached()
+        fault_point("step")  # NEMODIFF_FAULT=step:<n>: a fault between backward and update
         grad_norm = torch.nn.utils.clip_grad_norm_(dlm.parameters(), cfg.optim.grad_clip)
         optim.step()
         optim.zero_grad(set_to_none=True)
