@@ -60,6 +60,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+import arithmetic_task as arith  # sibling module: scripts/ is sys.path[0] when run as a script
+
+# The task data does not depend on --seed (only initialisation and training order do).
+ARITHMETIC_DATA_SEED = 1
+
 # ----------------------------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------------------------
@@ -76,10 +81,12 @@ SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, MASK_TOKEN]
 EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3"})
 MAX_FILE_BYTES = 200_000
 
-# Qwen2/Qwen3's pre-tokenizer pattern: digits split individually and whitespace runs kept as
-# their own pieces, which suits indented source code.
+# Qwen2/Qwen3's pre-tokenizer pattern (whitespace runs kept as their own pieces, which suits
+# indented source code; digits split individually), except that a digit keeps the space before
+# it, as words do: " 5" is one token. Otherwise every number starts with a lone " " token and a
+# small model cannot copy an operand by looking up what followed the previous word.
 PRETOKENIZE_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
@@ -126,6 +133,17 @@ class BuildConfig:
     completion_rows: int = 200
     completion_max_body_lines: int = 12
     sft_max_body_lines: int = 25
+    # The arithmetic word-problem task (scripts/arithmetic_task.py): problems the base is
+    # pretrained on (chat form), then disjoint slices for the conversion's pretrain text and SFT rows.
+    arithmetic_base_problems: int = 40000
+    arithmetic_pretrain_rows: int = 6000
+    arithmetic_sft_rows: int = 4000
+    arithmetic_val_rows: int = 300
+    arithmetic_test_rows: int = 200
+    arithmetic_base_eval_rows: int = 100  # held-out problems the base is scored on (metadata only)
+    # Packed code rows the base trains on (a deterministic subset): about a third of the rows, so
+    # that the arithmetic task gets the steps it needs to be learnt.
+    base_code_rows: int | None = 6000
 
 
 QUICK = BuildConfig(
@@ -133,6 +151,8 @@ QUICK = BuildConfig(
     intermediate_size=64, max_position_embeddings=256, seq_len=64, batch_size=4,
     warmup_steps=4, val_rows=8, max_files=60, pretrain_train_budget=200_000,
     sft_train_max_rows=100, sft_val_max_rows=20, completion_rows=20,
+    arithmetic_base_problems=300, arithmetic_pretrain_rows=40, arithmetic_sft_rows=40, arithmetic_val_rows=10,
+    arithmetic_test_rows=10, arithmetic_base_eval_rows=4, base_code_rows=None,
 )
 
 
@@ -596,18 +616,29 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     splits = split_corpus(files)
     print({k: len(v) for k, v in splits.items()}, "files", flush=True)
     train_texts = [f.text for f in splits["train"]]
+    problems = arithmetic_problems(cfg)
+    base_problems = problems["base"]
 
     t0 = time.time()
+    # The BPE is learnt on code only: the task's made-up names then split into the same generic
+    # pieces in every split, instead of becoming whole tokens that held-out names never use.
     tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
     check_tokenizer(tokenizer, [f.text for f in splits["val"][:20]] + ["\tx = 1  \n\n\n    y\r\n"])
     print(f"tokenizer: {len(tokenizer)} tokens in {time.time() - t0:.0f}s", flush=True)
 
-    train_rows = pack_tokens(tokenizer, train_texts, cfg.seq_len)
+    code_rows = pack_tokens(tokenizer, train_texts, cfg.seq_len)
+    if cfg.base_code_rows is not None and code_rows.shape[0] > cfg.base_code_rows:
+        keep = torch.randperm(code_rows.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.base_code_rows]
+        code_rows = code_rows[keep.sort().values]
+    arithmetic_rows = pack_tokens(tokenizer, arithmetic_base_texts(tokenizer, base_problems), cfg.seq_len)
+    train_rows = torch.cat([code_rows, arithmetic_rows])
     val_rows = pack_tokens(tokenizer, [f.text for f in splits["val"]], cfg.seq_len)[: cfg.val_rows]
-    print(f"packed {train_rows.shape[0]} train rows, {val_rows.shape[0]} val rows", flush=True)
+    print(f"packed {code_rows.shape[0]} code + {arithmetic_rows.shape[0]} arithmetic train rows, "
+          f"{val_rows.shape[0]} val rows", flush=True)
 
     # Data files first: cheap, and they do not depend on the model.
     write_data(splits, cfg, data_dir)
+    write_arithmetic_data(problems, data_dir)
 
     model = make_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -615,11 +646,14 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     train_info = train_model(model, train_rows, steps, cfg, args.seed)
     val_loss = eval_ar_loss(model, val_rows, cfg.batch_size)
     print(f"base_val_ar_loss {val_loss:.4f}", flush=True)
+    arithmetic_accuracy = base_arithmetic_accuracy(model, tokenizer, problems["test"][: cfg.arithmetic_base_eval_rows])
+    print(f"base arithmetic accuracy (greedy, held-out test rows): {arithmetic_accuracy:.3f}", flush=True)
     save_model(model, tokenizer, model_dir)
 
     meta = {
         "description": "Embedded default of nemodiff_train: tiny Qwen3 AR base + tokenizer + data, "
-                       "derived from the Python standard library's source code.",
+                       "derived from the Python standard library's source code and generated "
+                       "arithmetic word problems (scripts/arithmetic_task.py).",
         "command": " ".join(["python", "scripts/build_embedded_model.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
@@ -647,6 +681,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         },
         "base_val_ar_loss": round(val_loss, 4),
         "base_val_ar_loss_rows": {"rows": int(val_rows.shape[0]), "seq_len": cfg.seq_len},
+        "base_arithmetic_accuracy": {"value": round(arithmetic_accuracy, 4),
+                                     "rows": min(cfg.arithmetic_base_eval_rows, len(problems["test"])),
+                                     "how": "greedy chat-form answers, #### number exact match, held-out test split"},
+        "train_rows": {"code": int(code_rows.shape[0]), "arithmetic": int(arithmetic_rows.shape[0])},
         "data_files": {p.name: json_count(p) for p in sorted(data_dir.iterdir())},
     }
     (model_dir / "nemodiff_embedded.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -674,6 +712,59 @@ def write_data(splits: dict[str, list[SourceFile]], cfg: BuildConfig, data_dir: 
     completion = build_completion_rows(splits["test"], cfg.completion_max_body_lines, cfg.completion_rows, salt)
     (data_dir / "code_completion_test.jsonl").write_bytes(jsonl_bytes(completion))
     for p in sorted(data_dir.iterdir()):
+        print(f"  {p.name}: {json_count(p)} rows, {p.stat().st_size / 1e3:.0f} kB", flush=True)
+
+
+def arithmetic_problems(cfg: BuildConfig) -> dict[str, list[arith.Problem]]:
+    """The task's problems: disjoint train slices (base, conversion pretrain text, SFT), val, test."""
+    n_base, n_pre, n_sft = cfg.arithmetic_base_problems, cfg.arithmetic_pretrain_rows, cfg.arithmetic_sft_rows
+    train = arith.generate_problems(n_base + n_pre + n_sft, "train", ARITHMETIC_DATA_SEED)
+    return {
+        "base": train[:n_base],
+        "pretrain": train[n_base:n_base + n_pre],
+        "sft": train[n_base + n_pre:],
+        "val": arith.generate_problems(cfg.arithmetic_val_rows, "val", ARITHMETIC_DATA_SEED),
+        "test": arith.generate_problems(cfg.arithmetic_test_rows, "test", ARITHMETIC_DATA_SEED),
+    }
+
+
+def arithmetic_base_texts(tokenizer: Any, problems: list[arith.Problem]) -> list[str]:
+    """The base's arithmetic pretraining documents: every problem as a chat (the form the
+    evaluator prompts with), and every fourth one also as plain text (the conversion's form)."""
+    texts = [tokenizer.apply_chat_template(arith.chat_row(p)["messages"], tokenize=False) for p in problems]
+    texts += [arith.plain_text(p) for p in problems[::4]]
+    order = sorted(range(len(texts)), key=lambda i: stable_hash(str(i), "arithmetic-order"))
+    return [texts[i] for i in order]
+
+
+@torch.no_grad()
+def base_arithmetic_accuracy(model: Any, tokenizer: Any, problems: list[arith.Problem]) -> float:
+    """Fraction of ``problems`` whose greedy chat answer ends in the right ``#### <number>``."""
+    model.eval()
+    end_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+    correct = 0
+    for p in problems:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
+                                               add_generation_prompt=True)
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+        out = model.generate(ids, max_new_tokens=96, do_sample=False, eos_token_id=end_ids,
+                             pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        correct += f"#### {p.answer}" == text.strip().splitlines()[-1].strip() if text.strip() else 0
+    return correct / max(1, len(problems))
+
+
+def write_arithmetic_data(problems: dict[str, list[arith.Problem]], data_dir: Path) -> None:
+    """The arithmetic task's files: conversion pretraining text, SFT rows, and the test split."""
+    def text_rows(ps):
+        return [{"text": arith.plain_text(p), "source": f"arithmetic:{p.template}"} for p in ps]
+
+    write_jsonl_gz(data_dir / "arithmetic_pretrain_train.jsonl.gz", text_rows(problems["pretrain"]))
+    write_jsonl_gz(data_dir / "arithmetic_pretrain_val.jsonl.gz", text_rows(problems["val"]))
+    write_jsonl_gz(data_dir / "arithmetic_sft_train.jsonl.gz", [arith.chat_row(p) for p in problems["sft"]])
+    write_jsonl_gz(data_dir / "arithmetic_sft_val.jsonl.gz", [arith.chat_row(p) for p in problems["val"]])
+    (data_dir / "arithmetic_test.jsonl").write_bytes(jsonl_bytes(arith.test_row(p) for p in problems["test"]))
+    for p in sorted(data_dir.glob("arithmetic_*")):
         print(f"  {p.name}: {json_count(p)} rows, {p.stat().st_size / 1e3:.0f} kB", flush=True)
 
 
