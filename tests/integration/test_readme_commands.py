@@ -42,12 +42,13 @@ PUSH_DRY = "nemodiff-export out=exports/x push_to_hub=org/name dry_run=true"
 LM_EVAL = ("nemodiff-lm-eval --model nemodiff --model_args pretrained=runs/x/hf,mode=linear_spec "
            "--tasks nemodiff_code_completion --limit 20")
 HEADROOM = "nemodiff-eval model=runs/demo_cpu/hf analysis=headroom out=runs/demo_cpu/headroom"
-BUILD_VARIANT = "scripts/build_embedded_model.py --vocab-size 1024 --num-layers 5 --steps 3000 --threads 2"
+BUILD_VARIANT = "scripts/build_embedded_model.py --out nemodiff_train/assets --steps 1000 --seed 0 --threads 2"
 
 # A demo small enough for a test: two steps per stage, a few documents, one evaluation sample.
 TINY_DEMO = ("stages.0.steps=2 stages.1.steps=2 stages.0.data.max_documents=20 stages.1.data.max_documents=200 "
              "logging.every=1 logging.val_every=2 logging.val_batches=1 checkpoint.every=2 eval.limit=1 "
-             "eval.max_new_tokens=4 eval.sweep.threshold=[]")
+             "eval.max_new_tokens=4 eval.sweep.threshold=[] eval.sweep.block_size=[] eval.probe.samples=1 "
+             "eval.probe.max_new_tokens=4")
 SMALL_EVAL = "limit=1 max_new_tokens=4 sweep.threshold=[]"
 
 # README command -> the command this test runs (the same command; only size knobs added or swapped).
@@ -64,7 +65,9 @@ RUN = {
     PUSH_DRY: PUSH_DRY,
     LM_EVAL: LM_EVAL.replace("--limit 20", "--limit 2") + " --gen_kwargs max_gen_toks=4 --device cpu",
     HEADROOM: f"{HEADROOM} limit=1",
-    BUILD_VARIANT: f"python {ROOT}/{BUILD_VARIANT} --quick --steps 2 --threads 1 --out $PWD/embedded_variant",
+    # the shipped base's build command, in its quick form and into a scratch directory (not the package)
+    BUILD_VARIANT: f"python {ROOT}/scripts/build_embedded_model.py --quick --steps 2 --seed 0 --threads 1 "
+                   "--out $PWD/embedded_variant",
 }
 
 # Needs the Hub (the README line says so): command -> its offline counterpart in RUN. The test composes
@@ -90,6 +93,11 @@ ELSEWHERE = {
                                                   "nemodiff_train.eval.lm_eval_cli", "the module behind nemodiff-lm-eval"),
     "nemodiff-export checkpoint=<run dir | checkpoint dir> out=<dir>": (
         "tests/integration/test_readme_commands.py", EXPORT, "a template; its concrete form runs here"),
+    "pytest -m faults tests/faults": ("pyproject.toml", "faults:", "the faults tier, part of the default pytest run"),
+    "nemodiff-data --max-bad-fraction": ("tests/faults/test_hostile_data.py", "max_bad_fraction",
+                                         "the option's behaviour is tested in the faults tier"),
+    "tools/fault_campaign.py --kills 20 --corruptions 12": ("tools/fault_campaign.py", "--kills",
+                                                           "a long randomised campaign (minutes to hours), not a test"),
 }
 
 # Slurm commands (sbatch) are exercised by the Slurm tier on a real local Slurm; here only their scripts'
