@@ -123,7 +123,7 @@ def test_preparation_reports_bad_rows_and_trains_on_the_good_ones(assets, tmp_pa
                                          R.WRONG_TYPE: 1}
     assert f"{d / 'b_bad.jsonl'}:1: {R.WRONG_TYPE}" in meta["report"]["examples"][0]
     assert any(f"{d / 'c_junk.jsonl'}:1: {R.NON_UTF8}" in e for e in meta["report"]["examples"])
-    assert meta["sources"][0]["documents"] == 40 and any("skipped 5 rows" in line for line in logged)
+    assert meta["sources"][0]["documents"] == 40 and any("5 malformed rows skipped" in line for line in logged)
 
 
 def test_bad_fraction_over_the_limit_stops_with_a_clear_error(assets, tmp_path):
