@@ -165,10 +165,12 @@ class ExportConfig:
 
 @dataclass
 class EvalSweepConfig:
-    """TPF-versus-accuracy curve points (nemodiff_train.eval.runner.SweepConfig)."""
+    """TPF-versus-accuracy curve points: each is one more ``eval.json`` row (nemodiff-eval's ``sweep``)."""
 
     threshold: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95])
+    """Diffusion re-run at each τ (when ``diffusion`` is among the modes); [] = off."""
     block_size: list[int] = field(default_factory=list)
+    """linear_spec and quadratic_spec (those among the modes) re-run at each block size; [] = off."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for nemodiff-eval and eval.sweep
 from ..decoding import BATCHED_MODES, generate
 from ..decoding.config import DecodeConfig
 from .loading import DTYPES, load_for_eval
@@ -39,16 +40,6 @@ __all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation", "ALL
 ALL_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 SPEC_MODES = ("linear_spec", "quadratic_spec")
 # Self-speculation decoders are batch 1 (ALGORITHMS.md §5.16): only BATCHED_MODES get batch_size prompts per call.
-
-
-@dataclass
-class SweepConfig:
-    """Extra decoding settings for the TPF-versus-accuracy curve; each point is one more ``eval.json`` row."""
-
-    threshold: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95])
-    """Diffusion re-run at each τ (when ``diffusion`` is among the modes); [] = off."""
-    block_size: list[int] = field(default_factory=list)
-    """linear_spec and quadratic_spec (those among the modes) re-run at each block size; [] = off."""
 
 
 @dataclass
