@@ -46,6 +46,6 @@ part megatron 280 python3 tools/gpu_megatron_check.py --budget 270 --out "$OUT"
 DEMO_HF=${DEMO_HF:-runs/demo_cpu/hf}
 if [ -d "$DEMO_HF" ]; then
   part eval_demo_cuda 40 python3 -m nemodiff_train.cli.evaluate model="$DEMO_HF" out="$OUT/eval_demo" \
-    device=cuda limit=20 tau_sweep=[]
+    device=cuda limit=20 sweep.threshold=[]
 fi
 log "done"

@@ -60,7 +60,7 @@ def test_packaged_task_offline_matches_nemodiff_eval(tmp_path):
     assert len(lm_samples) == LIMIT and "nemodiff linear_spec: 3 generate requests" in res.stderr
 
     _run(["nemodiff_train.cli.evaluate", f"model={model}", "modes=[linear_spec]", f"limit={LIMIT}",
-          f"max_new_tokens={MAX_NEW}", "chat_template=false", "tau_sweep=[]", f"out={tmp_path / 'ev'}"], cwd=tmp_path)
+          f"max_new_tokens={MAX_NEW}", "chat_template=false", "sweep.threshold=[]", f"out={tmp_path / 'ev'}"], cwd=tmp_path)
     ours = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
     ours = sorted((s for s in ours if s["mode"] == "linear_spec"), key=lambda s: s["index"])
 
