@@ -227,6 +227,8 @@ def validate(cfg: Config) -> None:
             need(not unread, key, "the Megatron engine does not do this at the end of training: run "
                  "`nemodiff-export checkpoint=<run.dir> out=<dir> remote_code=true push_to_hub=<repo>` and "
                  "`nemodiff-eval model=<dir>` after it")
+        need(cfg.eval.probe.samples == 0, "eval.probe.samples",
+             "decoding during training is a torch-engine feature; set eval.probe.samples=0 with engine=megatron")
     need(not cfg.engine.compile, "engine.compile", "torch.compile is not supported (neither engine reads it); "
          "remove the key")
     for key in ("engine.dist_timeout_s", "engine.main_work_timeout_s"):
