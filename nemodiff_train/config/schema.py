@@ -43,7 +43,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The method's knobs (ALGORITHMS.md §2)."""
+    """The method's knobs (docs/method.md)."""
 
     block_size: int = 64  # training block
     inference_block_size: int = 32

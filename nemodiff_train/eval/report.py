@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["write_outputs", "format_table", "print_table", "plot_tpf_accuracy"]
 
-TPF_NOTE = "TPF = generated tokens / model forwards, prefill forwards excluded (ALGORITHMS.md §3.6)."
+TPF_NOTE = "TPF = generated tokens / model forwards, prefill forwards excluded (docs/method.md)."
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], sample_rows: list[dict[str, Any]],

@@ -39,7 +39,7 @@ __all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation", "ALL
 
 ALL_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 SPEC_MODES = ("linear_spec", "quadratic_spec")
-# Self-speculation decoders are batch 1 (ALGORITHMS.md §5.16): only BATCHED_MODES get batch_size prompts per call.
+# Self-speculation decoders are batch 1 (batch 1 by design): only BATCHED_MODES get batch_size prompts per call.
 
 
 @dataclass
@@ -210,7 +210,7 @@ class Evaluator:
         return {
             "mode": spec.mode, "task": task.name, "sweep": spec.sweep, "samples": len(run.results),
             "generated_tokens": gen, "forwards": fwd, "prefill_forwards": run.prefill_forwards,
-            # TPF excludes prefill forwards (ALGORITHMS.md §3.6/§5.13); the prefill-inclusive figure sits beside it.
+            # TPF excludes prefill forwards (docs/method.md); the prefill-inclusive figure sits beside it.
             "tpf": gen / fwd if fwd else 0.0,
             "tpf_incl_prefill": gen / (fwd + run.prefill_forwards) if fwd + run.prefill_forwards else 0.0,
             "tokens_per_s": gen / run.seconds if run.seconds > 0 else 0.0,

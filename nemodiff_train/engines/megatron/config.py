@@ -19,7 +19,7 @@ logging.*                   ``logger`` (interval, TensorBoard under run.dir, W&B
 SIGTERM / SIGUSR1           ``train.exit_signal_handler`` (save, then exit 0; SIGUSR1 is forwarded as SIGTERM)
 ==========================  ===========================================================================
 
-Resume semantics (the reference recipe's ``finetune=True`` trap, MEGATRON_NOTES §8.1, avoided):
+Resume semantics (docs/method.md, "Megatron resume"):
 ``finetune`` stays False. Megatron-Bridge resumes from ``load`` whenever it holds a checkpoint
 (optimizer, scheduler, step and RNG restored); only when ``load`` is empty does it fall back to
 ``pretrained_checkpoint`` and load the weights alone, at step 0. So the first job of a chain

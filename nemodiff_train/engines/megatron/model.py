@@ -1,6 +1,6 @@
 """HF AR checkpoint → Megatron model provider with the two-stream attention.
 
-Flow (ALGORITHMS.md §2.1):
+Flow (docs/method.md, "Parameterisation"):
 
 1. :func:`prepare_init_checkpoint` — the HF directory training starts from. The source directory is
    used as is when the mask token id is in range and the head is already untied (Ministral-3 8B/14B

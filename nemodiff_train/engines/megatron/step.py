@@ -14,7 +14,7 @@ Megatron computes the per-token cross entropy itself (vocab-parallel under tenso
 the clean half the next one. The loss function then returns Megatron's triple
 ``(α·S_diff + β·S_AR, N_mask + β·N_AR, report)``; with ``calculate_per_token_loss`` Megatron adds
 numerators and counts over micro-batches and data-parallel ranks and divides once (the global
-per-token mean of ALGORITHMS.md §2.5). The report carries ``ar_loss`` (Σ CE / N_AR) and
+per-token mean of docs/method.md, "Loss"). The report carries ``ar_loss`` (Σ CE / N_AR) and
 ``diffusion_loss`` (Σ CE/p / N_mask) as (sum, count) pairs, reduced the same way.
 """
 

@@ -7,8 +7,8 @@ Each optimizer step:
 1. every rank noises its micro-batches (noise seeded per sample, see ``batches.py``);
 2. the global loss denominator ``N_mask + β·N_AR`` of the whole step is all-reduced *before* the
    forward, so each micro-batch backpropagates ``numerator · world / global_denominator`` and the
-   data-parallel gradient average equals the gradient of the global per-token mean (ALGORITHMS.md
-   §2.5: the loss is a global token mean, not a mean of per-batch means);
+   data-parallel gradient average equals the gradient of the global per-token mean (docs/method.md:
+   the loss is a global token mean, not a mean of per-batch means);
 3. clip, step, log. Checkpoints every ``checkpoint.every`` steps, at stage ends, and on SIGTERM /
    SIGUSR1 (then exit 0, so a preempted Slurm job's successor resumes).
 """
