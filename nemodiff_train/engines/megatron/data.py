@@ -11,7 +11,7 @@ Megatron indexed dataset (``.bin`` + ``.idx``, written with megatron-core's own
 So SFT loss masks and packing boundaries travel as two extra indexed datasets aligned row for row
 with the tokens. Megatron's ``GPTDataset`` is not used: it re-windows token streams and would drop
 both. :class:`TwoStreamDataset` reads rows instead, in the same global order as the torch engine
-(:class:`~nemodiff_train.engines.torch.batches.GlobalOrder`: per-epoch seeded permutations), and
+(:class:`~nemodiff_train.data.order.GlobalOrder`: per-epoch seeded permutations), and
 tags every sample with its global index, which seeds its noise. Blends of several converted
 prefixes (``weight, prefix, weight, prefix ...`` like Megatron's ``--data-path``) are interleaved
 with megatron-core's ``build_blending_indices``.
@@ -133,7 +133,7 @@ class TwoStreamDataset(torch.utils.data.Dataset):
 
     def __init__(self, prefixes: list[str], weights: list[float], num_samples: int, *, seed: int, stage_index: int,
                  sample_offset: int = 0, noise_seed: int | None = None, shuffle: bool = True):
-        from ..torch.batches import GlobalOrder
+        from ...data.order import GlobalOrder
 
         self.parts = [RowsDataset(p) for p in prefixes]
         if any(len(p) == 0 for p in self.parts):

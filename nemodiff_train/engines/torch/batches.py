@@ -14,28 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ...core.losses import ar_targets
-from ...core.noising import NoisedBatch, apply_noise, sample_generator
+from ...core.noising import NoisedBatch, apply_noise
+from ...data.order import GlobalOrder  # noqa: F401  (the trainer and existing imports use it from here)
 
 __all__ = ["GlobalOrder", "MicroBatch", "rank_positions", "collate"]
-
-
-class GlobalOrder:
-    """Position → row index of a stage's data stream (epochs of seeded permutations)."""
-
-    def __init__(self, num_rows: int, seed: int, stage_index: int):
-        if num_rows <= 0:
-            raise ValueError("the training split has no rows")
-        self.num_rows = num_rows
-        self.seed = seed
-        self.stage_index = stage_index
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def row(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_rows)
-        if epoch not in self._perms:
-            gen = sample_generator(self.seed * 1_000_003 + self.stage_index, epoch)
-            self._perms = {epoch: torch.randperm(self.num_rows, generator=gen)}  # keep one epoch
-        return int(self._perms[epoch][offset])
 
 
 def rank_positions(step: int, global_batch: int, rank: int, world: int, micro: int) -> list[list[int]]:
