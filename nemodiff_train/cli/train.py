@@ -82,7 +82,7 @@ def preflight(cfg) -> None:
     Hub names (``org/name``) are left to the download; ``embedded`` means the shipped assets.
     """
     from ..data.sources import SourceError, SourceSpec, resolve_files
-    from ..engines.torch.setup import EMBEDDED, resolve_source
+    from ..assets.resolve import EMBEDDED, resolve_data_source as resolve_source
 
     path = cfg.model.path
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1

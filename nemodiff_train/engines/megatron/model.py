@@ -37,7 +37,7 @@ DONE = "NEMODIFF_INIT_DONE"
 
 def resolve_model_dir(path: str) -> Path:
     """``embedded`` / local directory / Hub id → local directory (the torch engine's resolver)."""
-    from ..torch.setup import resolve_model_path
+    from ...assets.resolve import resolve_model_path
 
     return resolve_model_path(path)
 

@@ -64,7 +64,7 @@ def _require_megatron() -> None:
 
 def prepare_stage(cfg: Config, run_dir: Path, stage_index: int, hf_dir: Path) -> tuple[list[str], list[str]]:
     """Rank 0: prepared data → indexed datasets; everyone: the (train, valid) blends."""
-    from ..torch.setup import resolve_source
+    from ...assets.resolve import resolve_data_source as resolve_source
     from .data import MARKER, convert_prepared
 
     stage = cfg.stages[stage_index]

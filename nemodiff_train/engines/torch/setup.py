@@ -7,45 +7,14 @@ from pathlib import Path
 
 import torch
 
+from ...assets.resolve import EMBEDDED, resolve_model_path  # noqa: F401  (shared with the Megatron engine, the CLI)
+from ...assets.resolve import resolve_data_source as resolve_source
 from ...config.schema import Config
 from ...models.hf import DLMModel, load_dlm
 from .distributed import DistEnv
 from .main_work import MainWork
 
 __all__ = ["resolve_model_path", "build_model", "prepare_stage_data", "resolve_source", "evaluate_at_end"]
-
-EMBEDDED = "embedded"
-
-
-def resolve_model_path(path: str) -> Path:
-    """``embedded`` → the shipped tiny model; a local directory as is; ``org/name`` → Hub snapshot."""
-    if path == EMBEDDED:
-        from ...assets import embedded_model_dir
-
-        return embedded_model_dir()
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    if path.count("/") == 1 and not path.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-        except Exception as e:  # offline, gated, missing: say which model and why
-            raise FileNotFoundError(f"model.path={path!r}: not a local directory and the Hub download failed "
-                                    f"({type(e).__name__}: {e}). Download it first or point model.path at a directory.") from None
-    raise FileNotFoundError(f"model.path={path!r} is not a directory")
-
-
-def resolve_source(text: str) -> str:
-    """``embedded:<file>`` → the path of a data file shipped with the package (weights kept)."""
-    if not text.startswith(EMBEDDED + ":"):
-        return text
-    from ...assets import embedded_data_file
-
-    name, _, weight = text[len(EMBEDDED) + 1:].partition(":")
-    path = str(embedded_data_file(name))
-    return f"{path}:{weight}" if weight else path
 
 
 def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLMModel:
