@@ -2,20 +2,23 @@
 
 The embedded model's second task (``scripts/build_embedded_model.py`` writes its data): a story
 states a starting quantity and one or two changes, and the answer is a worked solution in
-GSM8K's format, one line per operation, ending in ``#### <answer>``::
+GSM8K's format, one line per sentence of the story, ending in ``#### <answer>``::
 
-    Question: Kara has 23 red apples. Then Kara buys 4 more. Later Kara gives 9 to Lomo.
+    Question: Kara has 23 red apples. Then Kara gets 4 more. Later Kara loses 9 red apples to Lomo.
               How many red apples does Kara have now?
-    Solution: Kara starts with 23 red apples.
-              Kara gets 4 more, so Kara has 23 + 4 = 27 red apples.
-              Kara loses 9, so Kara has 27 - 9 = 18 red apples.
+    Solution: Kara has 23 red apples.
+              Then Kara gets 4 more, so 23 + 4 = 27.
+              Later Kara loses 9 red apples to Lomo, so 27 - 9 = 18.
               #### 18
 
-Why this task: most solution tokens are fixed by the question (the line frames, the copied names,
-objects and operands) and only the computed numbers need thought. That is the structure that lets
-the method's large models commit several tokens per forward on worked maths, and a few-million-
-parameter model can learn it, so the toolkit's speed-up shows on a CPU. The solution wording is
-the same whatever the question's phrasing, so it is a formula to learn, not text to memorise.
+Why this task: most solution tokens are fixed by the question (each line restates one sentence
+of the story, then the running total, the operand and the operator follow from it) and only the
+computed numbers need thought. That is the structure that lets the method's large models commit
+several tokens per forward on worked maths, and a few-million-parameter model can learn it, so the
+toolkit's speed-up shows on a CPU. Restating the sentence, link word included, is what makes the
+copying learnable: a problem never uses a link word twice, so "which change comes next" is found
+by looking up the sentence after the previous one, the way an induction head copies text, instead
+of by counting occurrences of "gets".
 
 Held out for the test split (so its accuracy measures generalisation, not recall):
 
@@ -74,9 +77,9 @@ CHANGE = (1, 9)
 MAX_VALUE = 99
 
 # Question phrasings ({n} name, {o} object, {f} friend, {c} container). An event names its
-# operation with the solution's own verb ("gets", "loses"), so the solution copies the operand from
-# the question the way an induction head copies text; the phrasing varies around it (link words,
-# the opening sentence, who the items come from or go to, the closing question).
+# operation with one verb ("gets" adds, "loses" subtracts); the phrasing varies around it (link
+# words, the opening sentence, who the items come from or go to, the closing question). Every
+# sentence ends in "." and holds at most the numbers of its own operation.
 START_Q = ["{n} has {x} {o}.", "{n} collected {x} {o}.", "There are {x} {o} in {n}'s room."]
 MUL_Q = ["{n} has {k} {c} with {m} {o} in each.", "{n} buys {k} {c} of {o}, and each holds {m}."]
 ADD_Q = ["{n} gets {y} more {o}.", "{n} gets {y} more {o} from {f}.", "{n} gets {y} more."]
@@ -104,29 +107,26 @@ def _make(rng: random.Random, template: str, split: str) -> Problem | None:
     ops = TEMPLATES[template]
     q: list[str] = []
     s: list[str] = []
+    links = rng.sample(LINKS, len(ops) - 1)  # never twice in one problem: see the module docstring
     if ops[0] == "start":
         value = rng.randint(*(TEST_START if test else TRAIN_START))
-        q.append(rng.choice(START_Q).format(n=name, x=value, o=obj))
-        s.append(f"{name} starts with {value} {obj}.")
+        sentence = rng.choice(START_Q).format(n=name, x=value, o=obj)
+        q.append(sentence)
+        s.append(sentence)
     else:
         k, m, box = rng.randint(2, 9), rng.randint(2, 9), rng.choice(CONTAINERS)
         value = k * m
-        q.append(rng.choice(MUL_Q).format(n=name, k=k, m=m, o=obj, c=box))
-        s.append(f"{name} has {k} {box} with {m} {obj} each, so {name} has {k} * {m} = {value} {obj}.")
-    for op in ops[1:]:
+        sentence = rng.choice(MUL_Q).format(n=name, k=k, m=m, o=obj, c=box)
+        q.append(sentence)
+        s.append(f"{sentence[:-1]}, so {k} * {m} = {value}.")
+    for op, link in zip(ops[1:], links):
         y = rng.randint(*CHANGE)
-        if op == "add":
-            new = value + y
-            sentence = rng.choice(ADD_Q).format(n=name, y=y, o=obj, f=friend)
-            line = f"{name} gets {y} more, so {name} has {value} + {y} = {new} {obj}."
-        else:
-            new = value - y
-            sentence = rng.choice(SUB_Q).format(n=name, y=y, o=obj, f=friend)
-            line = f"{name} loses {y}, so {name} has {value} - {y} = {new} {obj}."
+        new = value + y if op == "add" else value - y
         if not 1 <= new <= MAX_VALUE:
             return None
-        q.append(f"{rng.choice(LINKS)} {sentence}")
-        s.append(line)
+        sentence = f"{link} " + rng.choice(ADD_Q if op == "add" else SUB_Q).format(n=name, y=y, o=obj, f=friend)
+        q.append(sentence)
+        s.append(f"{sentence[:-1]}, so {value} {'+' if op == 'add' else '-'} {y} = {new}.")
         value = new
     q.append(rng.choice(FINAL_Q).format(n=name, o=obj))
     s.append(f"#### {value}")

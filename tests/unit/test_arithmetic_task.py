@@ -12,26 +12,39 @@ from nemodiff_train.eval.tasks import ArithmeticTask, Sample, get_task
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import arithmetic_task as arith  # noqa: E402
 
-LINE = re.compile(r"so (\w+) has (\d+) ([-+*]) (\d+) = (\d+) (\w+ \w+)\.$")
+LINE = re.compile(r", so (\d+) ([-+*]) (\d+) = (\d+)\.$")
+
+
+def _sentences(question: str) -> list[str]:
+    """The question's sentences, each with its final full stop."""
+    return [s + "." for s in question.rstrip(".?").replace("?", ".").split(". ")]
 
 
 def _check_solution(p: "arith.Problem") -> None:
-    """Every worked line's arithmetic is right and chains into the next; the answer is the last value."""
+    """Each line restates the question's next sentence, its arithmetic is right and chains into the
+    next line; the answer is the last value."""
     lines = p.solution.splitlines()
     assert lines[-1] == f"#### {p.answer}"
+    sentences = _sentences(p.question)
+    assert len(sentences) == len(lines), "one line per sentence, the closing question's line is ####"
     value = None
-    for line in lines[:-1]:
+    for line, sentence in zip(lines[:-1], sentences):
         m = LINE.search(line)
-        if m is None:
-            assert line.endswith(" starts with " + line.split(" starts with ")[1])
-            value = int(line.split(" starts with ")[1].split()[0])
+        if m is None:  # a plain start: the sentence itself, holding the starting value
+            assert line == sentence
+            value = int(re.search(r"\d+", line)[0])
             continue
-        a, op, b, r = int(m[2]), m[3], int(m[4]), int(m[5])
+        assert line[: m.start()] + "." == sentence, "the line restates its sentence word for word"
+        a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
         assert r == {"+": a + b, "-": a - b, "*": a * b}[op]
-        if op != "*":
-            assert a == value, "each step starts from the previous result"
+        assert op == "*" or a == value, "each step starts from the previous result"
+        verb = {"+": " gets ", "-": " loses ", "*": None}[op]
+        assert verb is None or verb in sentence, "the operator follows from the sentence's verb"
+        assert re.findall(r"\d+", sentence) == ([str(a), str(b)] if op == "*" else [str(b)])
         value = r
     assert value == p.answer and 1 <= p.answer <= arith.MAX_VALUE
+    links = [line.split()[0].rstrip(",") for line in lines[1:-1]]
+    assert len(set(links)) == len(links) and set(links) <= {w.split()[0].rstrip(",") for w in arith.LINKS}
 
 
 def test_generation_is_deterministic_and_correct():
@@ -51,11 +64,12 @@ def test_test_split_holds_out_templates_values_names_and_objects():
     assert 0.35 < held / len(test) < 0.65
     assert not set(arith.TEST_NAMES) & set(arith.NAMES) and not set(arith.TEST_OBJECTS) & set(arith.OBJECTS)
     assert len(arith.NAMES) > 300 and len(arith.OBJECTS) > 200  # too many to memorise: copy them
-    first_word = lambda ps: {p.solution.split()[0] for p in ps}  # noqa: E731  (the solver's name)
-    assert first_word(train) <= set(arith.NAMES) and first_word(test) <= set(arith.TEST_NAMES)
+    solver = lambda ps: {re.search(r"\b(" + "|".join(arith.NAMES + arith.TEST_NAMES) + r")\b", p.solution)[1]  # noqa: E731
+                         for p in ps}
+    assert solver(train) <= set(arith.NAMES) and solver(test) <= set(arith.TEST_NAMES)
     assert all(any(o in p.question for o in arith.TEST_OBJECTS) for p in test)
-    starts = lambda ps: [int(p.solution.split(" starts with ")[1].split()[0]) for p in ps  # noqa: E731
-                         if " starts with " in p.solution]
+    starts = lambda ps: [int(re.search(r"\d+", p.solution)[0]) for p in ps  # noqa: E731
+                         if p.template.startswith("start-")]
     assert all(10 <= v <= 69 for v in starts(train)) and all(70 <= v <= 89 for v in starts(test))
     assert not {p.question for p in train} & {p.question for p in test}
 
