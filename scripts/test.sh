@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
 # The README's test command: installs the package with its test extra (CPU torch pinned), sets up what
-# it can of the optional tiers, runs pytest ("$@" passes through) and says which tiers ran.
+# it can of the optional tiers, runs pytest and says which selection and which tiers ran.
 #
-#   megatron  scripts/install_megatron_cpu.sh (pip; always tried)               -> tests/megatron
-#   slurm     .ci/setup_slurm.sh (as root, or with passwordless sudo; apt-get)  -> the `slurm` tests
-#   gpu       needs CUDA                                                        -> tests/gpu
+#   bash scripts/test.sh [--all] [pytest args...]
+#
+# Selection:
+#   default   pytest -m "not slow": every tier's fast tests plus one real end-to-end test of each
+#             capability (train, torchrun, kill + resume, export + load, evaluate, Megatron); the
+#             README says how long it takes
+#   --all     everything, the `slow` tests and the slurm tier included (what CI, .ci/run, runs);
+#             NEMODIFF_TEST_ALL=1 does the same
+# Other arguments go to pytest; a -m of your own replaces the default selection's.
+#
+# Tiers:
+#   megatron  scripts/install_megatron_cpu.sh (pip; always tried)                -> tests/megatron
+#   slurm     .ci/setup_slurm.sh (as root, or with passwordless sudo; apt-get)   -> the `slurm` tests
+#             (all slow: set up with --all only)
+#   gpu       needs CUDA                                                         -> tests/gpu
 #
 # A tier that cannot be set up is skipped, and the summary at the end says why. CI (.ci/run) requires
 # the megatron and slurm tiers instead. NEMODIFF_TEST_SETUP=0 skips every install and set-up step
@@ -12,13 +24,39 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+all=${NEMODIFF_TEST_ALL:-0}
+args=()
+own_m=0
+for a in "$@"; do
+    case $a in
+        --all) all=1 ;;
+        -m | -m*) own_m=1; args+=("$a") ;;
+        *) args+=("$a") ;;
+    esac
+done
+if [[ $own_m == 1 ]]; then
+    selection="your -m (replaces the default selection)"
+    select=()
+elif [[ $all == 1 ]]; then
+    selection="all (slow tests included)"
+    select=()
+else
+    selection="default (-m \"not slow\"; scripts/test.sh --all adds the slow tests and the slurm tier)"
+    select=(-m "not slow")
+fi
+
 declare -A why=()
+if [[ $all != 1 ]]; then
+    why[slurm]="not set up without --all (every slurm test is slow)"
+fi
 if [[ ${NEMODIFF_TEST_SETUP:-1} != 0 ]]; then
     python -m pip install -q "torch==2.13.0" -e ".[test]" || { echo "scripts/test.sh: pip install failed" >&2; exit 1; }
     if ! bash scripts/install_megatron_cpu.sh >/tmp/nemodiff-megatron-install.log 2>&1; then
         why[megatron]="scripts/install_megatron_cpu.sh failed (log: /tmp/nemodiff-megatron-install.log)"
     fi
-    if [[ $(id -u) == 0 ]]; then
+    if [[ -n ${why[slurm]:-} ]]; then
+        :  # the default selection runs no slurm test: no apt-get, no daemons
+    elif [[ $(id -u) == 0 ]]; then
         bash .ci/setup_slurm.sh || why[slurm]=".ci/setup_slurm.sh failed (its log is above)"
     elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         sudo -n bash .ci/setup_slurm.sh || why[slurm]="sudo .ci/setup_slurm.sh failed (its log is above)"
@@ -37,18 +75,23 @@ if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/d
     why[gpu]="no CUDA device"
 fi
 
-python -m pytest -q -p no:cacheprovider "$@"
+start=$(date +%s)
+python -m pytest -q -p no:cacheprovider "${select[@]}" "${args[@]}"
 rc=$?
 
 echo
 echo "== test tiers =="
-echo "  unit + integration: ran"
+echo "  selection: $selection"
+echo "  unit + integration + faults: ran"
 for tier in megatron slurm gpu; do
-    if [[ -n ${why[$tier]:-} ]]; then
+    if [[ $tier == slurm && $all != 1 && $own_m != 1 ]]; then
+        echo "  slurm: not selected (slow; scripts/test.sh --all runs it)"
+    elif [[ -n ${why[$tier]:-} ]]; then
         echo "  $tier: SKIPPED - ${why[$tier]}"
     else
         echo "  $tier: ran"
     fi
 done
+echo "  pytest wall time: $(($(date +%s) - start)) s"
 echo "pytest exit status: $rc"
 exit $rc

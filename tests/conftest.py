@@ -1,4 +1,6 @@
-"""Shared pytest setup: small thread counts (2-core CI machines) and the repo root on sys.path."""
+"""Shared pytest setup: small thread counts (2-core CI machines), the repo root on sys.path, and the
+``slow`` selection: the tiers marked here and the modules marking themselves ``slow`` run with
+``scripts/test.sh --all`` (and in CI, .ci/run), not in the default ``scripts/test.sh``."""
 
 import os
 import sys
@@ -21,3 +23,11 @@ def _few_threads():
 
     torch.set_num_threads(1)  # 2-core CI boxes: more threads contend with subprocesses
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Slurm tier is slow as a whole: it needs a local Slurm that ``.ci/setup_slurm.sh`` starts (apt-get,
+    root) and its jobs wait on Slurm's own signal and time-limit delays. ``scripts/test.sh --all`` runs it."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.slow)

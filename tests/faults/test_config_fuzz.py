@@ -18,7 +18,7 @@ from nemodiff_train.config.load import CONF_DIR, ConfigError, list_recipes, regi
 
 from .harness import base_args, check_ok, launch
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # 200 composed configs plus training runs
 
 N_CASES = 200
 WRONG_TYPES = ["abc", [1, 2], {"a": 1}, 1.5, "1e400"]

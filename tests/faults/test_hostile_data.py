@@ -15,7 +15,7 @@ from nemodiff_train.data.ingest import _checked_items
 from nemodiff_train.data.prepare import DataPrepConfig, prepare
 from nemodiff_train.data.sources import Row, Skip, SourceError, SourceSpec, iter_texts
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # a 100 MB line and preparation + training runs
 
 GOOD = {"text": "def return self value import class"}
 

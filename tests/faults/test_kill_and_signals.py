@@ -19,7 +19,9 @@ from nemodiff_train.engines.torch.checkpointing import verify_checkpoint
 from .harness import (assert_rows_identical, base_args, check_ok, launch, metrics, reference, resumed_from,
                       train_rows)
 
-pytestmark = pytest.mark.faults
+# slow: dozens of killed and resumed runs; tests/faults/test_checkpoint_faults.py keeps a resume from a
+# torn checkpoint in the default selection (scripts/test.sh; --all runs this)
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 KILLED = -9  # subprocess return code of a process that died of SIGKILL
 

@@ -27,7 +27,8 @@ import torch
 from tests.helpers.arch_matrix import ARCHS, save_arch_model
 from tests.helpers.tiny_run import write_text_jsonl
 
-pytestmark = pytest.mark.integration
+# slow: a training run per architecture; tests/unit/test_arch_*.py keep every family in the default selection
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 CLI_ARCHS = ("gemma2", "granite", "qwen2_window")
 NEW_TOKENS = 12

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# slow: 2- and 3-process runs of both strategies; tests/integration/test_train_cli.py keeps a two-process
+# torchrun run (DDP and FSDP2) in the default selection
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 

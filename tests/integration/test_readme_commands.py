@@ -81,7 +81,9 @@ NEEDS_HUB = {
 
 # Exercised elsewhere: command -> (file that runs it, a string that file contains, why not here).
 ELSEWHERE = {
-    "bash scripts/test.sh": (".ci/run", "bash scripts/test.sh", "the test suite itself; .ci/run runs it"),
+    "bash scripts/test.sh": ("tests/integration/test_ci_entry.py", '"scripts" / "test.sh"',
+                             "the test suite itself; test_ci_entry.py runs it on a few tests"),
+    "bash scripts/test.sh --all": (".ci/run", "bash scripts/test.sh --all", "the whole suite; CI (.ci/run) runs it"),
     "pip install torch": (".ci/run", "pip install", "an install from PyPI (needs the network); CI installs the same way"),
     "bash scripts/install_megatron_cpu.sh": (".ci/run", "scripts/install_megatron_cpu.sh",
                                              "installs megatron-core from PyPI (needs the network)"),
@@ -215,6 +217,7 @@ def _write_pretrain_files(work: Path) -> None:
     pq.write_table(pa.table({"text": [text[i:i + 12000] for i in range(0, 8 * 3000, 3000)]}), work / "code.parquet")
 
 
+@pytest.mark.slow  # every README command, the demo and a torchrun run among them; the checks above stay fast
 def test_readme_commands_run_offline(workdir):
     root, work = workdir
     # demo.sh first: it makes runs/x (checkpoints, hf/, eval/) that the other commands use.
