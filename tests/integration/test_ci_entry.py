@@ -73,7 +73,7 @@ SLOW_README_TEST = "tests/integration/test_readme_commands.py::test_readme_comma
 def test_default_selection_leaves_out_the_slow_tests_and_all_keeps_them(args, env):
     """Collection only: which tests each selection would run (a slow README test, the Slurm tier)."""
     proc = _test_sh(*args, "tests/integration/test_readme_commands.py", "tests/integration/test_slurm_infra.py",
-                    "--collect-only", "-q", **env)
+                    "--collect-only", **env)  # test.sh's -q: one line per test
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     collected = {line for line in proc.stdout.splitlines() if "::" in line}
     # the README-accounting checks run in every selection
