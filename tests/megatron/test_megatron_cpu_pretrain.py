@@ -1,4 +1,4 @@
-"""Megatron-Bridge's real ``pretrain()`` on CPU (gloo, world size 1) through ``engines.megatron.train.run``.
+"""Megatron-Bridge's real ``pretrain()`` on CPU (gloo, world size 1) through ``nemodiff_train.orchestrate.train``.
 
 Runs ``tools/megatron_cpu_train.py`` in subprocesses (its CUDA-emulation patches must not leak into
 pytest): a tiny Qwen3 with a tokenizer that lacks the mask token (so the HF init directory is

@@ -36,6 +36,7 @@ import math
 import signal
 from pathlib import Path
 
+from ... import runs
 from ...config.load import ConfigError
 from ...config.schema import Config
 from .model import build_provider
@@ -61,7 +62,7 @@ def select_stage(cfg: Config) -> int:
 
 
 def stage_checkpoint_dir(run_dir: Path, cfg: Config, stage_index: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{stage_index}_{cfg.stages[stage_index].name}"
+    return runs.megatron_stage_dir(run_dir, stage_index, cfg.stages[stage_index].name)
 
 
 def _check(cfg: Config) -> None:

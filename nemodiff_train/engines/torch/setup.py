@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from ...models.hf import DLMModel, load_dlm
 from .distributed import DistEnv
 from .main_work import MainWork
 
-__all__ = ["resolve_model_path", "build_model", "prepare_stage_data", "resolve_source", "evaluate_at_end"]
+__all__ = ["resolve_model_path", "build_model", "prepare_stage_data", "resolve_source"]
 
 
 def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLMModel:
@@ -88,25 +87,3 @@ def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, work: MainW
     except Exception:
         val_ds = None
     return train_ds, val_ds
-
-
-def evaluate_at_end(cfg: Config, run_dir: Path, sink) -> None:
-    """Evaluate the exported model in every configured mode and refresh its model card."""
-    from ...eval.runner import EvalConfig, SweepConfig, run_evaluation
-
-    e = cfg.eval
-    out = run_dir / "eval"
-    rows = run_evaluation(EvalConfig(model=str(run_dir / "hf"), modes=list(e.modes), out=str(out),
-                                     task=e.task if isinstance(e.task, str) else list(e.task),
-                                     limit=e.limit, max_new_tokens=e.max_new_tokens,
-                                     block_size=e.block_size or cfg.diffusion.inference_block_size,
-                                     threshold=e.threshold, seed=cfg.run.seed,
-                                     sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size))))
-    sink.message(f"evaluation written to {out}")
-    try:
-        from ...export import write_model_card
-
-        write_model_card(run_dir / "hf", eval_json=out / "eval.json")
-    except ImportError:
-        pass
-    (run_dir / "eval_summary.json").write_text(json.dumps(rows, indent=1))

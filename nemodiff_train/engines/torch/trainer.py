@@ -11,6 +11,8 @@ Each optimizer step:
    the loss is a global token mean, not a mean of per-batch means);
 3. clip, step, log. Checkpoints every ``checkpoint.every`` steps, at stage ends, and on SIGTERM /
    SIGUSR1 (then exit 0, so a preempted Slurm job's successor resumes).
+
+The engine only trains: export and evaluation at the end are :mod:`nemodiff_train.orchestrate`'s.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ...config.load import as_dict, save_config
 from ...config.schema import Config, StageConfig
 from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights, joint_loss_parts, masked_token_stats
 from ...models.hf import DLMModel
+from .. import TrainOutcome
 from .batches import GlobalOrder, MicroBatch, collate, rank_positions
 from ...faults import fault_point
 from .checkpointing import (load_checkpoint, model_identity, read_trainer_state, restore_rng, resume_checkpoint,
@@ -216,8 +219,11 @@ def _validation_row(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, 
     return row
 
 
-def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook] = ()) -> Path:
-    """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns ``run_dir``.
+def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook] = ()) -> TrainOutcome:
+    """Run (or resume) every stage of ``cfg`` in ``run_dir``.
+
+    Returns a :class:`~nemodiff_train.engines.TrainOutcome`: ``finished`` unless a signal stopped the
+    run; the caller (:mod:`nemodiff_train.orchestrate`) exports and evaluates, then closes the metrics.
 
     ``validation_hooks`` run on rank 0 after every validation, with the unwrapped model; their
     metrics join the validation row (``nemodiff-train`` passes the decode probe here).
@@ -278,10 +284,8 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
         sink.end_stage()
         if stopped:
             break
-    if not stopped:  # export + evaluation on rank 0; the others wait on a file, not in a collective
-        work.run("finish", lambda: _finish(cfg, run_dir, sink))
-    sink.close()
-    return run_dir
+    # what follows training (export, evaluation) is the orchestration's: nemodiff_train/orchestrate.py
+    return TrainOutcome(run_dir, finished=not stopped, on_main=work.run, message=sink.message, close=sink.close)
 
 
 def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized, optim, order, sample_offset,
@@ -355,29 +359,3 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized
                 sink.log({"step": progress.step, "event": "preempted", "signal": stop.signal})
                 return True
     return False
-
-
-def _finish(cfg: Config, run_dir: Path, sink: MetricsSink) -> None:
-    """Export, evaluate, push the final checkpoint (rank 0; ``export.at_end``, ``eval.at_end``,
-    ``export.push_to_hub`` with ``export.private``)."""
-    if not cfg.export.at_end:
-        return
-    from ...export import export_checkpoint
-
-    out = run_dir / "hf"
-    export_checkpoint(run_dir, out, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True)
-    sink.message(f"exported {out}")
-    if cfg.eval.at_end:
-        from .setup import evaluate_at_end
-
-        evaluate_at_end(cfg, run_dir, sink)
-    if cfg.export.push_to_hub:
-        from ...export import ExportError, push_to_hub
-
-        try:
-            push_to_hub(out, cfg.export.push_to_hub, private=cfg.export.private)
-        except Exception as e:  # the export is on disk: say how to retry the push alone
-            raise ExportError(f"export.push_to_hub={cfg.export.push_to_hub}: the upload of {out} failed ({e}); "
-                              f"retry with: nemodiff-export out={out} push_to_hub={cfg.export.push_to_hub} "
-                              f"private={str(cfg.export.private).lower()}") from None
-        sink.message(f"pushed {out} to {cfg.export.push_to_hub}")
