@@ -21,7 +21,7 @@ import torch
 
 from nemodiff_train.core.losses import LossWeights, joint_loss_parts
 from nemodiff_train.core.noising import apply_noise
-from nemodiff_train.engines.torch.setup import resolve_model_path
+from nemodiff_train.assets.resolve import resolve_model_path
 from nemodiff_train.models.hf import load_dlm
 
 

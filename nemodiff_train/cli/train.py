@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from .. import runs
 from ..config.load import CONF_DIR, ConfigError, register_schema, to_config
 from ._console import quiet_libraries
 
@@ -120,7 +121,7 @@ def run(cfg_dict: DictConfig) -> Path:
         return train(cfg, run_dir, validation_hooks=hooks)
     except (OSError, UnsupportedModelError) as e:  # OSError: missing/unreadable weights (FileNotFoundError too)
         # before the model loads, the run directory holds only config.yaml (hf_base/ follows the load)
-        never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}
+        never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {runs.CONFIG_FILE}
         if not never_started:
             raise
         if new_dir and _is_rank0():

@@ -29,8 +29,8 @@ from typing import Any
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "HF_BASE_DIR", "DATA_DIR", "EXPORT_DIR", "EVAL_DIR",
            "EVAL_JSON", "EVAL_SUMMARY", "COMPLETE", "TRAINER_STATE", "MANIFEST", "RNG_DIR", "DCP_METADATA",
-           "MEGATRON_LATEST", "checkpoint_dir", "step_of", "step_dirs", "list_checkpoints", "latest_checkpoint",
-           "megatron_stage_dir", "megatron_iteration_name", "is_megatron_run", "stage_record", "run_record"]
+           "MEGATRON_LATEST", "MEGATRON_DIR", "stage_data_dir", "checkpoint_dir", "step_of", "step_dirs", "list_checkpoints", "latest_checkpoint",
+           "megatron_stage_dir", "megatron_iteration_name", "megatron_init_dir", "megatron_data_dir", "is_megatron_run", "stage_record", "run_record"]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -52,6 +52,12 @@ DCP_METADATA = ".metadata"
 
 # Megatron-Bridge's own layout inside a stage's save directory.
 MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
+MEGATRON_DIR = "megatron"
+
+
+def stage_data_dir(run_dir: str | Path, stage_name: str) -> Path:
+    """``<run>/data/<stage name>``: where a stage's data is prepared unless ``data.prepared_dir`` is set."""
+    return Path(run_dir) / DATA_DIR / stage_name
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -92,6 +98,17 @@ def megatron_stage_dir(run_dir: str | Path, stage_index: int, stage_name: str) -
 def megatron_iteration_name(iteration: int) -> str:
     """``iter_XXXXXXX``: Megatron's directory of one saved iteration."""
     return f"iter_{iteration:07d}"
+
+
+def megatron_init_dir(run_dir: str | Path) -> Path:
+    """``<run>/megatron/hf_init``: the HF directory the Megatron engine writes when the source needs a
+    mask token or an untied head."""
+    return Path(run_dir) / MEGATRON_DIR / "hf_init"
+
+
+def megatron_data_dir(run_dir: str | Path, stage_index: int, stage_name: str) -> Path:
+    """``<run>/megatron/data/<i>_<stage name>``: a stage's prepared data as Megatron indexed datasets."""
+    return Path(run_dir) / MEGATRON_DIR / DATA_DIR / f"{stage_index}_{stage_name}"
 
 
 def is_megatron_run(path: str | Path) -> bool:

@@ -150,7 +150,7 @@ def to_container(cfg: Config, *, run_dir: str | Path | None = None, hf_dir: str 
     e, o, lg = cfg.engine, cfg.optim, cfg.logging
     lr = stage.lr if stage.lr is not None else o.lr
 
-    data_dir = run_dir / "megatron" / "data" / f"{i}_{stage.name}"
+    data_dir = runs.megatron_data_dir(run_dir, i, stage.name)
     train_blend = train_blend or [str(data_dir / "train")]
     valid_blend = valid_blend if valid_blend is not None else [str(data_dir / "val")]
     has_val = bool(valid_blend) and lg.val_every > 0 and lg.val_batches > 0

@@ -112,10 +112,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, dtype: str
 def init_dir(cfg: Config, run_dir: str | Path) -> Path:
     """The HF directory training started from: ``<run.dir>/megatron/hf_init`` when training wrote one
     (:func:`.model.prepare_init_checkpoint`), else the configured model."""
-    from .model import resolve_model_dir
+    from ...assets.resolve import resolve_model_path
 
-    init = Path(run_dir) / "megatron" / "hf_init"
-    return init if (init / DONE).is_file() else resolve_model_dir(cfg.model.path)
+    init = runs.megatron_init_dir(run_dir)
+    return init if (init / DONE).is_file() else resolve_model_path(cfg.model.path)
 
 
 def finished_iteration(save_dir: Path) -> int | None:

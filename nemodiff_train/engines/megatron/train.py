@@ -67,26 +67,13 @@ def _require_megatron() -> None:
 
 def prepare_stage(cfg: Config, run_dir: Path, stage_index: int, hf_dir: Path) -> tuple[list[str], list[str]]:
     """Rank 0: prepared data → indexed datasets; everyone: the (train, valid) blends."""
-    from ...assets.resolve import resolve_data_source as resolve_source
+    from ...data.stage import prepare_stage as prepare_data
     from .data import MARKER, convert_prepared
 
     stage = cfg.stages[stage_index]
-    dc = stage.data
-    prepared = Path(dc.prepared_dir) if dc.prepared_dir else run_dir / "data" / stage.name
-    out = run_dir / "megatron" / "data" / f"{stage_index}_{stage.name}"
+    out = runs.megatron_data_dir(run_dir, stage_index, stage.name)
     if _rank() == 0:
-        from ...data.prepare import DataPrepConfig, prepare
-        from ...data.sources import SourceSpec
-
-        def specs(items):
-            return [SourceSpec.parse(resolve_source(s), text_field=dc.text_field, messages_field=dc.messages_field)
-                    for s in items]
-
-        prepare(DataPrepConfig(kind=dc.kind, sources=specs(dc.sources), val_sources=specs(dc.val_sources),
-                               tokenizer=str(hf_dir), seq_len=dc.seq_len, out=str(prepared),
-                               val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
-                               pack=dc.pack, max_documents=dc.max_documents))
-        convert_prepared(prepared, out)
+        convert_prepared(prepare_data(cfg, stage_index, run_dir, tokenizer=hf_dir), out)
     _wait_for(out / MARKER, "the converted data", cfg.engine.main_work_timeout_s)
     prefixes = json.loads((out / MARKER).read_text())["prefixes"]
     train = [prefixes["train"]] if prefixes.get("train") else []

@@ -33,6 +33,7 @@ from ...config.load import as_dict, save_config
 from ...config.schema import Config, StageConfig
 from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights, joint_loss_parts, masked_token_stats
 from ...models.hf import DLMModel
+from ... import runs
 from .. import TrainOutcome
 from .batches import GlobalOrder, MicroBatch, collate, rank_positions
 from ...faults import fault_point
@@ -234,7 +235,7 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     run_dir = Path(run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / runs.CONFIG_FILE)
     work = MainWork(env, run_dir, cfg.engine.main_work_timeout_s)
     dlm = build_model(cfg, run_dir, env, work)
     mask_id = dlm.settings.mask_token_id
