@@ -1,4 +1,4 @@
-"""Joint AR + masked-diffusion loss (ALGORITHMS.md §2.5), as sums and counts.
+"""Joint AR + masked-diffusion loss (docs/method.md, "Loss"), as sums and counts.
 
     loss = (α · S_diff + β · S_AR) / (N_mask + β · N_AR)
     S_diff = Σ_{masked i} CE(noisy logit i, x_0[i]) / p_i        (unshifted)
