@@ -31,8 +31,9 @@ from torch import nn
 
 from ...config.load import as_dict, save_config
 from ...config.schema import Config, StageConfig
-from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights, joint_loss_parts, masked_token_stats
+from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights
 from ...models.hf import DLMModel
+from ...models.step import joint_step
 from ... import runs
 from .. import TrainOutcome
 from .batches import GlobalOrder, MicroBatch, collate, rank_positions
@@ -61,15 +62,9 @@ class TwoStreamLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, mb: MicroBatch, diagnostics: bool = False):
-        """``LossParts``; with ``diagnostics`` also :func:`masked_token_stats` of the same forward
-        (a flag, not a second method, so that FSDP's forward hooks gather the parameters)."""
-        hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size)
-        parts = joint_loss_parts(hidden, self.dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask,
-                                 mb.doc_ids, self.chunk_size)
-        if not diagnostics:
-            return parts
-        return parts, masked_token_stats(hidden, mb.x0, mb.noise.masked, mb.noise.mask_prob, self.dlm.head,
-                                         chunk_size=self.chunk_size)
+        """:func:`~nemodiff_train.models.step.joint_step`; with ``diagnostics`` also its masked-token
+        stats (a flag, not a second method, so that FSDP's forward hooks gather the parameters)."""
+        return joint_step(self.dlm, mb, self.block_size, self.chunk_size, diagnostics=diagnostics)
 
 
 class _StopFlag:
