@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from .. import runs
+from ..models.dtypes import DTYPES
 from .stop_tokens import CHAT_END_TOKENS, stop_token_ids  # noqa: F401  - re-exported
 
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_model_dir", "pick_device", "pick_dtype", "eos_token_ids", "load_for_eval", "DTYPES"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_dir(path: str | Path) -> Path:

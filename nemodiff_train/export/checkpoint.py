@@ -215,15 +215,9 @@ def _load_weights(ckpt: Path, md, model: torch.nn.Module, keys: list[str]) -> No
 
 
 def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            import contextlib
+    """Build the architecture without random initialisation (every weight is loaded next)."""
+    from transformers.initialization import no_init_weights
 
-            return contextlib.nullcontext()
     return no_init_weights()
 
 

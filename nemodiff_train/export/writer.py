@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import runs
+from ..models.dtypes import ALIASES, DTYPES as _CANONICAL
 from ..faults import fault_point
 from .errors import ExportError
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "export_dlm", "export_checkpoint", "training_metadata"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {**_CANONICAL, **{short: _CANONICAL[name] for short, name in ALIASES.items()}}  # fp32/bf16 accepted too
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -199,11 +200,7 @@ def _mark_special(folder: Path, ids: tuple[int, ...]) -> None:
     missing = [tok.convert_ids_to_tokens(i) for i in ids if i not in set(tok.all_special_ids)]
     if not missing:
         return
-    # transformers 5 calls them extra special tokens, 4.x additional special tokens.
-    key = "extra_special_tokens" if hasattr(tok, "_extra_special_tokens") else "additional_special_tokens"
-    replace = {"replace_extra_special_tokens" if key == "extra_special_tokens"
-               else "replace_additional_special_tokens": False}
-    tok.add_special_tokens({key: missing}, **replace)
+    tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     if len(tok) != vocab_size or any(i not in set(tok.all_special_ids) for i in ids):
         raise ExportError(f"could not register stop tokens {missing} as special tokens of the tokenizer")
     tok.save_pretrained(str(folder))

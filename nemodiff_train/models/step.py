@@ -18,7 +18,11 @@ import torch
 from ..core.losses import LossParts, ar_targets, joint_loss_parts, masked_token_stats
 from ..core.noising import NoisedBatch, apply_noise
 
-__all__ = ["MicroBatch", "collate", "joint_step"]
+__all__ = ["MicroBatch", "collate", "joint_step", "VALIDATION_SEED_OFFSET"]
+
+VALIDATION_SEED_OFFSET = 7919
+"""Validation rows are noised with ``run.seed + VALIDATION_SEED_OFFSET`` (fixed noise, apart from the
+training noise), by both engines, so their validation losses are comparable."""
 
 
 @dataclass

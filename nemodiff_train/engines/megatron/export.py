@@ -19,6 +19,7 @@ import torch
 
 from ... import runs
 from ...config.schema import Config
+from ...models.dtypes import torch_dtype
 from .model import DONE, auto_bridge, build_provider, dlm_record, mask_token_id_of
 
 __all__ = ["latest_iteration_dir", "finished_iteration", "init_dir", "export_to_hf", "export_run", "export_at_end"]
@@ -57,7 +58,7 @@ def export_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir
     checkpoint, out, hf_dir = Path(checkpoint), Path(out), Path(hf_dir)
     iter_dir = checkpoint if checkpoint.name.startswith(("iter_", "release")) else latest_iteration_dir(checkpoint)
     dtype = dtype or cfg.export.dtype
-    weight_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    weight_dtype = torch_dtype(dtype)
     one_rank = replace(cfg, engine=replace(cfg.engine, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False,
                                            precision="fp32", device="cpu", recompute=None))
     tmp = out.with_name(out.name + ".tmp-export")

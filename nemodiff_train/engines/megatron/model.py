@@ -132,10 +132,11 @@ def prepare_init_checkpoint(cfg: Config, run_dir: Path, is_main: bool, barrier=N
 def _dlm_ify_text_model(cfg: Config, src: Path, out: Path) -> None:
     import torch
 
+    from ...models.dtypes import torch_dtype
     from ...models.hf import load_dlm
 
     mask = cfg.model.mask_token_id if cfg.model.mask_token_id is not None else cfg.model.mask_token
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    dtype = torch_dtype(cfg.model.dtype)
     dlm = load_dlm(src, mask_token=mask, untie_head=cfg.model.untie_head, dtype=dtype)
     dlm.hf.config.nemodiff = dlm_record(cfg, dlm.settings.mask_token_id)
     dlm.hf.save_pretrained(out)

@@ -33,7 +33,7 @@ from ...config.load import as_dict, save_config
 from ...config.schema import Config, StageConfig
 from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights
 from ...models.hf import DLMModel
-from ...models.step import joint_step
+from ...models.step import VALIDATION_SEED_OFFSET, joint_step
 from ... import runs
 from .. import TrainOutcome
 from .batches import GlobalOrder, MicroBatch, collate, rank_positions
@@ -166,7 +166,7 @@ def _validate(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, env: D
             if i is None:  # padding: no supervised token, so no AR target and nothing masked
                 row["loss_mask"] = torch.zeros_like(torch.as_tensor(row["loss_mask"]), dtype=torch.bool)
             rows.append(row)
-        mb = collate(rows, [0 if i is None else i for i in idx], seed=cfg.run.seed + 7919, mask_token_id=mask_id,
+        mb = collate(rows, [0 if i is None else i for i in idx], seed=cfg.run.seed + VALIDATION_SEED_OFFSET, mask_token_id=mask_id,
                      schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
         with par.compute_context(env.device):
             parts, mb_stats = module(mb.to(env.device), diagnostics=True)
