@@ -50,8 +50,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ...faults import fault_point
-from ...runs import (CHECKPOINTS_DIR, COMPLETE, DCP_METADATA, MANIFEST, RNG_DIR, TRAINER_STATE, checkpoint_dir, latest_checkpoint,
-                     list_checkpoints, step_dirs, step_of)
+from ...runs import (CHECKPOINTS_DIR, COMPLETE, DCP_METADATA, MANIFEST, RNG_DIR, TRAINER_STATE,  # noqa: F401
+                     checkpoint_dir, latest_checkpoint, list_checkpoints, step_dirs, step_of)
 from ...runs.dcp import CheckpointError, SafeFileSystemReader
 
 log = logging.getLogger(__name__)

@@ -166,8 +166,8 @@ def _validate(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, env: D
             if i is None:  # padding: no supervised token, so no AR target and nothing masked
                 row["loss_mask"] = torch.zeros_like(torch.as_tensor(row["loss_mask"]), dtype=torch.bool)
             rows.append(row)
-        mb = collate(rows, [0 if i is None else i for i in idx], seed=cfg.run.seed + VALIDATION_SEED_OFFSET, mask_token_id=mask_id,
-                     schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
+        mb = collate(rows, [0 if i is None else i for i in idx], seed=cfg.run.seed + VALIDATION_SEED_OFFSET,
+                     mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
         with par.compute_context(env.device):
             parts, mb_stats = module(mb.to(env.device), diagnostics=True)
         total = total + parts.detached()
