@@ -7,7 +7,7 @@ Both run in the same process on the same weights, batch and device; the ratio is
     python tools/bench_train_step.py --model DIR --seq-len 1024 --batch 1 --device cuda --dtype bfloat16
 
 The AR step is the unmodified HF model with its own causal attention and ``labels`` loss (what a user
-would run); the DLM step is noise + two-stream forward + joint loss + backward, as in the trainer.
+would run); the DLM step is the trainer's (``models.step.collate`` + ``joint_step``) + backward.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from nemodiff_train.core.losses import LossWeights, joint_loss_parts
-from nemodiff_train.core.noising import apply_noise
-from nemodiff_train.engines.torch.setup import resolve_model_path
+from nemodiff_train.assets.resolve import resolve_model_path
+from nemodiff_train.core.losses import LossWeights
 from nemodiff_train.models.hf import load_dlm
+from nemodiff_train.models.step import collate, joint_step
 
 
 RANDOM_SHAPES = {
@@ -92,14 +92,13 @@ def main() -> None:
         finally:
             dlm.hf.config._attn_implementation = impl
 
-    def dlm_step():
-        noise = apply_noise(x0, loss_mask, list(range(args.batch)), seed=0, mask_token_id=dlm.settings.mask_token_id,
-                            block_size=args.block_size)
-        xt, xd = noise.noisy_ids.to(device), x0.to(device)
+    rows = [{"input_ids": x, "doc_ids": torch.zeros_like(x), "loss_mask": m} for x, m in zip(x0, loss_mask)]
+
+    def dlm_step():  # the trainer's step: noise the rows, then models.step.joint_step
+        mb = collate(rows, list(range(args.batch)), seed=0, mask_token_id=dlm.settings.mask_token_id,
+                     schedule="uniform", eps=1e-3, block_size=args.block_size, half_life_ratio=0.25).to(device)
         with autocast:
-            hidden = dlm.two_stream_hidden(xt, xd, None, args.block_size)
-            parts = joint_loss_parts(hidden, dlm.head, xd, noise.masked.to(device), noise.mask_prob.to(device),
-                                     loss_mask.to(device))
+            parts = joint_step(dlm, mb, args.block_size)
         (parts.numerator(w) / parts.denominator(w)).backward()
 
     def timed(fn):

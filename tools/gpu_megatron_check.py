@@ -12,8 +12,7 @@ What it does:
 1. part ``tiny``: a tiny random Qwen3 (HF checkpoint, mask id in range) → ``to_container`` →
    ``megatron.bridge.training.pretrain`` with our two-stream attention (flex-attention; SDPA fallback
    is reported) and ``TwoStreamForwardStep`` for >= 20 iterations on packed synthetic rows; checks that
-   the loss falls and that the first loss equals the torch engine's loss (``DLMModel.two_stream_hidden``
-   + ``core.losses.joint_loss_parts``, fp32, on the same global batch and weights) within 2 % (bf16);
+   the loss falls and that the first loss equals the torch engine's loss (``models.step.joint_step``, fp32, on the same global batch and weights) within 2 % (bf16);
    reports iteration time and peak memory;
 2. part ``mfu``: a ~1.2B Llama-shaped model (random init) for a few iterations at 2L = 4096 tokens; MFU =
    model FLOPs (6·N·tokens + attention over the pattern's allowed pairs) / (time × bf16 dense peak).
@@ -336,10 +335,11 @@ def part_tiny(args) -> dict:
     cfg = _base_cfg(work / "run", hf_dir, L, iters, gbs, mbs, 1e-3, cpu, block=32, attention=args.attention)
     # torch engine on the first global batch (positions 0..gbs-1), same init weights, fp32; computed first,
     # before Megatron touches global state
-    from nemodiff_train.core.losses import LossWeights, joint_loss_parts
+    from nemodiff_train.core.losses import LossWeights
+    from nemodiff_train.data.order import GlobalOrder
     from nemodiff_train.data.packed import PackedDataset
-    from nemodiff_train.engines.torch.batches import GlobalOrder, collate
     from nemodiff_train.models.hf import load_dlm
+    from nemodiff_train.models.step import collate, joint_step
 
     dev = "cuda" if (torch.cuda.is_available() and not cpu) else "cpu"
     dlm = load_dlm(hf_dir, mask_token=3, untie_head=True, device=dev, attn_implementation="sdpa")
@@ -349,11 +349,10 @@ def part_tiny(args) -> dict:
     mb = collate([ds[order.row(p)] for p in range(gbs)], list(range(gbs)), seed=cfg.run.seed, mask_token_id=3,
                  schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio).to(dev)
     with torch.no_grad():
-        h = dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, d.block_size)
-        parts = joint_loss_parts(h, dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask, mb.doc_ids)
+        parts = joint_step(dlm, mb, d.block_size)
     w = LossWeights(d.alpha, d.beta)
     ref = float(parts.numerator(w) / parts.denominator(w))
-    del dlm, h, parts
+    del dlm, parts
     if dev == "cuda":
         torch.cuda.empty_cache()
     _cpu_emulation(cpu)

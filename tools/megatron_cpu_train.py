@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TESTING ONLY: run ``nemodiff_train.engines.megatron.train.run`` on CPU (gloo, world size 1).
+"""TESTING ONLY: run ``nemodiff-train``'s orchestration with ``engine=megatron`` on CPU (gloo, world size 1).
 
 Megatron-Bridge's real ``pretrain()`` loop, checkpointing, resume, signal handling and export, on a
 machine without a GPU: imports go through ``tools/megatron_shims.py`` (no Transformer Engine /
@@ -75,7 +75,7 @@ def main() -> int:
     from megatron.bridge.training.callbacks import Callback
 
     from nemodiff_train.config.load import compose
-    from nemodiff_train.engines.megatron.train import run
+    from nemodiff_train.orchestrate import train
 
     rows: list[dict] = []
 
@@ -92,7 +92,7 @@ def main() -> int:
     t0 = time.time()
     result = {"overrides": args.overrides, "steps": rows}
     try:
-        run(cfg, callbacks=[Recorder()])
+        train(cfg, Path(cfg.run.dir), engine_options={"callbacks": [Recorder()]})  # the engine, then the export
         result["exit"] = "returned"
     except SystemExit as e:  # Megatron-Bridge exits after a signal-triggered checkpoint
         result["exit"] = f"SystemExit({e.code})"

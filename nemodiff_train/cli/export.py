@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from ..config.load import merge_into
 from ._console import interactive, quiet_libraries
 
-from ..export import ExportError, export_checkpoint, push_to_hub
+from ..export import ExportError, push_to_hub
+from ..orchestrate import export_any
 
 # conf/apps/ holds the group-free configs of single-purpose CLIs (in conf/, `checkpoint=<dir>` would
 # select from the training group conf/checkpoint/).
@@ -72,7 +73,7 @@ def run(c: ExportCLIConfig) -> Path:
     """Export (when ``checkpoint`` is set), then push (when ``push_to_hub`` is set); returns ``out``."""
     out = Path(c.out)
     if c.checkpoint is not None:
-        export_checkpoint(c.checkpoint, out, dtype=c.dtype, remote_code=c.remote_code, overwrite=c.overwrite,
+        export_any(c.checkpoint, out, dtype=c.dtype, remote_code=c.remote_code, overwrite=c.overwrite,
                           eval_json=c.eval_json, max_shard_size=c.max_shard_size)
         print(f"exported {c.checkpoint} -> {out}")
     if c.push_to_hub:

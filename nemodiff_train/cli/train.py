@@ -1,8 +1,9 @@
 """``nemodiff-train recipe=<name> run.dir=<path> [key=value ...]`` — train (or resume) a run.
 
 Runs as a plain process or under torchrun (``torchrun --nproc-per-node=2 -m nemodiff_train.cli.train ...``).
-The engine is chosen by ``engine=torch|megatron``. Hydra composes the config; everything below this
-file receives the validated dataclass tree.
+The engine is chosen by ``engine=torch|megatron``; :mod:`nemodiff_train.orchestrate` trains with it,
+then exports and evaluates. Hydra composes the config; everything below this file receives the
+validated dataclass tree.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from .. import runs
 from ..config.load import CONF_DIR, ConfigError, register_schema, to_config
 from ._console import quiet_libraries
 
@@ -108,20 +110,18 @@ def run(cfg_dict: DictConfig) -> Path:
     check_model(cfg)
     preflight(cfg)
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.recipe)
-    if cfg.engine.name == "megatron":
-        from ..engines.megatron.train import run as megatron_run
-
-        return megatron_run(cfg)  # requires run.dir: every rank and every job of a chain share it
-    from ..engines.torch.trainer import train
     from ..models.attention import UnsupportedModelError
+    from ..orchestrate import train
 
+    if cfg.engine.name == "megatron":
+        return train(cfg, run_dir)  # run.dir is required: every rank and every job of a chain share it
     hooks = _validation_hooks(cfg)
     new_dir = not run_dir.exists()
     try:
         return train(cfg, run_dir, validation_hooks=hooks)
     except (OSError, UnsupportedModelError) as e:  # OSError: missing/unreadable weights (FileNotFoundError too)
         # before the model loads, the run directory holds only config.yaml (hf_base/ follows the load)
-        never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}
+        never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {runs.CONFIG_FILE}
         if not never_started:
             raise
         if new_dir and _is_rank0():

@@ -1,4 +1,5 @@
 """Framework-free core of the method: attention patterns, noising, joint loss, two-stream inputs.
 
-Imports only torch and the standard library (DESIGN.md), so both engines and the tests share it.
+Imports only torch and the standard library (tests/unit/test_import_boundaries.py), so both engines
+and the tests share it.
 """

@@ -1,4 +1,4 @@
-"""Joint AR + masked-diffusion loss (ALGORITHMS.md §2.5), as sums and counts.
+"""Joint AR + masked-diffusion loss (docs/method.md, "Loss"), as sums and counts.
 
     loss = (α · S_diff + β · S_AR) / (N_mask + β · N_AR)
     S_diff = Σ_{masked i} CE(noisy logit i, x_0[i]) / p_i        (unshifted)
@@ -147,6 +147,24 @@ def joint_loss_parts(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.
     targets, supervised = ar_targets(x0, loss_mask, doc_ids)
     ar_sum = weighted_ce_sum(clean_h[supervised], targets[supervised],
                              torch.ones(int(supervised.sum()), device=hidden.device), head, chunk_size)
+    return LossParts(diff_sum, masked.sum().float(), ar_sum, supervised.sum().float())
+
+
+def parts_from_token_ce(noisy_ce: torch.Tensor, clean_ce: torch.Tensor, masked: torch.Tensor,
+                        mask_prob: torch.Tensor, supervised: torch.Tensor) -> LossParts:
+    """:class:`LossParts` from per-token cross entropies computed elsewhere (e.g. Megatron's vocab-parallel CE).
+
+    The same sums as :func:`joint_loss_parts`, which computes the cross entropies itself (chunked, only
+    at the positions that count).
+
+    Args:
+        noisy_ce: ``[b, L]`` CE of each noisy-stream position against its clean token.
+        clean_ce: ``[b, L]`` CE of each clean-stream position against the next token.
+        masked, mask_prob: ``[b, L]`` as in :func:`joint_loss_parts`.
+        supervised: ``[b, L]`` bool, the AR targets that count (:func:`ar_targets`).
+    """
+    diff_sum = (noisy_ce[masked] / mask_prob[masked].float()).sum()
+    ar_sum = clean_ce[supervised].sum()
     return LossParts(diff_sum, masked.sum().float(), ar_sum, supervised.sum().float())
 
 

@@ -19,7 +19,7 @@ same for both streams). That is transformers' own sliding-window rule (a query s
 positions, itself included) applied on the position axis, so the clean stream sees exactly what the
 base model's windowed layer sees and the noisy stream is windowed on the same scale.
 
-Spec: ALGORITHMS.md §1.2 (BD3-LM), §1.7 (Efficient-DLM), §2.3 (the NLD "sbd_block_diff" mask).
+Spec: docs/method.md, "Attention pattern" (the Nemotron-Labs-Diffusion "sbd_block_diff" mask).
 """
 
 from __future__ import annotations

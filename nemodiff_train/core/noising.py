@@ -8,7 +8,7 @@ same batch differently: Automodel#3149).
 
 Schedules (registry :data:`SCHEDULES`):
 
-* ``uniform`` (NLD public recipe, ALGORITHMS.md §2.4): ``t ~ U(0,1)`` per sequence,
+* ``uniform`` (the public Nemotron-Labs-Diffusion recipe, docs/method.md, "Training row"): ``t ~ U(0,1)`` per sequence,
   ``p = (1-ε)t + ε``, each eligible token masked independently with probability ``p``.
 * ``position_dependent`` (Efficient-DLM ``forward_process_exp``, §1.7): per block of ``B`` tokens,
   ``m ~ U(ε, 1)``, exactly ``round(m·n)`` of the block's ``n`` eligible tokens masked, drawn without

@@ -2,7 +2,7 @@
 
 Both halves use the same positions (0..L-1, restarting at every document start of a packed row), so
 the clean half is exactly the AR model's pass over ``x_0`` and the noisy block b sees clean blocks
-< b at the positions they have at inference through the KV cache (ALGORITHMS.md §2.3).
+< b at the positions they have at inference through the KV cache (docs/method.md, "Training row").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mode 1, autoregressive decoding (ALGORITHMS.md §3.2): causal prefill, then one token per forward.
+"""Mode 1, autoregressive decoding (docs/decoding.md, "AR"): causal prefill, then one token per forward.
 
 The first token comes from the prefill logits, so a row of N tokens costs N - 1 counted forwards
 (prefill excluded; TPF = N / (N - 1) ≥ 1). Batches are left padded (see :mod:`.batching`); a row

@@ -1,7 +1,7 @@
 """Decoding settings shared by every mode (AR, diffusion, linear and quadratic self-speculation).
 
 A mode reads only the fields it needs: ``block_size`` is the diffusion block / speculation draft
-length, ``threshold`` and ``steps_per_block`` only matter for diffusion (ALGORITHMS.md §3.3).
+length, ``threshold`` and ``steps_per_block`` only matter for diffusion (docs/decoding.md).
 """
 
 from __future__ import annotations

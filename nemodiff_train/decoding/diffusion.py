@@ -1,4 +1,4 @@
-"""Mode 2, block diffusion decoding (ALGORITHMS.md §3.3; HF ``generate`` / SGLang "FastDiffuser").
+"""Mode 2, block diffusion decoding (docs/decoding.md, "Block diffusion"; HF ``generate`` / SGLang "FastDiffuser").
 
 Per block: ``x = [seed] + [MASK] * (n - 1)`` (the seed is the AR token of the previous causal pass),
 then denoising steps, each one bidirectional forward over the block reading the cache without

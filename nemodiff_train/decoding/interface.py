@@ -3,7 +3,7 @@
 A decoder never sees transformers, only :class:`CachedLM`: forward some tokens at given positions
 with an explicit attention mask over (cached keys + new keys), optionally writing the new keys to the
 KV cache, and edit the cache (keep a subset of its positions). The KV cache only ever holds states
-from causal passes (ALGORITHMS.md §3.1); a diffusion pass reads the cache with ``write_cache=False``.
+from causal passes (docs/decoding.md, "KV cache"); a diffusion pass reads the cache with ``write_cache=False``.
 """
 
 from __future__ import annotations

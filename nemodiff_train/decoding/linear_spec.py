@@ -1,4 +1,4 @@
-"""Mode 3, linear self-speculation (ALGORITHMS.md §3.4; HF ``linear_spec_generate``, SGLang "LinearSpec").
+"""Mode 3, linear self-speculation (docs/decoding.md; HF ``linear_spec_generate``, SGLang "LinearSpec").
 
 Invariant: the cache holds the causal KV of the emitted tokens except the last one, the seed ``s``
 (emitted, not cached). One cycle, at cache length c:

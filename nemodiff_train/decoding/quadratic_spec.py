@@ -1,4 +1,4 @@
-"""Mode 4, quadratic self-speculation (ALGORITHMS.md §3.5; TiDAR-style verify + pre-draft in one pass).
+"""Mode 4, quadratic self-speculation (docs/decoding.md; TiDAR-style verify + pre-draft in one pass).
 
 State at a cycle: the cache holds the causal KV of every emitted token (C positions) and a draft
 ``d_0 … d_{B-1}`` whose ``d_0`` is the AR token after the emitted prefix. One forward over B

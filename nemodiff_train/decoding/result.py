@@ -1,6 +1,6 @@
 """What a decoder returns: the generated tokens and exact forward counts (TPF is computed from them).
 
-Counting convention (ALGORITHMS.md §3.6, stated because conventions differ between papers): the
+Counting convention (docs/decoding.md, "Counting forwards", stated because conventions differ between papers): the
 prefill is *excluded* from ``forwards`` and reported separately; every other model call is counted,
 including passes that commit nothing (a linear-spec draft, a quadratic initial draft, the causal
 re-encode after a diffusion block that ends the output).

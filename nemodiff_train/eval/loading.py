@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
+from .. import runs
+from ..models.dtypes import DTYPES
 from .stop_tokens import CHAT_END_TOKENS, stop_token_ids  # noqa: F401  - re-exported
 
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_model_dir", "pick_device", "pick_dtype", "eos_token_ids", "load_for_eval", "DTYPES"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -29,12 +30,13 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    if (path / "config.yaml").is_file():
-        if (path / "hf" / "config.json").is_file():
-            return path / "hf"
+    if (path / runs.CONFIG_FILE).is_file():
+        export = path / runs.EXPORT_DIR
+        if (export / "config.json").is_file():
+            return export
         raise FileNotFoundError(
-            f"{path} is a training run directory without an exported model in {path / 'hf'}; export it first: "
-            f"nemodiff-export checkpoint={path} out={path / 'hf'}")
+            f"{path} is a training run directory without an exported model in {export}; export it first: "
+            f"nemodiff-export checkpoint={path} out={export}")
     raise FileNotFoundError(f"{path} is neither a Hugging Face model directory (config.json) nor a training run "
                             "directory (config.yaml + hf/)")
 

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..runs import EVAL_JSON
+
 log = logging.getLogger(__name__)
 
 __all__ = ["write_outputs", "format_table", "print_table", "plot_tpf_accuracy"]
@@ -21,14 +23,14 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sample_rows: list[dict[
                   config: dict[str, Any] | None = None) -> None:
     """Write ``eval.json``, ``samples.jsonl``, ``eval_config.json`` and ``tpf_accuracy.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    (out / EVAL_JSON).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
         for row in sample_rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     if config is not None:
         (out / "eval_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     plot_tpf_accuracy(rows, out / "tpf_accuracy.png")
-    log.info("wrote %s", ", ".join(str(out / n) for n in ("eval.json", "samples.jsonl", "tpf_accuracy.png")))
+    log.info("wrote %s", ", ".join(str(out / n) for n in (EVAL_JSON, "samples.jsonl", "tpf_accuracy.png")))
 
 
 def _metric_names(rows: list[dict[str, Any]]) -> list[str]:

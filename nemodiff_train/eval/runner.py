@@ -7,8 +7,7 @@ machine hits every mode alike and the ``tokens/s ÷ ar`` ratios stay meaningful.
 timed, after one warm-up call per run. Each row reports tokens per forward (TPF, the prefill forward
 excluded), tokens/s, the task's accuracy metrics and, for the self-speculation modes, ``lossless`` =
 the fraction of samples whose output equals AR greedy output token for token. Writes ``eval.json``,
-``samples.jsonl`` and ``tpf_accuracy.png`` into ``out`` and prints a table (DESIGN.md, "nemodiff-eval
-writes").
+``samples.jsonl`` and ``tpf_accuracy.png`` into ``out`` and prints a table (README.md, "Run directory").
 
 Run (CPU, the embedded model)::
 

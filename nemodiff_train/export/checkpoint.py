@@ -2,7 +2,7 @@
 
 A training run directory (``config.yaml``, ``hf_base/``, ``checkpoints/step_XXXXXXXX/``) resolves to
 its latest complete checkpoint. A checkpoint is the DCP save of ``{"model": <HF-layout state dict>,
-...}`` plus a ``COMPLETE`` marker and ``trainer_state.json`` (engines/torch/checkpointing.py);
+...}`` plus a ``COMPLETE`` marker and ``trainer_state.json`` (the layout is :mod:`nemodiff_train.runs`'s);
 ``hf_base/`` holds the architecture it belongs to (config with the DLM settings under ``nemodiff``,
 tokenizer, generation config, no weights). Every check runs before a byte of the export is written,
 and every failure names the file or key at fault.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,14 @@ from typing import Any
 
 import torch
 
+from .. import runs
+from ..runs import COMPLETE, DCP_METADATA, TRAINER_STATE, step_of
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Source", "resolve_source", "load_source", "run_metadata", "checkpoint_metadata", "read_dcp_metadata"]
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-COMPLETE = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
-DCP_METADATA = ".metadata"
 
 
 @dataclass
@@ -50,19 +47,6 @@ class Source:
     run_dir: Path | None = None
 
 
-def _latest_complete(run_dir: Path) -> Path | None:
-    try:  # the trainer's own definition of "complete", when it is installed
-        from ..engines.torch.checkpointing import latest_checkpoint
-    except ImportError:
-        latest_checkpoint = None
-    if latest_checkpoint is not None:
-        return latest_checkpoint(run_dir)
-    root = run_dir / "checkpoints"
-    found = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()) \
-        if root.is_dir() else []
-    return found[-1] if found else None
-
-
 def resolve_source(path: str | Path) -> Source:
     """Classify ``path`` and find the checkpoint and HF directory it implies.
 
@@ -76,20 +60,20 @@ def resolve_source(path: str | Path) -> Source:
     if not path.is_dir():
         raise ExportError(f"checkpoint path {path} is not a directory (give a run directory, a "
                           "checkpoints/step_XXXXXXXX directory or a Hugging Face model directory)")
-    is_ckpt = _STEP_DIR.match(path.name) is not None or (path / DCP_METADATA).exists() or \
-        path.name.startswith("step_")
+    is_ckpt = step_of(path) is not None or (path / DCP_METADATA).exists() or path.name.startswith("step_")
     if (path / "config.json").is_file() and not is_ckpt:
         return Source("hf", hf_dir=path)
     if is_ckpt:
         if not (path / COMPLETE).is_file():
             raise ExportError(f"incomplete checkpoint {path}: no {COMPLETE} marker (the save was interrupted "
                               "or is still running); export a complete checkpoint or the run directory")
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        run_dir = path.parent.parent if path.parent.name == runs.CHECKPOINTS_DIR else None
         return Source("checkpoint", hf_dir=_hf_base(run_dir, path), ckpt_dir=path, run_dir=run_dir)
-    if (path / "checkpoints").is_dir() or (path / "hf_base").is_dir() or (path / "config.yaml").is_file():
-        ckpt = _latest_complete(path)
+    if (path / runs.CHECKPOINTS_DIR).is_dir() or (path / runs.HF_BASE_DIR).is_dir() or \
+            (path / runs.CONFIG_FILE).is_file():
+        ckpt = runs.latest_checkpoint(path)
         if ckpt is None:
-            root = path / "checkpoints"
+            root = path / runs.CHECKPOINTS_DIR
             partial = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
             detail = f" (present but incomplete: {', '.join(partial)})" if partial else ""
             raise ExportError(f"run directory {path} has no complete checkpoint in {root}{detail}")
@@ -102,7 +86,7 @@ def _hf_base(run_dir: Path | None, ckpt: Path) -> Path:
     if run_dir is None:
         raise ExportError(f"checkpoint {ckpt} is not inside <run dir>/checkpoints/, so its architecture "
                           "(<run dir>/hf_base) cannot be found")
-    base = run_dir / "hf_base"
+    base = run_dir / runs.HF_BASE_DIR
     if not (base / "config.json").is_file():
         raise ExportError(f"{base / 'config.json'} is missing: the run directory must hold the architecture the "
                           "checkpoint belongs to (written by the trainer at start)")
@@ -115,7 +99,7 @@ def _hf_base(run_dir: Path | None, ckpt: Path) -> Path:
 
 def read_dcp_metadata(ckpt: Path):
     """The DCP ``Metadata`` of a checkpoint (tensor sizes and where each one is stored)."""
-    from ..engines.torch.checkpointing import SafeFileSystemReader  # .metadata is a pickle: restricted classes
+    from ..runs.dcp import SafeFileSystemReader  # .metadata is a pickle: restricted classes
 
     file = ckpt / DCP_METADATA
     if not file.is_file():
@@ -203,7 +187,7 @@ def _load_weights(ckpt: Path, md, model: torch.nn.Module, keys: list[str]) -> No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from ..engines.torch.checkpointing import SafeFileSystemReader
+    from ..runs.dcp import SafeFileSystemReader
 
     sd = model.state_dict()
     wanted = {k: sd[k] for k in keys}
@@ -231,15 +215,9 @@ def _load_weights(ckpt: Path, md, model: torch.nn.Module, keys: list[str]) -> No
 
 
 def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            import contextlib
+    """Build the architecture without random initialisation (every weight is loaded next)."""
+    from transformers.initialization import no_init_weights
 
-            return contextlib.nullcontext()
     return no_init_weights()
 
 
@@ -252,9 +230,9 @@ def _read_json(file: Path) -> dict:
 
 def _run_config(run_dir: Path | None) -> dict:
     """The run's resolved ``config.yaml`` as plain dicts ({} when absent); validated when it can be."""
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    if run_dir is None or not (run_dir / runs.CONFIG_FILE).is_file():
         return {}
-    file = run_dir / "config.yaml"
+    file = run_dir / runs.CONFIG_FILE
     try:
         from ..config.load import as_dict, load_saved_config
 
@@ -353,10 +331,9 @@ def run_metadata(nemodiff: dict, run_cfg: dict) -> dict[str, Any]:
     if not meta.get("base_model") and model_cfg:
         meta["base_model"] = model_cfg.get("hub_id") or model_cfg.get("path")
     if "stages" not in meta and run_cfg.get("stages"):
-        meta["stages"] = [{"name": s.get("name"), "kind": s.get("kind"), "steps": s.get("steps"),
-                           "sources": list((s.get("data") or {}).get("sources") or []),
-                           "seq_len": (s.get("data") or {}).get("seq_len"),
-                           "global_batch_size": s.get("global_batch_size")} for s in run_cfg["stages"]]
+        meta["stages"] = [runs.stage_record(s.get("name"), s.get("kind"), s.get("steps"),
+                                            (s.get("data") or {}).get("sources"), (s.get("data") or {}).get("seq_len"),
+                                            s.get("global_batch_size")) for s in run_cfg["stages"]]
     return meta
 
 
@@ -368,8 +345,8 @@ def checkpoint_metadata(src: Source, nemodiff: dict, run_cfg: dict) -> dict[str,
         state_file = src.ckpt_dir / TRAINER_STATE
         state = _read_json(state_file) if state_file.is_file() else {}
         step = state.get("step")
-        if step is None and (m := _STEP_DIR.match(src.ckpt_dir.name)):
-            step = int(m.group(1))
+        if step is None:
+            step = step_of(src.ckpt_dir)
         if step is not None:
             meta["training_steps"] = int(step)
         if state.get("tokens") is not None:

@@ -4,7 +4,7 @@ The file is built at export time from a small template (the model class and a KV
 the *source* of ``nemodiff_train/decoding/`` itself, inlined module by module: the modules reachable
 from ``decoding/__init__.py`` through relative imports are concatenated in dependency order, their
 relative imports, ``__future__`` imports, module docstrings and ``__all__`` lists removed and their
-absolute imports (torch and the standard library only, which DESIGN.md guarantees) hoisted. So the
+absolute imports (torch and the standard library only, which tests/unit/test_import_boundaries.py enforces) hoisted. So the
 remote decoders are our decoders, byte for byte, and cannot drift from them.
 
 The decoders' model adapter is inlined the same way from ``nemodiff_train/models/cached.py`` and the

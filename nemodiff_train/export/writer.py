@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .. import runs
+from ..models.dtypes import ALIASES, DTYPES as _CANONICAL
 from ..faults import fault_point
 from .errors import ExportError
 
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "export_dlm", "export_checkpoint", "training_metadata"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {**_CANONICAL, **{short: _CANONICAL[name] for short, name in ALIASES.items()}}  # fp32/bf16 accepted too
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -198,11 +200,7 @@ def _mark_special(folder: Path, ids: tuple[int, ...]) -> None:
     missing = [tok.convert_ids_to_tokens(i) for i in ids if i not in set(tok.all_special_ids)]
     if not missing:
         return
-    # transformers 5 calls them extra special tokens, 4.x additional special tokens.
-    key = "extra_special_tokens" if hasattr(tok, "_extra_special_tokens") else "additional_special_tokens"
-    replace = {"replace_extra_special_tokens" if key == "extra_special_tokens"
-               else "replace_additional_special_tokens": False}
-    tok.add_special_tokens({key: missing}, **replace)
+    tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     if len(tok) != vocab_size or any(i not in set(tok.all_special_ids) for i in ids):
         raise ExportError(f"could not register stop tokens {missing} as special tokens of the tokenizer")
     tok.save_pretrained(str(folder))
@@ -302,23 +300,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     """Export a run directory (its latest complete checkpoint), a checkpoint directory or an HF directory.
 
     A run's ``<run>/eval/eval.json`` is used for the model card when ``eval_json`` is not given.
-    Other arguments as :func:`export_dlm`; ``metadata`` adds to what the run records.
+    Other arguments as :func:`export_dlm`; ``metadata`` adds to what the run records. A Megatron run
+    directory is refused here: :func:`nemodiff_train.orchestrate.export_any` converts it first.
     """
     from .checkpoint import load_source, resolve_source
 
     out = Path(out)
     _dtype_name(dtype)
     _shard_size(max_shard_size)
-    from ..engines.megatron.export import export_run_dir, is_megatron_run
-
-    if is_megatron_run(checkpoint):  # Megatron → HF through AutoBridge, then this same exporter
-        return export_run_dir(checkpoint, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,
-                              overwrite=overwrite, max_shard_size=max_shard_size)
+    if runs.is_megatron_run(checkpoint):  # its engine converts it first; export/ imports no engine
+        raise ExportError(f"{checkpoint} is a Megatron run directory: export it with nemodiff-export "
+                          "(nemodiff_train.orchestrate.export_any), which converts its checkpoint first")
     src = resolve_source(checkpoint)
     protect = [Path(checkpoint)] + [p for p in (src.run_dir, src.ckpt_dir, src.hf_dir) if p is not None]
     _check_out(out, overwrite, protect)
-    if eval_json is None and src.run_dir is not None and (src.run_dir / "eval" / "eval.json").is_file():
-        eval_json = src.run_dir / "eval" / "eval.json"
+    if eval_json is None and src.run_dir is not None and (src.run_dir / runs.EVAL_DIR / runs.EVAL_JSON).is_file():
+        eval_json = src.run_dir / runs.EVAL_DIR / runs.EVAL_JSON
     dlm, meta = load_source(src)
     meta.update(metadata or {})
     return export_dlm(dlm, out, dtype=dtype, metadata=meta, remote_code=remote_code, eval_json=eval_json,

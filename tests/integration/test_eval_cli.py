@@ -67,7 +67,7 @@ def test_eval_cli_all_modes(assets, tmp_path):
         assert r["samples"] == 3 and r["prefill_forwards"] == 3
         assert r["tpf"] == pytest.approx(r["generated_tokens"] / r["forwards"])
     by_mode = {r["mode"]: r for r in rows}
-    # fp32 on CPU: self-speculation is exactly AR greedy (ALGORITHMS.md §5.4), even for a random model.
+    # fp32 on CPU: self-speculation is exactly AR greedy (docs/decoding.md, "Lossless at temperature 0"), even for a random model.
     assert by_mode["linear_spec"]["lossless"] == 1.0 and by_mode["quadratic_spec"]["lossless"] == 1.0
     assert "lossless" not in by_mode["ar"] and "lossless" not in by_mode["diffusion"]
     assert all(r["block_size"] == 4 for r in rows)

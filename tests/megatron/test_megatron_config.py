@@ -12,7 +12,7 @@ import pytest
 
 from nemodiff_train.config.load import ConfigError, compose, list_recipes
 
-MINISTRAL3 = {  # ALGORITHMS.md §2.1 / MEGATRON_NOTES §2.1
+MINISTRAL3 = {  # the published Ministral-3 configs (their config.json on the Hub)
     "3b": dict(num_hidden_layers=26, hidden_size=3072, intermediate_size=9216, tie_word_embeddings=True, theta=1e6),
     "8b": dict(num_hidden_layers=34, hidden_size=4096, intermediate_size=14336, tie_word_embeddings=False, theta=1e6),
     "14b": dict(num_hidden_layers=40, hidden_size=5120, intermediate_size=16384, tie_word_embeddings=False, theta=1e9),

@@ -1,4 +1,4 @@
-"""Megatron-Bridge's real ``pretrain()`` on CPU (gloo, world size 1) through ``engines.megatron.train.run``.
+"""Megatron-Bridge's real ``pretrain()`` on CPU (gloo, world size 1) through ``nemodiff_train.orchestrate.train``.
 
 Runs ``tools/megatron_cpu_train.py`` in subprocesses (its CUDA-emulation patches must not leak into
 pytest): a tiny Qwen3 with a tokenizer that lacks the mask token (so the HF init directory is
@@ -55,10 +55,11 @@ def _run(args: list[str], timeout: int = 400) -> tuple[int, dict, str]:
 
 
 def _torch_engine_loss(run_dir: Path, hf_dir: Path, cfg) -> float:
-    from nemodiff_train.core.losses import LossWeights, joint_loss_parts
+    from nemodiff_train.core.losses import LossWeights
+    from nemodiff_train.data.order import GlobalOrder
     from nemodiff_train.data.packed import PackedDataset
-    from nemodiff_train.engines.torch.batches import GlobalOrder, collate
     from nemodiff_train.models.hf import load_dlm
+    from nemodiff_train.models.step import collate, joint_step
 
     dlm = load_dlm(hf_dir)
     ds = PackedDataset(run_dir / "data" / "pretrain", "train")
@@ -69,8 +70,7 @@ def _torch_engine_loss(run_dir: Path, hf_dir: Path, cfg) -> float:
                  mask_token_id=dlm.settings.mask_token_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
                  half_life_ratio=d.half_life_ratio)
     with torch.no_grad():
-        hidden = dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, d.block_size)
-        parts = joint_loss_parts(hidden, dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask, mb.doc_ids)
+        parts = joint_step(dlm, mb, d.block_size)
     w = LossWeights(d.alpha, d.beta)
     return float(parts.numerator(w) / parts.denominator(w))
 

@@ -3,7 +3,7 @@
 * HF → Megatron → HF round trip keeps the weights and the logits;
 * one two-stream forward + loss through Megatron (our core attention, RoPE per half and per document,
   Megatron's per-token CE, our forward step's loss function) gives the same AR loss, diffusion loss
-  and total as the torch engine (``DLMModel.two_stream_hidden`` + ``core.losses.joint_loss_parts``);
+  and total as the torch engine (``models.step.joint_step``);
 * a Ministral-3 (multimodal wrapper, YaRN RoPE, Llama-4 query scaling, tied → untied) checkpoint
   gives the same losses as its HF language model driven with the core mask and loss;
 * the attention respects the pattern (perturbing tokens that must not be seen changes nothing).
@@ -86,8 +86,9 @@ def _close(a: float, b: float) -> bool:
 
 @pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2", "mistral"])
 def test_joint_loss_matches_torch_engine(tmp_path, dist_ctx, family):
-    from nemodiff_train.core.losses import LossWeights, joint_loss_parts
+    from nemodiff_train.core.losses import LossWeights
     from nemodiff_train.models.hf import load_dlm
+    from nemodiff_train.models.step import MicroBatch, joint_step
 
     hf_dir = save_tiny_model(tmp_path / family, family, tie=False, initializer_range=0.3)
     cfg = _cfg(tmp_path, hf_dir)
@@ -97,10 +98,9 @@ def test_joint_loss_matches_torch_engine(tmp_path, dist_ctx, family):
 
     dlm = load_dlm(hf_dir, mask_token=5, untie_head=True)
     noise = _noise(cfg, sample)
+    mb = MicroBatch(sample["tokens"], sample["doc_ids"], sample["loss_mask"], noise, 0, 0)
     with torch.no_grad():
-        hidden = dlm.two_stream_hidden(noise.noisy_ids, sample["tokens"], sample["doc_ids"], cfg.diffusion.block_size)
-        parts = joint_loss_parts(hidden, dlm.head, sample["tokens"], noise.masked, noise.mask_prob,
-                                 sample["loss_mask"], sample["doc_ids"])
+        parts = joint_step(dlm, mb, cfg.diffusion.block_size)  # the torch engine's step
     w = LossWeights(cfg.diffusion.alpha, cfg.diffusion.beta)
     assert count == int(parts.denominator(w))
     assert _close(num, float(parts.numerator(w)))

@@ -1,4 +1,4 @@
-"""KV-cache discipline (ALGORITHMS.md §3.1, §5.3): after any decoder, the cache equals one causal pass
+"""KV-cache discipline (docs/decoding.md, "KV cache"): after any decoder, the cache equals one causal pass
 over prompt + emitted tokens, except for the emitted tokens that are not cached yet (the seed), and,
 after an early stop, states past the output (EOS block remainder, accepted-then-cut drafts)."""
 

@@ -1,5 +1,5 @@
 """Block diffusion on a scripted model: exactly the positions the commit rule names are committed, the
-forward count is exact, TPF <= B/2 (ALGORITHMS.md §3.3); plus the mask ban for every mode."""
+forward count is exact, TPF <= B/2 (docs/decoding.md, "Block diffusion"); plus the mask ban for every mode."""
 
 import pytest
 import torch

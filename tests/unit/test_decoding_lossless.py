@@ -1,4 +1,4 @@
-"""Self-speculation at temperature 0 equals AR greedy decoding token for token (ALGORITHMS.md §3.4/§3.5, §5.4).
+"""Self-speculation at temperature 0 equals AR greedy decoding token for token (docs/decoding.md, "Lossless at temperature 0").
 
 fp32 tiny random models of two families, many prompts, block sizes 2-16, lengths that are not
 multiples of B, and EOS ids taken from the AR output so stopping happens mid-block. A second,

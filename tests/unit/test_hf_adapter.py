@@ -96,7 +96,7 @@ def test_load_with_reserved_id_and_bad_id(tmp_path):
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_training_noisy_view_equals_decoding_view(family):
     """A noisy block's training logits equal a decoding pass over the causal KV cache of the earlier
-    clean blocks (ALGORITHMS.md §2.3): what diffusion training teaches is what decoding asks."""
+    clean blocks (docs/method.md, "Attention pattern"): what diffusion training teaches is what decoding asks."""
     from nemodiff_train.models.cached import HFCachedLM
 
     torch.manual_seed(4)

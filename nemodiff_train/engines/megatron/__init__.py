@@ -2,7 +2,7 @@
 
 Importing this package imports nothing from Megatron; its modules do, and only
 :func:`nemodiff_train.engines.megatron.train.run` (called by the CLI when ``engine.name ==
-"megatron"``) imports them. Pieces:
+"megatron"``, through :mod:`nemodiff_train.orchestrate`) imports them. Pieces:
 
 * :mod:`.attention`  two-stream core attention (RoPE applied per half, per document) and the layer spec
 * :mod:`.model`      HF checkpoint → Megatron model provider (AutoBridge), mask token, untied head
@@ -10,5 +10,5 @@ Importing this package imports nothing from Megatron; its modules do, and only
 * :mod:`.data`       prepared data → Megatron indexed datasets, blends, the dataset provider
 * :mod:`.config`     ``to_container``: our typed :class:`~nemodiff_train.config.schema.Config` → ``ConfigContainer``
 * :mod:`.export`     Megatron checkpoint → HF directory with the DLM settings
-* :mod:`.train`      ``run(cfg)``, the entry point
+* :mod:`.train`      ``run(cfg) -> TrainOutcome``, the entry point (it only trains)
 """

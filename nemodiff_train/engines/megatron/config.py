@@ -36,6 +36,7 @@ import math
 import signal
 from pathlib import Path
 
+from ... import runs
 from ...config.load import ConfigError
 from ...config.schema import Config
 from .model import build_provider
@@ -61,7 +62,7 @@ def select_stage(cfg: Config) -> int:
 
 
 def stage_checkpoint_dir(run_dir: Path, cfg: Config, stage_index: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{stage_index}_{cfg.stages[stage_index].name}"
+    return runs.megatron_stage_dir(run_dir, stage_index, cfg.stages[stage_index].name)
 
 
 def _check(cfg: Config) -> None:
@@ -149,7 +150,7 @@ def to_container(cfg: Config, *, run_dir: str | Path | None = None, hf_dir: str 
     e, o, lg = cfg.engine, cfg.optim, cfg.logging
     lr = stage.lr if stage.lr is not None else o.lr
 
-    data_dir = run_dir / "megatron" / "data" / f"{i}_{stage.name}"
+    data_dir = runs.megatron_data_dir(run_dir, i, stage.name)
     train_blend = train_blend or [str(data_dir / "train")]
     valid_blend = valid_blend if valid_blend is not None else [str(data_dir / "val")]
     has_val = bool(valid_blend) and lg.val_every > 0 and lg.val_batches > 0

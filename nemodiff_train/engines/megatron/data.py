@@ -31,6 +31,7 @@ from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from ...data.format import open_split_arrays, read_meta
+from ...models.step import VALIDATION_SEED_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class TwoStreamDatasetProvider(DatasetProvider):
     seed: int = 0
     stage_index: int = 0
     sample_offset: int = 0
-    valid_noise_seed: int = 7919
+    valid_noise_seed: int = VALIDATION_SEED_OFFSET  # the torch engine's validation noise
 
     def build_datasets(self, context: DatasetBuildContext):
         prefixes, weights = parse_blend(self.train_blend)

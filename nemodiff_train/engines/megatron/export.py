@@ -11,15 +11,18 @@ the distributed checkpoint is resharded on load.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from ... import runs
 from ...config.schema import Config
-from .model import auto_bridge, build_provider, dlm_record, mask_token_id_of
+from ...models.dtypes import torch_dtype
+from .model import DONE, auto_bridge, build_provider, dlm_record, mask_token_id_of
 
-__all__ = ["latest_iteration_dir", "export_to_hf", "export_run", "is_megatron_run", "export_run_dir"]
+__all__ = ["latest_iteration_dir", "finished_iteration", "init_dir", "export_to_hf", "export_run", "export_at_end"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json", "tekken.json")
@@ -28,11 +31,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def latest_iteration_dir(save_dir: str | Path) -> Path:
     """``<save>/iter_XXXXXXX`` of the latest checkpoint (``latest_checkpointed_iteration.txt``)."""
     save_dir = Path(save_dir)
-    marker = save_dir / "latest_checkpointed_iteration.txt"
+    marker = save_dir / runs.MEGATRON_LATEST
     if not marker.is_file():
-        raise FileNotFoundError(f"{save_dir}: no Megatron checkpoint (no latest_checkpointed_iteration.txt)")
+        raise FileNotFoundError(f"{save_dir}: no Megatron checkpoint (no {runs.MEGATRON_LATEST})")
     text = marker.read_text().strip()
-    path = save_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
+    path = save_dir / ("release" if text == "release" else runs.megatron_iteration_name(int(text)))
     if not path.is_dir():
         raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
     return path
@@ -55,7 +58,7 @@ def export_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir
     checkpoint, out, hf_dir = Path(checkpoint), Path(out), Path(hf_dir)
     iter_dir = checkpoint if checkpoint.name.startswith(("iter_", "release")) else latest_iteration_dir(checkpoint)
     dtype = dtype or cfg.export.dtype
-    weight_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    weight_dtype = torch_dtype(dtype)
     one_rank = replace(cfg, engine=replace(cfg.engine, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False,
                                            precision="fp32", device="cpu", recompute=None))
     tmp = out.with_name(out.name + ".tmp-export")
@@ -95,54 +98,58 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, dtype: str
     ``<run.dir>/megatron/hf_init`` when training wrote one, else the configured model path."""
     from ...config.load import load_saved_config
     from .config import stage_checkpoint_dir
-    from .model import resolve_model_dir
 
     run_dir = Path(run_dir)
-    cfg = load_saved_config(run_dir / "config.yaml")
+    cfg = load_saved_config(run_dir / runs.CONFIG_FILE)
     stages = [i for i in range(len(cfg.stages))
-              if (stage_checkpoint_dir(run_dir, cfg, i) / "latest_checkpointed_iteration.txt").is_file()]
+              if (stage_checkpoint_dir(run_dir, cfg, i) / runs.MEGATRON_LATEST).is_file()]
     if not stages:
-        raise FileNotFoundError(f"{run_dir}: no Megatron checkpoint under {run_dir / 'checkpoints'}")
+        raise FileNotFoundError(f"{run_dir}: no Megatron checkpoint under {run_dir / runs.CHECKPOINTS_DIR}")
     i = stages[-1]
-    init = run_dir / "megatron" / "hf_init"
-    hf_dir = init if (init / "config.json").is_file() else resolve_model_dir(cfg.model.path)
-    return export_to_hf(cfg, stage_checkpoint_dir(run_dir, cfg, i), Path(out) if out else run_dir / "hf",
-                        hf_dir=hf_dir, stage_index=i, dtype=dtype)
+    return export_to_hf(cfg, stage_checkpoint_dir(run_dir, cfg, i), Path(out) if out else run_dir / runs.EXPORT_DIR,
+                        hf_dir=init_dir(cfg, run_dir), stage_index=i, dtype=dtype)
 
 
-def is_megatron_run(path: str | Path) -> bool:
-    """True for a Megatron-engine run directory (a stage save dir with ``latest_checkpointed_iteration.txt``)."""
-    root = Path(path) / "checkpoints"
-    return root.is_dir() and any(root.glob("*/latest_checkpointed_iteration.txt"))
+def init_dir(cfg: Config, run_dir: str | Path) -> Path:
+    """The HF directory training started from: ``<run.dir>/megatron/hf_init`` when training wrote one
+    (:func:`.model.prepare_init_checkpoint`), else the configured model."""
+    from ...assets.resolve import resolve_model_path
+
+    init = runs.megatron_init_dir(run_dir)
+    return init if (init / DONE).is_file() else resolve_model_path(cfg.model.path)
 
 
-def export_run_dir(run_dir: str | Path, out: str | Path, *, dtype: str = "float32", remote_code: bool = False,
-                   eval_json: str | Path | None = None, overwrite: bool = False,
-                   max_shard_size: str | int = "5GB") -> Path:
-    """``nemodiff-export`` of a Megatron run directory: :func:`export_run` (AutoBridge, float32) into a
-    temporary directory beside ``out``, then the package's own exporter on that HF directory, so a
-    Megatron run gets the same layout, ``nemodiff`` record, remote code and model card as a torch run.
-    """
-    import tempfile
-
-    from ...export import ExportError, export_checkpoint
-
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:  # fail before the long conversion
-        raise ExportError(f"output directory {out} is not empty (pass overwrite=true to replace it)")
+def finished_iteration(save_dir: Path) -> int | None:
+    """The iteration of a stage save directory's latest checkpoint, or ``None`` when it has none."""
     try:
-        import megatron.bridge  # noqa: F401
-    except Exception as e:  # not installed, or its CUDA-only imports fail on this machine
-        raise ExportError(f"{run_dir} is a Megatron run: exporting it needs megatron-bridge importable "
-                          f"(a NeMo container, or the CPU tier of scripts/install_megatron_cpu.sh with "
-                          f"tools/megatron_shims.py); import failed: {type(e).__name__}: {e}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if eval_json is None and (run_dir / "eval" / "eval.json").is_file():
-        eval_json = run_dir / "eval" / "eval.json"
-    with tempfile.TemporaryDirectory(prefix=".megatron-hf-", dir=out.parent) as tmp:
-        try:
-            hf = export_run(run_dir, Path(tmp) / "hf", dtype="float32")
-        except FileNotFoundError as e:
-            raise ExportError(f"{run_dir} is a Megatron run, but: {e}") from None
-        return export_checkpoint(hf, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,
-                                 overwrite=overwrite, max_shard_size=max_shard_size)
+        return int((Path(save_dir) / runs.MEGATRON_LATEST).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _export_is_stale(run_dir: Path, save_dir: Path) -> bool:
+    """True when <run.dir>/hf was exported from an older checkpoint than the latest one."""
+    try:
+        rec = json.loads((run_dir / runs.EXPORT_DIR / "config.json").read_text()).get("nemodiff", {})
+    except (OSError, ValueError):
+        return True
+    done = finished_iteration(save_dir)
+    return done is None or rec.get("megatron_checkpoint") != runs.megatron_iteration_name(done)
+
+
+def export_at_end(cfg: Config, run_dir: str | Path) -> Path | None:
+    """After the last stage (``export.at_end``; rank 0, process group destroyed): its latest checkpoint
+    → ``<run.dir>/hf``. ``None`` when that export is already of the latest checkpoint (a requeued job)."""
+    from .config import stage_checkpoint_dir
+
+    run_dir = Path(run_dir)
+    i = len(cfg.stages) - 1
+    save_dir = stage_checkpoint_dir(run_dir, cfg, i)
+    if not _export_is_stale(run_dir, save_dir):
+        return None
+    # the export builds its own one-process gloo group; the launcher's rendezvous address would clash
+    saved = {k: os.environ.pop(k) for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    try:
+        return export_to_hf(cfg, save_dir, run_dir / runs.EXPORT_DIR, hf_dir=init_dir(cfg, run_dir), stage_index=i)
+    finally:
+        os.environ.update(saved)

@@ -24,22 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ... import runs
+from ...assets.resolve import resolve_model_path
 from ...config.schema import Config
 from .attention import SETTINGS_ATTR, rope_settings, two_stream_layer_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_model_dir", "prepare_init_checkpoint", "needs_conversion", "build_provider", "dlm_record",
+__all__ = ["prepare_init_checkpoint", "needs_conversion", "build_provider", "dlm_record",
            "hf_config_of", "auto_bridge"]
 
 DONE = "NEMODIFF_INIT_DONE"
-
-
-def resolve_model_dir(path: str) -> Path:
-    """``embedded`` / local directory / Hub id → local directory (the torch engine's resolver)."""
-    from ...assets.resolve import resolve_model_path
-
-    return resolve_model_path(path)
 
 
 def hf_config_of(path: str | Path):
@@ -87,14 +82,8 @@ def needs_conversion(cfg: Config, src: Path) -> tuple[bool, str]:
 
 
 def dlm_record(cfg: Config, mask_token_id: int) -> dict[str, Any]:
-    """The ``nemodiff`` dict written into exported ``config.json`` files."""
-    d = cfg.diffusion
-    return {"mask_token_id": int(mask_token_id), "train_block_size": d.block_size,
-            "inference_block_size": d.inference_block_size, "attention_pattern": d.pattern, "alpha": d.alpha,
-            "beta": d.beta, "noise_schedule": d.schedule, "recipe": cfg.recipe,
-            "base_model": cfg.model.hub_id or cfg.model.path, "engine": "megatron",
-            "stages": [{"name": s.name, "kind": s.kind, "steps": s.steps, "sources": list(s.data.sources),
-                        "seq_len": s.data.seq_len, "global_batch_size": s.global_batch_size} for s in cfg.stages]}
+    """The ``nemodiff`` dict written into exported ``config.json`` files (:func:`nemodiff_train.runs.run_record`)."""
+    return runs.run_record(cfg, mask_token_id, engine="megatron")
 
 
 def mask_token_id_of(cfg: Config, hf_dir: Path) -> int:
@@ -113,8 +102,8 @@ def mask_token_id_of(cfg: Config, hf_dir: Path) -> int:
 
 def prepare_init_checkpoint(cfg: Config, run_dir: Path, is_main: bool, barrier=None, src: Path | None = None) -> Path:
     """The HF directory the first stage loads (see the module docstring). Collective when ``barrier`` is given."""
-    src = src or resolve_model_dir(cfg.model.path)
-    out = Path(run_dir) / "megatron" / "hf_init"
+    src = src or resolve_model_path(cfg.model.path)
+    out = runs.megatron_init_dir(run_dir)
     if (out / DONE).is_file():
         return out
     convert, why = needs_conversion(cfg, src)
@@ -143,10 +132,11 @@ def prepare_init_checkpoint(cfg: Config, run_dir: Path, is_main: bool, barrier=N
 def _dlm_ify_text_model(cfg: Config, src: Path, out: Path) -> None:
     import torch
 
+    from ...models.dtypes import torch_dtype
     from ...models.hf import load_dlm
 
     mask = cfg.model.mask_token_id if cfg.model.mask_token_id is not None else cfg.model.mask_token
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    dtype = torch_dtype(cfg.model.dtype)
     dlm = load_dlm(src, mask_token=mask, untie_head=cfg.model.untie_head, dtype=dtype)
     dlm.hf.config.nemodiff = dlm_record(cfg, dlm.settings.mask_token_id)
     dlm.hf.save_pretrained(out)

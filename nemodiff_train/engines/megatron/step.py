@@ -7,7 +7,7 @@ It uses the framework-free core exactly as the torch engine does:
   sample's noise does not depend on world size, micro-batch size or the resume point;
 * inputs: :func:`nemodiff_train.core.sequence.two_stream_inputs` (``[x_t ; x_0]``);
 * AR targets and which of them count: :func:`nemodiff_train.core.losses.ar_targets`;
-* sums and counts: :class:`nemodiff_train.core.losses.LossParts` / ``LossWeights``.
+* sums and counts: :func:`nemodiff_train.core.losses.parts_from_token_ce` → ``LossParts`` / ``LossWeights``.
 
 Megatron computes the per-token cross entropy itself (vocab-parallel under tensor parallelism) from
 ``labels = [x_0 ; next-token targets]``: the noisy half predicts its own clean token (unshifted),
@@ -20,13 +20,12 @@ per-token mean of docs/method.md, "Loss"). The report carries ``ar_loss`` (Σ CE
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from ...core.losses import LossParts, LossWeights, ar_targets
+from ...core.losses import LossParts, LossWeights, ar_targets, parts_from_token_ce
 from ...core.noising import apply_noise
 from ...core.sequence import split_streams, two_stream_inputs
 
@@ -69,9 +68,7 @@ def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, b
 def loss_from_token_ce(token_ce: torch.Tensor, batch: StepBatch) -> LossParts:
     """``[b, 2L]`` per-token CE of ``batch.labels`` → :class:`LossParts` (sums carry the graph)."""
     noisy_ce, clean_ce = split_streams(token_ce.float())
-    diff_sum = (noisy_ce[batch.masked] / batch.mask_prob[batch.masked].float()).sum()
-    ar_sum = clean_ce[batch.supervised].sum()
-    return LossParts(diff_sum, batch.masked.sum().float(), ar_sum, batch.supervised.sum().float())
+    return parts_from_token_ce(noisy_ce, clean_ce, batch.masked, batch.mask_prob, batch.supervised)
 
 
 class TwoStreamForwardStep:
@@ -137,9 +134,3 @@ def _account_flops(state, tokens: torch.Tensor) -> None:
         accumulate_flops_metadata(state, tokens, vp_stage=None, config_seq_len=tokens.shape[1])
     except Exception:  # reporting only; older/newer bridges differ
         pass
-
-
-def expected_loss(parts: LossParts, w: LossWeights) -> float:
-    """The normalised loss of one batch (for checks): numerator / denominator."""
-    den = float(parts.denominator(w))
-    return float(parts.numerator(w)) / den if den else math.nan

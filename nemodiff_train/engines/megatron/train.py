@@ -15,7 +15,8 @@ What a job does:
    :class:`.step.TwoStreamForwardStep`; ``metrics.jsonl`` gets one line per logged step;
 3. on SIGTERM or SIGUSR1 Megatron-Bridge saves a checkpoint and the process exits 0; running the
    same command again resumes (optimizer, scheduler, step, data position);
-4. after the last stage, with ``export.at_end``, rank 0 writes ``<run.dir>/hf``.
+4. after the last stage it returns ``finished``; with ``export.at_end`` the orchestration
+   (:mod:`nemodiff_train.orchestrate`) then has rank 0 write ``<run.dir>/hf`` (:func:`.export.export_at_end`).
 
 Nothing here imports Megatron at module level: ``import nemodiff_train.engines.megatron.train``
 works without it, and :func:`run` says what to install when it is missing.
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 
 from ...config.schema import Config
+from ... import runs
+from .. import TrainOutcome
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +67,13 @@ def _require_megatron() -> None:
 
 def prepare_stage(cfg: Config, run_dir: Path, stage_index: int, hf_dir: Path) -> tuple[list[str], list[str]]:
     """Rank 0: prepared data → indexed datasets; everyone: the (train, valid) blends."""
-    from ...assets.resolve import resolve_data_source as resolve_source
+    from ...data.stage import prepare_stage as prepare_data
     from .data import MARKER, convert_prepared
 
     stage = cfg.stages[stage_index]
-    dc = stage.data
-    prepared = Path(dc.prepared_dir) if dc.prepared_dir else run_dir / "data" / stage.name
-    out = run_dir / "megatron" / "data" / f"{stage_index}_{stage.name}"
+    out = runs.megatron_data_dir(run_dir, stage_index, stage.name)
     if _rank() == 0:
-        from ...data.prepare import DataPrepConfig, prepare
-        from ...data.sources import SourceSpec
-
-        def specs(items):
-            return [SourceSpec.parse(resolve_source(s), text_field=dc.text_field, messages_field=dc.messages_field)
-                    for s in items]
-
-        prepare(DataPrepConfig(kind=dc.kind, sources=specs(dc.sources), val_sources=specs(dc.val_sources),
-                               tokenizer=str(hf_dir), seq_len=dc.seq_len, out=str(prepared),
-                               val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
-                               pack=dc.pack, max_documents=dc.max_documents))
-        convert_prepared(prepared, out)
+        convert_prepared(prepare_data(cfg, stage_index, run_dir, tokenizer=hf_dir), out)
     _wait_for(out / MARKER, "the converted data", cfg.engine.main_work_timeout_s)
     prefixes = json.loads((out / MARKER).read_text())["prefixes"]
     train = [prefixes["train"]] if prefixes.get("train") else []
@@ -151,24 +141,6 @@ def MetricsCallback(path: Path, *, step_offset: int, stage_name: str, tokens_per
     return _Writer()
 
 
-def _finished_iteration(save_dir: Path) -> int | None:
-    marker = save_dir / "latest_checkpointed_iteration.txt"
-    try:
-        return int(marker.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _export_is_stale(run_dir: Path, save_dir: Path) -> bool:
-    """True when <run.dir>/hf was exported from an older checkpoint than the latest one."""
-    try:
-        rec = json.loads((run_dir / "hf" / "config.json").read_text()).get("nemodiff", {})
-    except (OSError, ValueError):
-        return True
-    done = _finished_iteration(save_dir)
-    return done is None or rec.get("megatron_checkpoint") != f"iter_{done:07d}"
-
-
 def _forward_sigusr1() -> None:
     """Slurm's ``--signal=USR1@<s>`` and SIGTERM both mean "save and stop": forward SIGUSR1 as SIGTERM,
     which Megatron-Bridge's exit-signal handler (``train.exit_signal_handler``) turns into a checkpoint
@@ -177,8 +149,11 @@ def _forward_sigusr1() -> None:
         signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
-def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) -> Path:
-    """Train stage ``engine.stage_index`` of ``cfg`` with Megatron-Bridge; returns the run directory.
+def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) -> TrainOutcome:
+    """Train stage ``engine.stage_index`` of ``cfg`` with Megatron-Bridge.
+
+    Returns a :class:`~nemodiff_train.engines.TrainOutcome`, ``finished`` after the last stage (the
+    orchestration then exports); a signal ends the process inside ``pretrain`` instead (exit 0).
 
     Args:
         forward_step, callbacks, container_hook: test hooks (a different step, extra callbacks, a
@@ -187,7 +162,7 @@ def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) 
     _require_megatron()
     from ...config.load import save_config
     from .config import select_stage, stage_checkpoint_dir, to_container
-    from .export import export_to_hf
+    from .export import finished_iteration
     from .model import mask_token_id_of, prepare_init_checkpoint
     from .step import TwoStreamForwardStep
 
@@ -198,15 +173,15 @@ def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) 
     i = select_stage(cfg)
     stage = cfg.stages[i]
     save_dir = stage_checkpoint_dir(run_dir, cfg, i)
-    if not cfg.checkpoint.resume and (save_dir / "latest_checkpointed_iteration.txt").is_file():
+    if not cfg.checkpoint.resume and (save_dir / runs.MEGATRON_LATEST).is_file():
         raise FileExistsError(f"checkpoint.resume=false but {save_dir} already holds a checkpoint; "
                               "use a new run.dir or checkpoint.resume=true")
-    if i > 0 and not (stage_checkpoint_dir(run_dir, cfg, i - 1) / "latest_checkpointed_iteration.txt").is_file() \
-            and not (save_dir / "latest_checkpointed_iteration.txt").is_file():
+    if i > 0 and not (stage_checkpoint_dir(run_dir, cfg, i - 1) / runs.MEGATRON_LATEST).is_file() \
+            and not (save_dir / runs.MEGATRON_LATEST).is_file():
         raise FileNotFoundError(f"stage {i} ({stage.name}) starts from stage {i - 1}'s checkpoint, which is not in "
                                 f"{stage_checkpoint_dir(run_dir, cfg, i - 1)}; run engine.stage_index={i - 1} first")
     if _rank() == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / runs.CONFIG_FILE)
 
     hf_dir = prepare_init_checkpoint(cfg, run_dir, is_main=_rank() == 0)
     train_blend, valid_blend = prepare_stage(cfg, run_dir, i, hf_dir)
@@ -219,7 +194,7 @@ def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) 
         mask_token_id=mask_token_id_of(cfg, hf_dir), schedule=d.schedule, eps=d.eps, block_size=d.block_size,
         half_life_ratio=d.half_life_ratio, alpha=d.alpha, beta=d.beta)
     offset = sum(s.steps for s in cfg.stages[:i])
-    cbs = [MetricsCallback(run_dir / "metrics.jsonl", step_offset=offset, stage_name=stage.name,
+    cbs = [MetricsCallback(run_dir / runs.METRICS_FILE, step_offset=offset, stage_name=stage.name,
                            tokens_per_step=stage.global_batch_size * stage.data.seq_len)] + list(callbacks or [])
     if cfg.logging.wandb.project:
         os.environ.setdefault("WANDB_MODE", cfg.logging.wandb.mode)
@@ -227,7 +202,7 @@ def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) 
 
     from megatron.bridge.training.pretrain import pretrain
 
-    done = _finished_iteration(save_dir)
+    done = finished_iteration(save_dir)
     if done is not None and done >= stage.steps:  # a requeued job of a finished stage: nothing to train
         log.info("stage %d (%s) already finished at iteration %d", i, stage.name, done)
     else:
@@ -238,12 +213,10 @@ def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    last = i == len(cfg.stages) - 1
-    if last and cfg.export.at_end and _rank() == 0 and _export_is_stale(run_dir, save_dir):
-        saved = {k: os.environ.pop(k) for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
-        try:
-            out = export_to_hf(cfg, save_dir, run_dir / "hf", hf_dir=hf_dir, stage_index=i)
-            log.info("exported %s", out)
-        finally:
-            os.environ.update(saved)
-    return run_dir
+    # the export at the end is the orchestration's (nemodiff_train/orchestrate.py): rank 0 alone,
+    # the process group is gone, so the other ranks return at once
+    return TrainOutcome(run_dir, finished=i == len(cfg.stages) - 1, on_main=_on_rank0, message=log.info)
+
+
+def _on_rank0(name: str, fn):
+    return fn() if _rank() == 0 else None

@@ -1,6 +1,6 @@
 """Resumable checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, verified, never silently lost.
 
-Layout of ``<run>/checkpoints/step_00000123/``:
+Layout of ``<run>/checkpoints/step_00000123/`` (the names are :mod:`nemodiff_train.runs`'s):
 
 * the DCP shards (``__<rank>_<n>.distcp``) and ``.metadata`` of ``{"model", "optim"}``;
 * ``rng/rank_<r>.json``: each rank's RNG streams (torch CPU and CUDA, Python ``random``, NumPy);
@@ -35,13 +35,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -51,10 +48,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from ...faults import fault_point
+from ...runs import (CHECKPOINTS_DIR, COMPLETE, DCP_METADATA, MANIFEST, RNG_DIR, TRAINER_STATE,  # noqa: F401
+                     checkpoint_dir, latest_checkpoint, list_checkpoints, step_dirs, step_of)
+from ...runs.dcp import CheckpointError, SafeFileSystemReader
 
 log = logging.getLogger(__name__)
 
@@ -62,42 +60,9 @@ __all__ = ["CheckpointError", "checkpoint_dir", "latest_checkpoint", "list_check
            "load_checkpoint", "load_model_weights", "read_trainer_state", "verify_checkpoint", "select_resume",
            "resume_checkpoint", "model_identity", "restore_rng", "SafeFileSystemReader"]
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
-RNG_DIR = "rng"
-DCP_METADATA = ".metadata"
 FORMAT_VERSION = 2
 CHECKSUM_LIMIT = 256 << 20  # bigger shards are checked by size only: hashing 100 GB per save is too slow
 SPACE_MARGIN = 1.05  # DCP metadata, JSON files and file-system rounding on top of the tensor bytes
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt, does not fit the model, or cannot be written."""
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def _step_dirs(run_dir: Path) -> list[Path]:
-    """``step_NNNNNNNN`` directories of a run (complete or not), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: p.name)
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints with a ``COMPLETE`` marker, oldest first (not verified: see :func:`select_resume`)."""
-    return [p for p in _step_dirs(run_dir) if (p / COMPLETE).is_file()]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint with a ``COMPLETE`` marker (export then names any damaged file), or ``None``."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def _latest_verified(run_dir: Path) -> Path | None:
@@ -110,11 +75,11 @@ def read_trainer_state(ckpt: Path) -> dict:
     if not (ckpt / COMPLETE).is_file():
         raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {COMPLETE} marker)")
     try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable trainer state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: unreadable trainer state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("tokens"), int):
-        raise CheckpointError(f"{ckpt / STATE_FILE}: not a trainer state (needs integer 'step' and 'tokens')")
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: not a trainer state (needs integer 'step' and 'tokens')")
     return state
 
 
@@ -139,35 +104,7 @@ def _identity_mismatch(saved: dict, current: dict) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- safe reading
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP ``Metadata`` only: any other class in the file is refused (no code runs)."""
-
-    def find_class(self, module: str, name: str):
-        allowed = (module.startswith("torch.distributed.checkpoint.")
-                   or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-                   or (module == "torch.serialization" and name == "_get_layout")
-                   or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
-                   or (module == "collections" and name == "OrderedDict"))
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a checkpoint's {DCP_METADATA}")
-        return super().find_class(module, name)
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader whose ``.metadata`` pickle may only build DCP metadata classes."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not DCP metadata (a {type(metadata).__name__})")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+# (reading DCP's .metadata pickle safely: nemodiff_train/runs/dcp.py)
 
 
 # -------------------------------------------------------------------------------------------- verify
@@ -203,14 +140,14 @@ def verify_checkpoint(ckpt: Path, *, deep: bool = True, model: dict | None = Non
         return f"{ckpt} is not a directory"
     if not (ckpt / COMPLETE).is_file():
         return f"no {COMPLETE} marker in {ckpt} (an interrupted save)"
-    state, why = _read_json(ckpt / STATE_FILE)
+    state, why = _read_json(ckpt / TRAINER_STATE)
     if why:
         return why
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("tokens"), int):
-        return f"{ckpt / STATE_FILE} is not a trainer state (needs integer 'step' and 'tokens')"
-    m = _STEP_DIR.match(ckpt.name)
-    if m and int(m.group(1)) != state["step"]:
-        return f"{ckpt / STATE_FILE} says step {state['step']} but the directory is step {int(m.group(1))}"
+        return f"{ckpt / TRAINER_STATE} is not a trainer state (needs integer 'step' and 'tokens')"
+    named = step_of(ckpt)
+    if named is not None and named != state["step"]:
+        return f"{ckpt / TRAINER_STATE} says step {state['step']} but the directory is step {named}"
     if not (ckpt / DCP_METADATA).is_file():
         return f"{ckpt / DCP_METADATA} is missing"
     manifest, why = _read_json(ckpt / MANIFEST)
@@ -249,15 +186,15 @@ def select_resume(run_dir: Path, model: dict | None = None) -> tuple[Path | None
     Raises:
         CheckpointError: the run has checkpoints but none verifies (each is named with its reason).
     """
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return None, []
     notes, failed = [], []
-    steps = _step_dirs(run_dir)
+    steps = step_dirs(run_dir)
     for p in sorted(root.iterdir()):
         if p in steps:
             continue
-        if p.name.endswith(".tmp") and _STEP_DIR.match(p.name[:-4]) and p.is_dir():
+        if p.name.endswith(".tmp") and step_of(p.name[:-4]) is not None and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
             notes.append(f"removed {p}: an unfinished save (no checkpoint is lost: it was never complete)")
         else:
@@ -455,7 +392,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], trainer_sta
     errors = [e for e in _gather(f"{type(errors[0]).__name__}: {errors[0]}" if errors else None) if e]
     if not errors and _rank() == 0:
         try:
-            _write_json(tmp / STATE_FILE, {**trainer_state, "world_size": _world()})
+            _write_json(tmp / TRAINER_STATE, {**trainer_state, "world_size": _world()})
             _write_json(tmp / MANIFEST, _manifest(tmp, step, model))
             (tmp / COMPLETE).write_text("")
             _fsync(tmp / COMPLETE)
@@ -506,7 +443,7 @@ def _install(tmp: Path, final: Path) -> None:
 def _prune(run_dir: Path, keep_last: int, newest: Path) -> None:
     """Delete verified checkpoints older than the ``keep_last`` newest verified ones (``newest`` counts)."""
     valid, bad = [], []
-    for ckpt in _step_dirs(run_dir):
+    for ckpt in step_dirs(run_dir):
         if ckpt.name > newest.name:
             continue  # from another history (a resume from an older checkpoint): not ours to prune
         (valid if verify_checkpoint(ckpt, deep=False) is None else bad).append(ckpt)

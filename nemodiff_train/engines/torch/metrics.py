@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ...runs import METRICS_FILE
+
 __all__ = ["MetricsSink", "LossEMA", "redact"]
 
 _SECRET_KEY = re.compile(r"(token|api[_-]?key|secret|password)", re.IGNORECASE)
@@ -78,7 +80,7 @@ class MetricsSink:
                  progress_bar: bool, wandb_cfg=None, config_dict: dict | None = None, run_name: str = "run",
                  stream=None):
         self.enabled = enabled
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self._file = open(Path(run_dir) / METRICS_FILE, "a") if enabled else None
         self._stream = stream if stream is not None else sys.stderr
         self._show_progress = progress_bar
         self._use_bar = progress_bar and _isatty(self._stream) and _isatty(sys.stdout)

@@ -25,11 +25,11 @@ from torch import nn
 
 from ...config.load import ConfigError
 from ...config.schema import Config
+from ...models.dtypes import torch_dtype
 from .distributed import DistEnv
 
 __all__ = ["Precision", "precision_plan", "Parallelized", "parallelize"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def precision_plan(cfg: Config, device: torch.device) -> Precision:
     if p == "auto":
         compute = torch.bfloat16 if (md == "bfloat16" or device.type == "cuda") else torch.float32
     else:
-        compute = _DTYPES[p]
+        compute = torch_dtype(p)
     return Precision(compute=compute)
 
 

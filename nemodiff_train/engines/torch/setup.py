@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ...assets.resolve import EMBEDDED, resolve_model_path  # noqa: F401  (shared with the Megatron engine, the CLI)
-from ...assets.resolve import resolve_data_source as resolve_source
+from ... import runs
+from ...assets.resolve import resolve_model_path
 from ...config.schema import Config
 from ...models.hf import DLMModel, load_dlm
 from .distributed import DistEnv
 from .main_work import MainWork
 
-__all__ = ["resolve_model_path", "build_model", "prepare_stage_data", "resolve_source", "evaluate_at_end"]
+__all__ = ["build_model", "prepare_stage_data"]
 
 
 def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLMModel:
@@ -37,21 +36,14 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
                    settings={"train_block_size": d.block_size, "inference_block_size": d.inference_block_size,
                              "attention_pattern": d.pattern})
     dlm.hf.train()
-    work.run("hf_base", lambda: _save_base(dlm, cfg, run_dir / "hf_base", source=path))
+    work.run("hf_base", lambda: _save_base(dlm, cfg, run_dir / runs.HF_BASE_DIR, source=path))
     return dlm
 
 
 def _save_base(dlm: DLMModel, cfg: Config, out: Path, source: Path) -> None:
     """Config + tokenizer + generation config of the DLM-ified architecture (no weights)."""
     out.mkdir(parents=True, exist_ok=True)
-    d = cfg.diffusion
-    dlm.hf.config.nemodiff = {
-        "mask_token_id": dlm.settings.mask_token_id, "train_block_size": d.block_size,
-        "inference_block_size": d.inference_block_size, "attention_pattern": d.pattern, "alpha": d.alpha,
-        "beta": d.beta, "noise_schedule": d.schedule, "recipe": cfg.recipe, "base_model": cfg.model.hub_id or cfg.model.path,
-        "stages": [{"name": s.name, "kind": s.kind, "steps": s.steps, "sources": list(s.data.sources),
-                    "seq_len": s.data.seq_len, "global_batch_size": s.global_batch_size} for s in cfg.stages],
-    }
+    dlm.hf.config.nemodiff = runs.run_record(cfg, dlm.settings.mask_token_id)
     dlm.hf.config.save_pretrained(out)
     if dlm.hf.generation_config is not None:
         dlm.hf.generation_config.save_pretrained(out)
@@ -63,50 +55,16 @@ def _save_base(dlm: DLMModel, cfg: Config, out: Path, source: Path) -> None:
 def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, work: MainWork):
     """Tokenize + pack the stage's sources once (rank 0; idempotent), then open train/val memory maps."""
     from ...data.packed import PackedDataset
-    from ...data.prepare import DataPrepConfig, prepare
-    from ...data.sources import SourceSpec
-
-    stage = cfg.stages[stage_index]
-    dc = stage.data
-    out = Path(dc.prepared_dir) if dc.prepared_dir else run_dir / "data" / stage.name
-
-    def specs(items):
-        return [SourceSpec.parse(resolve_source(s), text_field=dc.text_field, messages_field=dc.messages_field)
-                for s in items]
+    from ...data.stage import prepare_stage, stage_dir
 
     def _prepare() -> None:
-        prepare(DataPrepConfig(kind=dc.kind, sources=specs(dc.sources), val_sources=specs(dc.val_sources),
-                               tokenizer=str(run_dir / "hf_base"), seq_len=dc.seq_len, out=str(out),
-                               val_fraction=dc.val_fraction, num_proc=dc.num_proc, seed=cfg.run.seed,
-                               pack=dc.pack, max_documents=dc.max_documents,
-                               max_bad_fraction=dc.max_bad_fraction))
+        prepare_stage(cfg, stage_index, run_dir, tokenizer=run_dir / runs.HF_BASE_DIR)
 
     work.run(f"data_{stage_index}", _prepare)  # the other ranks wait on a file, not on a collective
+    out = stage_dir(cfg, stage_index, run_dir)
     train_ds = PackedDataset(out, "train")
     try:
         val_ds = PackedDataset(out, "val")
     except Exception:
         val_ds = None
     return train_ds, val_ds
-
-
-def evaluate_at_end(cfg: Config, run_dir: Path, sink) -> None:
-    """Evaluate the exported model in every configured mode and refresh its model card."""
-    from ...eval.runner import EvalConfig, SweepConfig, run_evaluation
-
-    e = cfg.eval
-    out = run_dir / "eval"
-    rows = run_evaluation(EvalConfig(model=str(run_dir / "hf"), modes=list(e.modes), out=str(out),
-                                     task=e.task if isinstance(e.task, str) else list(e.task),
-                                     limit=e.limit, max_new_tokens=e.max_new_tokens,
-                                     block_size=e.block_size or cfg.diffusion.inference_block_size,
-                                     threshold=e.threshold, seed=cfg.run.seed,
-                                     sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size))))
-    sink.message(f"evaluation written to {out}")
-    try:
-        from ...export import write_model_card
-
-        write_model_card(run_dir / "hf", eval_json=out / "eval.json")
-    except ImportError:
-        pass
-    (run_dir / "eval_summary.json").write_text(json.dumps(rows, indent=1))

@@ -11,6 +11,8 @@ Each optimizer step:
    the loss is a global token mean, not a mean of per-batch means);
 3. clip, step, log. Checkpoints every ``checkpoint.every`` steps, at stage ends, and on SIGTERM /
    SIGUSR1 (then exit 0, so a preempted Slurm job's successor resumes).
+
+The engine only trains: export and evaluation at the end are :mod:`nemodiff_train.orchestrate`'s.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from torch import nn
 
 from ...config.load import as_dict, save_config
 from ...config.schema import Config, StageConfig
-from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights, joint_loss_parts, masked_token_stats
+from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights
 from ...models.hf import DLMModel
+from ...models.step import VALIDATION_SEED_OFFSET, joint_step
+from ... import runs
+from .. import TrainOutcome
 from .batches import GlobalOrder, MicroBatch, collate, rank_positions
 from ...faults import fault_point
 from .checkpointing import (load_checkpoint, model_identity, read_trainer_state, restore_rng, resume_checkpoint,
@@ -57,15 +62,9 @@ class TwoStreamLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, mb: MicroBatch, diagnostics: bool = False):
-        """``LossParts``; with ``diagnostics`` also :func:`masked_token_stats` of the same forward
-        (a flag, not a second method, so that FSDP's forward hooks gather the parameters)."""
-        hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size)
-        parts = joint_loss_parts(hidden, self.dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask,
-                                 mb.doc_ids, self.chunk_size)
-        if not diagnostics:
-            return parts
-        return parts, masked_token_stats(hidden, mb.x0, mb.noise.masked, mb.noise.mask_prob, self.dlm.head,
-                                         chunk_size=self.chunk_size)
+        """:func:`~nemodiff_train.models.step.joint_step`; with ``diagnostics`` also its masked-token
+        stats (a flag, not a second method, so that FSDP's forward hooks gather the parameters)."""
+        return joint_step(self.dlm, mb, self.block_size, self.chunk_size, diagnostics=diagnostics)
 
 
 class _StopFlag:
@@ -167,8 +166,8 @@ def _validate(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, env: D
             if i is None:  # padding: no supervised token, so no AR target and nothing masked
                 row["loss_mask"] = torch.zeros_like(torch.as_tensor(row["loss_mask"]), dtype=torch.bool)
             rows.append(row)
-        mb = collate(rows, [0 if i is None else i for i in idx], seed=cfg.run.seed + 7919, mask_token_id=mask_id,
-                     schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
+        mb = collate(rows, [0 if i is None else i for i in idx], seed=cfg.run.seed + VALIDATION_SEED_OFFSET,
+                     mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio)
         with par.compute_context(env.device):
             parts, mb_stats = module(mb.to(env.device), diagnostics=True)
         total = total + parts.detached()
@@ -216,8 +215,11 @@ def _validation_row(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, 
     return row
 
 
-def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook] = ()) -> Path:
-    """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns ``run_dir``.
+def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook] = ()) -> TrainOutcome:
+    """Run (or resume) every stage of ``cfg`` in ``run_dir``.
+
+    Returns a :class:`~nemodiff_train.engines.TrainOutcome`: ``finished`` unless a signal stopped the
+    run; the caller (:mod:`nemodiff_train.orchestrate`) exports and evaluates, then closes the metrics.
 
     ``validation_hooks`` run on rank 0 after every validation, with the unwrapped model; their
     metrics join the validation row (``nemodiff-train`` passes the decode probe here).
@@ -228,7 +230,7 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     run_dir = Path(run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / runs.CONFIG_FILE)
     work = MainWork(env, run_dir, cfg.engine.main_work_timeout_s)
     dlm = build_model(cfg, run_dir, env, work)
     mask_id = dlm.settings.mask_token_id
@@ -278,10 +280,8 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
         sink.end_stage()
         if stopped:
             break
-    if not stopped:  # export + evaluation on rank 0; the others wait on a file, not in a collective
-        work.run("finish", lambda: _finish(cfg, run_dir, sink))
-    sink.close()
-    return run_dir
+    # what follows training (export, evaluation) is the orchestration's: nemodiff_train/orchestrate.py
+    return TrainOutcome(run_dir, finished=not stopped, on_main=work.run, message=sink.message, close=sink.close)
 
 
 def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized, optim, order, sample_offset,
@@ -355,29 +355,3 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized
                 sink.log({"step": progress.step, "event": "preempted", "signal": stop.signal})
                 return True
     return False
-
-
-def _finish(cfg: Config, run_dir: Path, sink: MetricsSink) -> None:
-    """Export, evaluate, push the final checkpoint (rank 0; ``export.at_end``, ``eval.at_end``,
-    ``export.push_to_hub`` with ``export.private``)."""
-    if not cfg.export.at_end:
-        return
-    from ...export import export_checkpoint
-
-    out = run_dir / "hf"
-    export_checkpoint(run_dir, out, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True)
-    sink.message(f"exported {out}")
-    if cfg.eval.at_end:
-        from .setup import evaluate_at_end
-
-        evaluate_at_end(cfg, run_dir, sink)
-    if cfg.export.push_to_hub:
-        from ...export import ExportError, push_to_hub
-
-        try:
-            push_to_hub(out, cfg.export.push_to_hub, private=cfg.export.private)
-        except Exception as e:  # the export is on disk: say how to retry the push alone
-            raise ExportError(f"export.push_to_hub={cfg.export.push_to_hub}: the upload of {out} failed ({e}); "
-                              f"retry with: nemodiff-export out={out} push_to_hub={cfg.export.push_to_hub} "
-                              f"private={str(cfg.export.private).lower()}") from None
-        sink.message(f"pushed {out} to {cfg.export.push_to_hub}")

@@ -1,0 +1,134 @@
+"""The package's layers, checked by parsing every import (lazy ones inside functions included) with ``ast``.
+
+* the engines are siblings: ``engines/torch`` and ``engines/megatron`` never import each other;
+* the engines only train: they import no ``eval/``, ``export/``, ``cli/`` or ``orchestrate``;
+* ``export/`` and ``eval/`` import no engine (``orchestrate`` composes them);
+* the lower layers (``core/``, ``decoding/``, ``models/``, ``data/``, ``runs/``, ``config/``) import
+  nothing above them;
+* ``core/`` and ``decoding/`` are pure PyTorch: no transformers, no ``torch.distributed``, and no
+  other package layer (``decoding/`` reaches models only through its ``CachedLM`` interface).
+
+The checker itself is tested on synthetic sources, so a broken checker cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = "nemodiff_train"
+ROOT = Path(__file__).resolve().parents[2] / PKG
+
+ENGINES = (f"{PKG}.engines.torch", f"{PKG}.engines.megatron")
+ABOVE_ENGINES = (f"{PKG}.eval", f"{PKG}.export", f"{PKG}.cli", f"{PKG}.orchestrate")
+LOWER = ("core", "decoding", "models", "data", "runs", "config")
+PURE_TORCH_FORBIDDEN = ("transformers", "torch.distributed")
+
+# (modules the rule applies to, imports they may not make, imports allowed although matched)
+RULES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+    (ENGINES[0], (ENGINES[1],), ()),
+    (ENGINES[1], (ENGINES[0],), ()),
+    (f"{PKG}.engines", ABOVE_ENGINES, ()),
+    (f"{PKG}.export", (f"{PKG}.engines",), ()),
+    (f"{PKG}.eval", (f"{PKG}.engines",), ()),
+    *[(f"{PKG}.{layer}", (f"{PKG}.engines", *ABOVE_ENGINES), ()) for layer in LOWER],
+    (f"{PKG}.core", PURE_TORCH_FORBIDDEN + (f"{PKG}.",), (f"{PKG}.core",)),
+    (f"{PKG}.decoding", PURE_TORCH_FORBIDDEN + (f"{PKG}.",), (f"{PKG}.decoding",)),
+]
+
+
+def _within(name: str, prefix: str) -> bool:
+    """``name`` is the module ``prefix`` or inside it (a trailing dot matches any submodule)."""
+    if prefix.endswith("."):
+        return name.startswith(prefix)
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def imports_of(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """``(line, absolute module name)`` of every import in ``source``, the module being ``module``.
+
+    ``from . import x`` counts as importing ``<package>.x`` (it may be a submodule), so a relative
+    import of a sibling layer is caught like an absolute one.
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.append((node.lineno, target))
+            if node.module is None:  # `from .. import eval`: the names may be modules
+                found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names if alias.name != "*"]
+    return found
+
+
+def violations(source: str, module: str, is_package: bool = False) -> list[str]:
+    """Every import of ``source`` (as module ``module``) that a rule forbids, as readable lines."""
+    out = []
+    for line, target in imports_of(source, module, is_package):
+        for applies, forbidden, allowed in RULES:
+            if not _within(module, applies):
+                continue
+            if any(_within(target, f) for f in forbidden) and not any(_within(target, a) for a in allowed):
+                out.append(f"{module}:{line} imports {target} (rule: {applies} must not import {forbidden})")
+    return out
+
+
+def _package_modules():
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        parts = list(rel.parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts = parts[:-1]
+        yield path, ".".join(parts), is_package
+
+
+def test_the_package_respects_its_layers():
+    found = []
+    for path, module, is_package in _package_modules():
+        found += violations(path.read_text(), module, is_package)
+    assert not found, "layer violations:\n" + "\n".join(found)
+
+
+def test_every_layer_is_checked():
+    """The rules name real packages (a renamed layer would silently drop its rule)."""
+    modules = {m for _, m, _ in _package_modules()}
+    for applies, _, _ in RULES:
+        assert any(_within(m, applies) for m in modules), applies
+
+
+@pytest.mark.parametrize("module, source", [
+    (f"{PKG}.engines.torch.trainer", "from ..megatron.train import run"),
+    (f"{PKG}.engines.megatron.data", "from ...engines.torch.batches import collate"),
+    (f"{PKG}.engines.torch.trainer", "def f():\n    from ...export import export_checkpoint\n"),
+    (f"{PKG}.engines.megatron.train", "from ... import eval"),
+    (f"{PKG}.export.writer", "import nemodiff_train.engines.megatron.export"),
+    (f"{PKG}.eval.runner", "from ..engines.torch import setup"),
+    (f"{PKG}.core.losses", "import torch.distributed as dist"),
+    (f"{PKG}.decoding.ar", "from transformers import AutoModel"),
+    (f"{PKG}.decoding.ar", "from ..models.cached import HFCachedLM"),
+    (f"{PKG}.models.hf", "from ..orchestrate import train"),
+])
+def test_the_checker_catches_a_violation(module, source):
+    assert violations(source, module), f"{source!r} in {module} should be refused"
+
+
+@pytest.mark.parametrize("module, source", [
+    (f"{PKG}.engines.torch.trainer", "from ...core.losses import joint_loss_parts\nfrom .. import TrainOutcome"),
+    (f"{PKG}.engines.megatron.train", "from ... import runs\nfrom ...data.prepare import prepare"),
+    (f"{PKG}.export.writer", "from .. import runs\nfrom ..eval.stop_tokens import stop_token_ids"),
+    (f"{PKG}.core.noising", "from .masks import document_positions\nimport torch"),
+    (f"{PKG}.decoding.ar", "from .interface import CachedLM"),
+    (f"{PKG}.orchestrate", "from .engines.megatron.train import run\nfrom .export import export_checkpoint"),
+])
+def test_the_checker_allows_legitimate_imports(module, source):
+    assert violations(source, module) == []
