@@ -140,9 +140,10 @@ def kill_campaign(assets: Path, work: Path, n_kills: int, rng: random.Random, lo
 
 def _corrupt(ckpt: Path, kind: str, rng: random.Random) -> str:
     """Damage ``ckpt``; returns the file (or model) the resume must name."""
+    from nemodiff_train import runs
     from nemodiff_train.engines.torch import checkpointing as C
 
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in (C.COMPLETE, C.MANIFEST))
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in (runs.COMPLETE, runs.MANIFEST))
     target = rng.choice(files)
     if kind == "truncate":
         target.write_bytes(target.read_bytes()[: rng.randrange(target.stat().st_size)])
@@ -153,17 +154,18 @@ def _corrupt(ckpt: Path, kind: str, rng: random.Random) -> str:
         b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
         target.write_bytes(bytes(b))
     elif kind == "torn_state":
-        target = ckpt / C.STATE_FILE
+        target = ckpt / runs.TRAINER_STATE
         target.write_text(target.read_text()[: rng.randrange(1, 20)])
     elif kind == "no_complete":
         target = ckpt
-        (ckpt / C.COMPLETE).unlink()
+        (ckpt / runs.COMPLETE).unlink()
     else:  # another model: resume is asked for a model whose embedding differs
         return "another model"
     return str(target)
 
 
 def corruption_campaign(baseline: Path, work: Path, n: int, rng: random.Random, assets: Path) -> dict:
+    from nemodiff_train import runs
     from nemodiff_train.engines.torch import checkpointing as C
 
     kinds = ["truncate", "delete", "flip", "torn_state", "no_complete", "other_model"]
@@ -173,7 +175,7 @@ def corruption_campaign(baseline: Path, work: Path, n: int, rng: random.Random, 
         run = work / f"corrupt_{i:03d}"
         shutil.copytree(baseline / "checkpoints", run / "checkpoints")
         newest = run / "checkpoints" / "step_00000006"
-        model = json.loads((newest / C.MANIFEST).read_text())["model"]
+        model = json.loads((newest / runs.MANIFEST).read_text())["model"]
         damaged = _corrupt(newest, kind, rng)
         if kind == "other_model":
             model = {**model, "model.embed_tokens.weight": [999, 32, "float32"]}

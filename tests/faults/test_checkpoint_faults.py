@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from nemodiff_train import runs
 from nemodiff_train.engines.torch import checkpointing as C
 
 from .harness import assert_rows_identical, base_args, launch, metrics, reference, resumed_from
@@ -35,7 +36,7 @@ def run(baseline, tmp_path):
 
 
 def _model(run) -> dict:
-    return json.loads((run / "checkpoints" / "step_00000006" / C.MANIFEST).read_text())["model"]
+    return json.loads((run / "checkpoints" / "step_00000006" / runs.MANIFEST).read_text())["model"]
 
 
 def _truncate(f):
@@ -52,13 +53,13 @@ CORRUPTIONS = {
     "truncated shard": (lambda c: _truncate(c / "__0_0.distcp"), r"__0_0\.distcp is \d+ bytes, manifest\.json says"),
     "missing shard": (lambda c: (c / "__0_0.distcp").unlink(), r"__0_0\.distcp is missing"),
     "flipped byte in shard": (lambda c: _flip(c / "__0_0.distcp"), r"__0_0\.distcp does not match its SHA-256"),
-    "COMPLETE, no trainer_state": (lambda c: (c / C.STATE_FILE).unlink(), r"trainer_state\.json is missing"),
-    "COMPLETE, garbled trainer_state": (lambda c: (c / C.STATE_FILE).write_text("{\"step\": 6,"),
+    "COMPLETE, no trainer_state": (lambda c: (c / runs.TRAINER_STATE).unlink(), r"trainer_state\.json is missing"),
+    "COMPLETE, garbled trainer_state": (lambda c: (c / runs.TRAINER_STATE).write_text("{\"step\": 6,"),
                                         r"trainer_state\.json is unreadable"),
-    "trainer_state of another step": (lambda c: (c / C.STATE_FILE).write_text('{"step": 8, "tokens": 0}'),
+    "trainer_state of another step": (lambda c: (c / runs.TRAINER_STATE).write_text('{"step": 8, "tokens": 0}'),
                                       r"says step 8 but the directory is step 6"),
-    "no COMPLETE marker": (lambda c: (c / C.COMPLETE).unlink(), r"no COMPLETE marker"),
-    "missing DCP metadata": (lambda c: (c / C.DCP_METADATA).unlink(), r"\.metadata is missing"),
+    "no COMPLETE marker": (lambda c: (c / runs.COMPLETE).unlink(), r"no COMPLETE marker"),
+    "missing DCP metadata": (lambda c: (c / runs.DCP_METADATA).unlink(), r"\.metadata is missing"),
     "missing RNG state": (lambda c: (c / "rng" / "rank_00000.json").unlink(), r"rank_00000\.json is missing"),
 }
 
@@ -76,7 +77,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_its_reason(run, case):
 
 def test_no_loadable_checkpoint_is_an_error_naming_each(run):
     _truncate(run / "checkpoints" / "step_00000006" / "__0_0.distcp")
-    (run / "checkpoints" / "step_00000004" / C.STATE_FILE).write_text("garbage")
+    (run / "checkpoints" / "step_00000004" / runs.TRAINER_STATE).write_text("garbage")
     with pytest.raises(C.CheckpointError) as e:
         C.select_resume(run, _model(run))
     msg = str(e.value)
@@ -125,7 +126,7 @@ def test_metadata_pickle_cannot_run_code(run, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     ckpt = run / "checkpoints" / "step_00000006"
-    (ckpt / C.DCP_METADATA).write_bytes(pickle.dumps(Evil()))
+    (ckpt / runs.DCP_METADATA).write_bytes(pickle.dumps(Evil()))
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
         C.SafeFileSystemReader(str(ckpt)).read_metadata()
     assert not marker.exists()
@@ -226,7 +227,7 @@ def test_cli_resumes_from_older_checkpoint_and_keeps_the_torn_one(assets, baseli
 
 def test_cli_refuses_a_run_with_only_broken_checkpoints(assets, run):
     (run / "checkpoints" / "step_00000006" / "__0_0.distcp").unlink()
-    (run / "checkpoints" / "step_00000004" / C.STATE_FILE).unlink()
+    (run / "checkpoints" / "step_00000004" / runs.TRAINER_STATE).unlink()
     r = launch(base_args(assets, run, "export.at_end=false"), run)
     assert r.returncode == 3, r.output[-3000:]
     assert "nemodiff-train: checkpoint error" in r.output and "Traceback" not in r.output
