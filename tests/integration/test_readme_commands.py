@@ -41,8 +41,9 @@ EXPORT = "nemodiff-export checkpoint=runs/x out=exports/x dtype=bfloat16 remote_
 PUSH_DRY = "nemodiff-export out=exports/x push_to_hub=org/name dry_run=true"
 LM_EVAL = ("nemodiff-lm-eval --model nemodiff --model_args pretrained=runs/x/hf,mode=linear_spec "
            "--tasks nemodiff_code_completion --limit 20")
-HEADROOM = "nemodiff-eval model=runs/demo_cpu/hf analysis=headroom out=runs/demo_cpu/headroom"
-BUILD_VARIANT = "scripts/build_embedded_model.py --out nemodiff_train/assets --steps 1000 --seed 0 --threads 2"
+HEADROOM = ("nemodiff-eval model=runs/demo_cpu/hf analysis=headroom task=[arithmetic,code_completion] "
+            "out=runs/demo_cpu/headroom")
+BUILD_VARIANT = "scripts/build_embedded_model.py --out nemodiff_train/assets --steps 3000 --seed 0 --threads 2"
 
 # A demo small enough for a test: two steps per stage, a few documents, one evaluation sample.
 TINY_DEMO = ("stages.0.steps=2 stages.1.steps=2 stages.0.data.max_documents=20 stages.1.data.max_documents=200 "
