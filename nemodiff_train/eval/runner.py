@@ -158,6 +158,15 @@ class Evaluator:
                         chat_template=self.cfg.chat_template, token_budget=self.cfg.max_new_tokens)
         if not task.samples():
             raise ValueError(f"task {name!r} has no samples")
+        # A reference longer than the generation budget cannot be matched in full: say so, since
+        # answer-at-the-end metrics (arithmetic's exact match) would silently read 0 on those rows.
+        long_refs = task.scores_the_end and sum(
+            len(self.tokenizer.encode(s.reference, add_special_tokens=False)) >= self.cfg.max_new_tokens
+            for s in task.samples())
+        if long_refs:
+            log.warning("task %s: %d of %d references have >= max_new_tokens=%d tokens; their outputs are cut "
+                        "before the reference ends and its answer is lost (raise max_new_tokens)",
+                        name, long_refs, len(task.samples()), self.cfg.max_new_tokens)
         return task, [task.render(self.tokenizer, s) for s in task.samples()]
 
     def run_specs(self, modes: list[str]) -> list[RunSpec]:

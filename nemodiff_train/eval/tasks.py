@@ -64,6 +64,9 @@ class Task:
 
     metric_names: tuple[str, ...] = ("exact_match", "token_accuracy")
     primary_metric: str = "token_accuracy"  # the one plotted against TPF
+    # True when the primary metric reads the end of the output (a final answer): an output cut by
+    # max_new_tokens before the reference's length then scores 0, and the evaluator warns.
+    scores_the_end: bool = False
 
     def __init__(self, path: str | Path, *, name: str | None = None, tokenizer=None, limit: int | None = None,
                  chat_template: bool | None = None, token_budget: int | None = None):
@@ -151,6 +154,7 @@ class ArithmeticTask(Task):
 
     metric_names = ("exact_match", "flexible_match", "token_accuracy")
     primary_metric = "exact_match"
+    scores_the_end = True
 
     def __init__(self, path: str | Path = ARITHMETIC_FILE, **kwargs):
         kwargs.setdefault("name", "arithmetic")

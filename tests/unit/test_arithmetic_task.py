@@ -101,3 +101,24 @@ def test_shipped_test_file_matches_the_generator():
         assert row.meta["held_out_template"] == (row.meta["template"] in arith.HELD_OUT_TEMPLATES)
     with pytest.raises(FileNotFoundError, match="build_embedded_model"):
         ArithmeticTask(path=ArithmeticTask().path.parent / "missing.jsonl").samples()
+
+
+def test_evaluator_warns_when_the_budget_cuts_the_answer_off(caplog):
+    """Exact match reads the final ``#### n``: a max_new_tokens below the references' length would
+    score those rows 0 without a word, so the evaluator says how many references it cuts."""
+    from types import SimpleNamespace
+
+    from nemodiff_train.assets import embedded_model_dir
+    from nemodiff_train.eval.runner import Evaluator
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    ev = lambda budget: SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(  # noqa: E731
+        limit=10, chat_template=None, max_new_tokens=budget))
+    with caplog.at_level("WARNING", logger="nemodiff_train.eval.runner"):
+        Evaluator.load_task(ev(20), "arithmetic")
+        assert "10 of 10 references have >= max_new_tokens=20" in caplog.text
+        caplog.clear()
+        Evaluator.load_task(ev(200), "arithmetic")
+        Evaluator.load_task(ev(20), "code_completion")  # token accuracy compares a budget's worth
+        assert "references have" not in caplog.text
