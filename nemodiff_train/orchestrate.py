@@ -136,13 +136,11 @@ def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32
     run_dir, out = Path(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:  # fail before the long conversion
         raise ExportError(f"output directory {out} is not empty (pass overwrite=true to replace it)")
-    try:
-        import megatron.bridge  # noqa: F401
-    except Exception as e:  # not installed, or its CUDA-only imports fail on this machine
-        raise ExportError(f"{run_dir} is a Megatron run: exporting it needs megatron-bridge importable "
-                          f"(a NeMo container, or the CPU tier of scripts/install_megatron_cpu.sh with "
-                          f"tools/megatron_shims.py); import failed: {type(e).__name__}: {e}") from None
-    from .engines.megatron.export import export_run
+    from .engines.megatron.export import bridge_unavailable, export_run
+
+    problem = bridge_unavailable()
+    if problem:
+        raise ExportError(f"{run_dir} is a Megatron run: {problem}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if eval_json is None and (run_dir / runs.EVAL_DIR / runs.EVAL_JSON).is_file():

@@ -12,7 +12,7 @@
 lm-eval 0.4.x registers models only when their module is imported and does not read the
 ``lm_eval`` entry-point group, so run it through the wrapper that imports this module first::
 
-    python -m nemodiff_train.eval.lm_eval_cli --model nemodiff \\
+    python -m nemodiff_train.cli.lm_eval --model nemodiff \\
         --model_args pretrained=<hf dir or run dir>,mode=linear_spec,max_gen_toks=256 --tasks gsm8k
 
 Model args: ``pretrained`` (required), ``mode`` (linear_spec), ``block_size`` (the model's inference

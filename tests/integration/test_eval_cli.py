@@ -111,7 +111,7 @@ def test_eval_cli_misspelt_key_fails_naming_it(tmp_path, override):
 def test_lm_eval_entry_point(assets, tmp_path):
     pytest.importorskip("lm_eval")
     stats = tmp_path / "stats.json"
-    res = _run("nemodiff_train.eval.lm_eval_cli",
+    res = _run("nemodiff_train.cli.lm_eval",
                ["--model", "nemodiff",
                 "--model_args", f"pretrained={assets / 'model'},mode=linear_spec,block_size=4,stats_out={stats}",
                 "--tasks", "nemodiff_tiny_gen,nemodiff_tiny_mc,nemodiff_tiny_text", "--include_path", str(LM_EVAL_TASKS),

@@ -17,7 +17,7 @@ pytest.importorskip("lm_eval")
 
 from nemodiff_train.assets import embedded_model_dir  # noqa: E402
 from nemodiff_train.eval import scoring  # noqa: E402
-from nemodiff_train.eval.lm_eval_cli import TASKS_DIR, with_packaged_tasks  # noqa: E402
+from nemodiff_train.cli.lm_eval import TASKS_DIR, with_packaged_tasks  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_include_path_is_added_once():
 
 def test_packaged_task_offline_matches_nemodiff_eval(tmp_path):
     model = embedded_model_dir()  # a real (tiny) AR model: its completions are code, not noise
-    res = _run(["nemodiff_train.eval.lm_eval_cli", "--model", "nemodiff",
+    res = _run(["nemodiff_train.cli.lm_eval", "--model", "nemodiff",
                 "--model_args", f"pretrained={model},mode=linear_spec", "--tasks", "nemodiff_code_completion",
                 "--limit", str(LIMIT), "--gen_kwargs", f"max_gen_toks={MAX_NEW}", "--device", "cpu",
                 "--output_path", str(tmp_path / "lm_out"), "--log_samples"], cwd=tmp_path)

@@ -92,8 +92,8 @@ ELSEWHERE = {
     "pip install --no-deps -e .": (".ci/run", "pip install", "an install inside NVIDIA's NeMo containers"),
     "tools/bench_train_step.py --random qwen3-1.7b": ("tools/gpu_check.sh", "bench_train_step",
                                                       "an H200 benchmark, run by the GPU check script"),
-    "python -m nemodiff_train.eval.lm_eval_cli": ("tests/integration/test_lm_eval_packaged_task.py",
-                                                  "nemodiff_train.eval.lm_eval_cli", "the module behind nemodiff-lm-eval"),
+    "python -m nemodiff_train.cli.lm_eval": ("tests/integration/test_lm_eval_packaged_task.py",
+                                              "nemodiff_train.cli.lm_eval", "the module behind nemodiff-lm-eval"),
     "nemodiff-export checkpoint=<run dir | checkpoint dir> out=<dir>": (
         "tests/integration/test_readme_commands.py", EXPORT, "a template; its concrete form runs here"),
     "pytest -m faults tests/faults": ("pyproject.toml", "faults:", "the faults tier, part of the default pytest run"),

@@ -2,7 +2,9 @@
 
 * the engines are siblings: ``engines/torch`` and ``engines/megatron`` never import each other;
 * the engines only train: they import no ``eval/``, ``export/``, ``cli/`` or ``orchestrate``;
-* ``export/`` and ``eval/`` import no engine (``orchestrate`` composes them);
+* ``export/`` and ``eval/`` import no engine, no ``cli/`` and no ``orchestrate`` (``orchestrate``
+  composes them; ``cli/`` is the top);
+* the third-party ``megatron`` packages are imported only inside ``engines/megatron``;
 * the lower layers (``core/``, ``decoding/``, ``models/``, ``data/``, ``runs/``, ``config/``) import
   nothing above them;
 * ``core/`` and ``decoding/`` are pure PyTorch: no transformers, no ``torch.distributed``, and no
@@ -25,14 +27,16 @@ ENGINES = (f"{PKG}.engines.torch", f"{PKG}.engines.megatron")
 ABOVE_ENGINES = (f"{PKG}.eval", f"{PKG}.export", f"{PKG}.cli", f"{PKG}.orchestrate")
 LOWER = ("core", "decoding", "models", "data", "runs", "config")
 PURE_TORCH_FORBIDDEN = ("transformers", "torch.distributed")
+TOP = (f"{PKG}.cli", f"{PKG}.orchestrate")
 
 # (modules the rule applies to, imports they may not make, imports allowed although matched)
 RULES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     (ENGINES[0], (ENGINES[1],), ()),
     (ENGINES[1], (ENGINES[0],), ()),
     (f"{PKG}.engines", ABOVE_ENGINES, ()),
-    (f"{PKG}.export", (f"{PKG}.engines",), ()),
-    (f"{PKG}.eval", (f"{PKG}.engines",), ()),
+    (f"{PKG}.export", (f"{PKG}.engines", *TOP), ()),
+    (f"{PKG}.eval", (f"{PKG}.engines", *TOP), ()),
+    *[(layer, ("megatron",), ()) for layer in (ENGINES[0], *ABOVE_ENGINES, *(f"{PKG}.{m}" for m in LOWER))],
     *[(f"{PKG}.{layer}", (f"{PKG}.engines", *ABOVE_ENGINES), ()) for layer in LOWER],
     (f"{PKG}.core", PURE_TORCH_FORBIDDEN + (f"{PKG}.",), (f"{PKG}.core",)),
     (f"{PKG}.decoding", PURE_TORCH_FORBIDDEN + (f"{PKG}.",), (f"{PKG}.decoding",)),
@@ -117,6 +121,9 @@ def test_every_layer_is_checked():
     (f"{PKG}.decoding.ar", "from transformers import AutoModel"),
     (f"{PKG}.decoding.ar", "from ..models.cached import HFCachedLM"),
     (f"{PKG}.models.hf", "from ..orchestrate import train"),
+    (f"{PKG}.eval.lm_eval_plugin", "from ..cli._console import quiet_libraries"),
+    (f"{PKG}.orchestrate", "def f():\n    import megatron.bridge\n"),
+    (f"{PKG}.export.writer", "from megatron.core import parallel_state"),
 ])
 def test_the_checker_catches_a_violation(module, source):
     assert violations(source, module), f"{source!r} in {module} should be refused"
@@ -129,6 +136,8 @@ def test_the_checker_catches_a_violation(module, source):
     (f"{PKG}.core.noising", "from .masks import document_positions\nimport torch"),
     (f"{PKG}.decoding.ar", "from .interface import CachedLM"),
     (f"{PKG}.orchestrate", "from .engines.megatron.train import run\nfrom .export import export_checkpoint"),
+    (f"{PKG}.engines.megatron.model", "from megatron.bridge import AutoBridge"),
+    (f"{PKG}.cli.lm_eval", "from ._console import quiet_libraries"),
 ])
 def test_the_checker_allows_legitimate_imports(module, source):
     assert violations(source, module) == []

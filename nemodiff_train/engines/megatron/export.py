@@ -92,6 +92,17 @@ def export_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir
     return out
 
 
+def bridge_unavailable() -> str | None:
+    """Why megatron-bridge cannot be imported here, or None when it can: checked before a long export."""
+    try:
+        import megatron.bridge  # noqa: F401
+    except Exception as e:  # not installed, or its CUDA-only imports fail on this machine
+        return (f"exporting it needs megatron-bridge importable (a NeMo container, or the CPU tier of "
+                f"scripts/install_megatron_cpu.sh with tools/megatron_shims.py); import failed: "
+                f"{type(e).__name__}: {e}")
+    return None
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None, *, dtype: str | None = None) -> Path:
     """Export a megatron run directory: the latest checkpoint of its last trained stage → ``out``
     (default ``<run.dir>/hf``). Reads ``<run.dir>/config.yaml``; the HF init directory is

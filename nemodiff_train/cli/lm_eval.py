@@ -13,7 +13,7 @@ offline) unless the command line names its own ``--include_path``, and hands the
         --model_args pretrained=<hf dir or run dir>,mode=linear_spec,block_size=32,max_gen_toks=256 \\
         --tasks gsm8k --device cuda --output_path results/          # gsm8k's data come from the Hub
 
-(``python -m nemodiff_train.eval.lm_eval_cli`` is the same; ``lm_eval run ...`` style with the
+(``python -m nemodiff_train.cli.lm_eval`` is the same; ``lm_eval run ...`` style with the
 ``run`` sub-command works too. With a ``--include_path`` of your own, add ours by hand: lm-eval
 takes one directory.)
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 __all__ = ["TASKS_DIR", "with_packaged_tasks", "main"]
 
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "lm_eval_tasks"
 """lm-eval task YAMLs shipped with the package (``nemodiff_code_completion``)."""
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     import nemodiff_train.eval.lm_eval_plugin  # noqa: F401  - registers "nemodiff"
     from lm_eval.__main__ import cli_evaluate
 
-    from ..cli._console import interactive, quiet_libraries
+    from ._console import interactive, quiet_libraries
 
     quiet_libraries(progress_bars=interactive())
     sys.argv[1:] = with_packaged_tasks(sys.argv[1:])
