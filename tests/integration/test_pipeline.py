@@ -43,7 +43,8 @@ def test_tiny_recipe_trains_exports_and_evaluates(tmp_path):
     assert cfg["nemodiff"]["mask_token_id"] == 3 and cfg["nemodiff"]["recipe"] == "tiny_cpu"
     assert cfg["tie_word_embeddings"] is False
     # its causal logits are the trained weights': equal to the checkpoint loaded into the base architecture
-    from nemodiff_train.engines.torch.checkpointing import latest_checkpoint, load_model_weights
+    from nemodiff_train.engines.torch.checkpointing import load_model_weights
+    from nemodiff_train.runs import latest_checkpoint
     from transformers import AutoConfig
 
     ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir / "hf_base")).float()

@@ -50,14 +50,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ...faults import fault_point
-from ...runs import (CHECKPOINTS_DIR, COMPLETE, DCP_METADATA, MANIFEST, RNG_DIR, TRAINER_STATE,  # noqa: F401
-                     checkpoint_dir, latest_checkpoint, list_checkpoints, step_dirs, step_of)
+from ...runs import (CHECKPOINTS_DIR, COMPLETE, DCP_METADATA, MANIFEST, RNG_DIR, TRAINER_STATE, checkpoint_dir,
+                     list_checkpoints, step_dirs, step_of)
 from ...runs.dcp import CheckpointError, SafeFileSystemReader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "checkpoint_dir", "latest_checkpoint", "list_checkpoints", "save_checkpoint",
-           "load_checkpoint", "load_model_weights", "read_trainer_state", "verify_checkpoint", "select_resume",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_weights", "read_trainer_state", "verify_checkpoint", "select_resume",
            "resume_checkpoint", "model_identity", "restore_rng", "SafeFileSystemReader"]
 
 FORMAT_VERSION = 2
