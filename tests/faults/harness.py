@@ -14,25 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers.tiny_run import make_model_dir, write_text_jsonl
+# the tiny_cpu recipe (6 steps, checkpoints every 2, validation every 3) on the test model and data
+from tests.helpers.tiny_run import make_run_assets as make_assets  # noqa: F401  (used by the tests)
+from tests.helpers.tiny_run import tiny_cpu_args as base_args  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = {"HF_TOKEN": "hf_faultsuiteSECRETdo_not_leak_4242", "WANDB_API_KEY": "wandbSECRETfaultsuite0123456789abcdef"}
-
-
-def make_assets(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    make_model_dir(root / "model")
-    write_text_jsonl(root / "train.jsonl", 120)
-    write_text_jsonl(root / "val.jsonl", 12, seed=1)
-    return root
-
-
-def base_args(assets: Path, run_dir: Path, *extra: str) -> list[str]:
-    """The tiny_cpu recipe on the test model: 6 steps, checkpoints every 2, validation every 3."""
-    return ["recipe=tiny_cpu", f"run.dir={run_dir}", f"model.path={assets / 'model'}",
-            f"stages.0.data.sources=[{assets / 'train.jsonl'}]", f"stages.0.data.val_sources=[{assets / 'val.jsonl'}]",
-            *extra]
 
 
 def env(fault: str | None = None) -> dict:

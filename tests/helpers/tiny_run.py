@@ -37,3 +37,19 @@ def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
             a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
             f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
     return Path(path)
+
+
+def make_run_assets(root: Path) -> Path:
+    """``root`` with a tiny model (``model/``) and text data (``train.jsonl``, ``val.jsonl``) for a CLI run."""
+    root.mkdir(parents=True, exist_ok=True)
+    make_model_dir(root / "model")
+    write_text_jsonl(root / "train.jsonl", 120)
+    write_text_jsonl(root / "val.jsonl", 12, seed=1)
+    return root
+
+
+def tiny_cpu_args(assets: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``nemodiff-train`` arguments: the tiny_cpu recipe on :func:`make_run_assets`' model and data."""
+    return ["recipe=tiny_cpu", f"run.dir={run_dir}", f"model.path={assets / 'model'}",
+            f"stages.0.data.sources=[{assets / 'train.jsonl'}]", f"stages.0.data.val_sources=[{assets / 'val.jsonl'}]",
+            *extra]

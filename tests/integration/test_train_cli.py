@@ -12,24 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.tiny_run import make_model_dir, write_text_jsonl
+from tests.helpers.tiny_run import make_run_assets, tiny_cpu_args
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_assets")
-    make_model_dir(root / "model")
-    write_text_jsonl(root / "train.jsonl", 120)
-    write_text_jsonl(root / "val.jsonl", 12, seed=1)
-    return root
+    return make_run_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def _args(assets: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["recipe=tiny_cpu", f"run.dir={run_dir}", f"model.path={assets / 'model'}",
-            f"stages.0.data.sources=[{assets / 'train.jsonl'}]", f"stages.0.data.val_sources=[{assets / 'val.jsonl'}]",
-            "export.at_end=false", *extra]
+    return tiny_cpu_args(assets, run_dir, "export.at_end=false", *extra)
 
 
 def _env():
