@@ -108,7 +108,8 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
                                      limit=e.limit, max_new_tokens=e.max_new_tokens,
                                      block_size=e.block_size or cfg.diffusion.inference_block_size,
                                      threshold=e.threshold, seed=cfg.run.seed,
-                                     sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size))))
+                                     sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size),
+                                                       list(e.sweep.tasks))))
     message(f"evaluation written to {out}")
     write_model_card(run_dir / runs.EXPORT_DIR, eval_json=out / runs.EVAL_JSON)
     (run_dir / runs.EVAL_SUMMARY).write_text(json.dumps(rows, indent=1))

@@ -102,6 +102,9 @@ class EvalConfig:
             raise ValueError(f"sweep.threshold values must be in (0, 1], got {list(self.sweep.threshold)}")
         if any(b < 1 for b in self.sweep.block_size):
             raise ValueError(f"sweep.block_size values must be >= 1, got {list(self.sweep.block_size)}")
+        stray = [t for t in self.sweep.tasks if t not in tasks]
+        if stray:
+            raise ValueError(f"sweep.tasks names {stray}, which are not among the evaluated tasks {tasks}")
 
     @property
     def tasks(self) -> list[str]:
@@ -169,9 +172,12 @@ class Evaluator:
                         name, long_refs, len(task.samples()), self.cfg.max_new_tokens)
         return task, [task.render(self.tokenizer, s) for s in task.samples()]
 
-    def run_specs(self, modes: list[str]) -> list[RunSpec]:
-        """The main runs (``modes`` in order) followed by the sweep points not equal to a main run."""
+    def run_specs(self, modes: list[str], task: str | None = None) -> list[RunSpec]:
+        """The main runs (``modes`` in order) followed by the sweep points not equal to a main run
+        (none for a ``task`` outside a non-empty ``sweep.tasks``)."""
         specs = [RunSpec(m, self.decode_cfg) for m in modes]
+        if task is not None and self.cfg.sweep.tasks and task not in self.cfg.sweep.tasks:
+            return specs
         if "diffusion" in modes:
             specs += [RunSpec("diffusion", replace(self.decode_cfg, threshold=t), "threshold")
                       for t in sorted(set(self.cfg.sweep.threshold)) if abs(t - self.cfg.threshold) > 1e-9]
@@ -254,7 +260,7 @@ def evaluate_task(ev: Evaluator, name: str, modes: list[str]) -> tuple[list[dict
     """(eval.json rows, samples.jsonl rows) of one task: every mode and sweep point, interleaved."""
     cfg = ev.cfg
     task, prompts = ev.load_task(name)
-    specs = ev.run_specs(modes)
+    specs = ev.run_specs(modes, name)
     log.info("task %s: %d samples, block %d, tau %.2f, max_new_tokens %d, %d runs interleaved", task.name,
              len(prompts), ev.block_size, cfg.threshold, cfg.max_new_tokens, len(specs))
     runs = ev.decode_interleaved(specs, prompts)

@@ -100,6 +100,20 @@ def test_eval_cli_run_dir_bundled_task_and_spec_only(assets, tmp_path):
     assert "reference for the self-speculation" in res.stderr
 
 
+def test_eval_cli_sweeps_only_the_named_tasks(assets, tmp_path):
+    """``sweep.tasks`` keeps the curve's extra runs to the tasks named; the others get main runs only."""
+    swept = tmp_path / "swept.jsonl"
+    swept.write_text((assets / "cc.jsonl").read_text())
+    _run("nemodiff_train.cli.evaluate",
+         [f"model={assets / 'model'}", "modes=[ar,diffusion]", f"task=[{assets / 'cc.jsonl'},{swept}]",
+          f"sweep.tasks=[{swept}]", "sweep.threshold=[0.5]", "limit=1", "max_new_tokens=4", "block_size=4",
+          f"out={tmp_path / 'o'}"], cwd=tmp_path)
+    rows = json.loads((tmp_path / "o" / "eval.json").read_text())
+    runs = [(r["task"], r["mode"], r["sweep"]) for r in rows]
+    assert runs == [("cc", "ar", None), ("cc", "diffusion", None), ("swept", "ar", None),
+                    ("swept", "diffusion", None), ("swept", "diffusion", "threshold")]
+
+
 @pytest.mark.parametrize("override", ["modle=/x", "+modle=/x"])
 def test_eval_cli_misspelt_key_fails_naming_it(tmp_path, override):
     res = _run("nemodiff_train.cli.evaluate", [override, f"out={tmp_path / 'o'}"], cwd=tmp_path, check=False)

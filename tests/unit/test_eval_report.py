@@ -35,6 +35,8 @@ def test_eval_config_defaults_and_checks():
         EvalConfig(model="m", out="o", task=[])
     with pytest.raises(ValueError, match="sweep.threshold"):
         EvalConfig(model="m", out="o", sweep=SweepConfig(threshold=[1.5]))
+    with pytest.raises(ValueError, match=r"sweep.tasks names \['arithmetic'\]"):
+        EvalConfig(model="m", out="o", sweep=SweepConfig(tasks=["arithmetic"]))
     with pytest.raises(ValueError, match="modes must be"):
         EvalConfig(model="m", out="o", modes=["ar", "beam"])
     with pytest.raises(ValueError, match="dtype"):
