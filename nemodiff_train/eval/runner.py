@@ -18,7 +18,6 @@ Run (CPU, the embedded model)::
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for nemodiff-eval and eval.sweep
+from ..bench.protocol import TimedRun, run_interleaved
 from ..decoding import BATCHED_MODES, generate
 from ..decoding.config import DecodeConfig
 from .loading import DTYPES, load_for_eval
@@ -81,6 +81,10 @@ class EvalConfig:
     """Render prompts with the tokenizer's chat template; None = when it has one."""
     dtype: str = "float32"
     device: str = "auto"
+    static_cache: bool = True
+    """On CUDA, decode through the static-shape cache (models/static_cache.py); false = the dynamic one."""
+    cuda_graphs: bool = True
+    """With the static cache on CUDA, replay each decoding forward as a CUDA graph."""
     seed: int = 0
 
     def __post_init__(self):
@@ -186,25 +190,30 @@ class Evaluator:
                       for b in sorted(set(self.cfg.sweep.block_size)) if b != self.block_size]
         return specs
 
-    def _sync(self) -> None:
-        if self.lm.device.type == "cuda":
-            torch.cuda.synchronize(self.lm.device)
+    def use_static_cache(self, prompts: list[list[int]], specs: list[RunSpec]) -> None:
+        """On CUDA (unless ``static_cache=false``): decode through a :class:`StaticCachedLM` wide enough for
+        ``prompts`` and every spec (kept across tasks while wide enough, so its CUDA graphs are reused)."""
+        if self.lm.device.type != "cuda" or not self.cfg.static_cache:
+            return
+        from ..models.static_cache import StaticCachedLM, required_capacity
+
+        need = max(required_capacity(max(map(len, prompts)), s.cfg.max_new_tokens, s.cfg.block_size, [s.mode])
+                   for s in specs)
+        if getattr(self.lm, "capacity", 0) < need:
+            self.lm = StaticCachedLM(self.dlm, capacity=need, cuda_graphs=self.cfg.cuda_graphs)
+            log.info("static KV cache: %d columns per row, CUDA graphs %s", need, "on" if self.cfg.cuda_graphs else "off")
 
     def decode_interleaved(self, specs: list[RunSpec], prompts: list[list[int]]) -> list[ModeRun]:
-        """Decode every prompt with every spec, spec after spec per chunk of prompts; time decoder calls only."""
-        runs = [ModeRun(s) for s in specs]
-        for s in specs:  # warm-up: lazy initialisation (kernels per shape, allocator growth) is not timed
-            step = self.cfg.batch_size if s.mode in BATCHED_MODES else 1
-            generate(self.lm, prompts[:step], s.mode, replace(s.cfg, max_new_tokens=2))
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            chunk = prompts[start:start + self.cfg.batch_size]
-            for run in runs:
-                self._sync()
-                t0 = time.perf_counter()
-                run.results.extend(generate(self.lm, chunk, run.spec.mode, run.spec.cfg))
-                self._sync()
-                run.seconds += time.perf_counter() - t0
-        return runs
+        """Decode every prompt with every spec, spec after spec per chunk of prompts; time decoder calls only
+        (:func:`nemodiff_train.bench.protocol.run_interleaved`, the protocol ``nemodiff-bench`` uses)."""
+        self.use_static_cache(prompts, specs)
+        timed = [TimedRun(str(i), (lambda chunk, s=s: generate(self.lm, chunk, s.mode, s.cfg)),
+                          self.cfg.batch_size if s.mode in BATCHED_MODES else 1) for i, s in enumerate(specs)]
+        # warm-up: lazy initialisation (kernels per shape, allocator growth) is not timed
+        run_interleaved(timed, prompts, repeats=1, warmups=1, device=self.lm.device,
+                        warmup=lambda r: generate(self.lm, prompts[:r.chunk], specs[int(r.name)].mode,
+                                                  replace(specs[int(r.name)].cfg, max_new_tokens=2)))
+        return [ModeRun(s, t.results, t.seconds[0]) for s, t in zip(specs, timed)]
 
     def text(self, tokens: list[int]) -> str:
         """Output text for scoring: EOS and other special tokens removed."""

@@ -33,7 +33,7 @@ import torch
 
 from .cached import HFCachedLM
 
-__all__ = ["StaticCachedLM", "StaticKVCache", "slot_layer_class"]
+__all__ = ["StaticCachedLM", "StaticKVCache", "slot_layer_class", "required_capacity"]
 
 _SLOT_LAYER = None
 
@@ -87,6 +87,15 @@ def slot_layer_class():
 
     _SLOT_LAYER = SlotLayer
     return SlotLayer
+
+
+def required_capacity(prompt_len: int, max_new_tokens: int, block_size: int, modes=("quadratic_spec",),
+                      multiple: int = 64) -> int:
+    """Cache columns a decode needs: prompt + generated tokens + the widest pass beyond them (B(B+1) for
+    quadratic self-speculation, else B), rounded up to ``multiple`` so nearby sizes share buffers and graphs."""
+    widest = block_size * (block_size + 1) if "quadratic_spec" in modes else block_size
+    need = prompt_len + max_new_tokens + widest + 1
+    return -(-need // multiple) * multiple
 
 
 class StaticKVCache:

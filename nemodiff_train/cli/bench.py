@@ -1,0 +1,54 @@
+"""``nemodiff-bench``: decoding speed per mode and batch size, HF ``generate`` baseline, speed of light.
+
+Usage::
+
+    nemodiff-bench model=embedded out=/tmp/bench prompt_len=32 max_new_tokens=32 runs=3   # CPU, the demo model
+    nemodiff-bench shape=qwen3-8b batch_sizes=[1,8] out=/tmp/bench-8b                     # a GPU
+    python -m nemodiff_train.cli.bench ...                                                # the same
+
+Keys: ``conf/apps/bench.yaml`` (one per field of :class:`~nemodiff_train.bench.runner.BenchConfig`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ..bench.runner import BenchConfig, BenchError, run_bench
+from ..config.load import merge_into
+from ._console import interactive, quiet_libraries
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "apps"
+
+__all__ = ["main", "to_bench_config"]
+
+
+def to_bench_config(cfg: DictConfig | dict) -> BenchConfig:
+    """Merge the composed config into :class:`BenchConfig`; unknown keys and bad values name the key."""
+    return merge_into(BenchConfig, cfg, app="nemodiff-bench", error=BenchError)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base=None)
+def _app(cfg: DictConfig) -> None:
+    from ..models.attention import UnsupportedModelError
+
+    try:
+        run_bench(to_bench_config(cfg))
+    except (BenchError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"nemodiff-bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point (``nemodiff-bench``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(progress_bars=interactive())
+    _app()
+
+
+if __name__ == "__main__":
+    main()
