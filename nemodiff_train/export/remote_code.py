@@ -7,8 +7,9 @@ relative imports, ``__future__`` imports, module docstrings and ``__all__`` list
 absolute imports (torch and the standard library only, which tests/unit/test_import_boundaries.py enforces) hoisted. So the
 remote decoders are our decoders, byte for byte, and cannot drift from them.
 
-The decoders' model adapter is inlined the same way from ``nemodiff_train/models/cached.py`` and the
-two modules it imports (``attention.py``: the mask in the form each attention implementation reads,
+The decoders' model adapters are inlined the same way from ``nemodiff_train/models/static_cache.py``
+(the static-shape cache, used on CUDA), ``nemodiff_train/models/cached.py`` (the dynamic one) and the
+two modules they import (``attention.py``: the mask in the form each attention implementation reads,
 eager included; ``arch.py``: per-layer sliding windows), which may also import transformers. So a
 remote-code model loaded with ``attn_implementation="eager"`` or with sliding windows decodes exactly
 like the package.
@@ -213,6 +214,9 @@ The weights, config and forward are the plain {base}; this file only extends ``g
 
 Defaults: ``block_size`` = config.nemodiff["inference_block_size"], ``eos_token_id`` = the generation
 config's, ``max_new_tokens`` = the generation config's ``max_new_tokens`` or 128, greedy (temperature 0).
+On CUDA the decoders run over a preallocated static KV cache with CUDA-graph replay (inlined from
+nemodiff_train/models/static_cache.py); ``static_cache=False`` selects the dynamic cache and
+``cuda_graphs=False`` plain eager forwards.
 """
 
 from __future__ import annotations
@@ -244,6 +248,7 @@ class NemoDiffGenerateOutput(dict):
 _NEMODIFF_GENERATE_KEYS = frozenset({{
     "input_ids", "attention_mask", "max_new_tokens", "block_size", "threshold", "steps_per_block", "temperature",
     "top_p", "eos_token_id", "seed", "pad_token_id", "return_dict_in_generate", "do_sample", "generation_config",
+    "static_cache", "cuda_graphs",
 }})
 
 
@@ -293,7 +298,7 @@ class {cls}(_NemoDiffBase):
         max_new = kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None)
         if max_new:
             cfg["max_new_tokens"] = int(max_new)
-        lm = HFCachedLM(self, settings["mask_token_id"])  # inlined from nemodiff_train/models/cached.py
+        lm = self._nemodiff_lm(settings["mask_token_id"], prompts, mode, DecodeConfig(**cfg), kwargs)
         results = _nemodiff_decode(lm, prompts, mode, DecodeConfig(**cfg))
         pad = kwargs.get("pad_token_id")
         if pad is None:
@@ -310,6 +315,20 @@ class {cls}(_NemoDiffBase):
                                           stats=[r.to_dict() for r in results])
         return sequences
 
+    def _nemodiff_lm(self, mask_token_id, prompts, mode, cfg, kwargs):
+        """On CUDA (unless ``static_cache=False``): the static-shape cache adapter (inlined from
+        nemodiff_train/models/static_cache.py), kept on the model while wide enough so its CUDA graphs
+        (``cuda_graphs``, default True) are reused across calls; else the dynamic one (models/cached.py)."""
+        if self.device.type != "cuda" or not kwargs.get("static_cache", True):
+            return HFCachedLM(self, mask_token_id)
+        graphs = bool(kwargs.get("cuda_graphs", True))
+        need = required_capacity(max(map(len, prompts)), cfg.max_new_tokens, cfg.block_size, [mode])
+        lm = getattr(self, "_nemodiff_static", None)
+        if lm is None or lm.capacity < need or lm.cuda_graphs != graphs or lm.mask_token_id != int(mask_token_id):
+            lm = StaticCachedLM(self, mask_token_id, capacity=need, cuda_graphs=graphs)
+            self._nemodiff_static = lm
+        return lm
+
 
 __all__ = ["{cls}", "NemoDiffGenerateOutput"]
 '''
@@ -319,7 +338,7 @@ def modeling_source(model_type: str, version: str) -> str:
     """The full text of ``modeling_nemodiff.py`` for a ``model_type``."""
     base = base_class_name(model_type)
     dec_imports, dec_body, modules = inline_package(DECODING_DIR, label="decoding")
-    lm_imports, lm_body, lm_modules = inline_package(MODELS_DIR, "cached", _ADAPTER_ROOTS)
+    lm_imports, lm_body, lm_modules = inline_package(MODELS_DIR, "static_cache", _ADAPTER_ROOTS)
     listing = textwrap.fill(", ".join([f"{m}.py" for m in modules] + [f"models/{m}.py" for m in lm_modules]),
                             width=100, initial_indent="# ", subsequent_indent="# ")
     source = (_HEADER.format(version=version, base=base, modules=listing)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .arch import attn_implementation_of
 from .cached import HFCachedLM
 
 __all__ = ["StaticCachedLM", "StaticKVCache", "slot_layer_class", "required_capacity"]
@@ -144,8 +145,6 @@ class StaticCachedLM(HFCachedLM):
 
     def __init__(self, model, mask_token_id: int | None = None, capacity: int = 1024, cuda_graphs: bool = False):
         super().__init__(model, mask_token_id)
-        from .arch import attn_implementation_of
-
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if cuda_graphs and self.device.type != "cuda":

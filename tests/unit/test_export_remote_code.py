@@ -152,3 +152,21 @@ def test_unsupported_architecture_fails_before_writing(tmp_path):
     with pytest.raises(ExportError, match="not_a_model"):
         export_dlm(dlm, tmp_path / "out", remote_code=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_remote_static_cache_adapter_equals_our_decoders(tmp_path):
+    """The inlined static-shape adapter (what remote code decodes with on CUDA), run on a CPU here."""
+    dlm = make_dlm(tmp_path, "llama", tie=False, mask=5)
+    out = export_dlm(dlm, tmp_path / "rc_static", remote_code=True)
+    cls_name = json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].split(".")[1]
+    model = load_remote_class(out, cls_name).from_pretrained(out).eval()
+    remote = sys.modules[type(model).__module__]
+    static = remote.StaticCachedLM(model, dlm.settings.mask_token_id, capacity=128)
+    lm = HFCachedLM(dlm)
+    for mode in MODES:
+        cfg = DecodeConfig(eos_token_ids=(EOS,), **SETTINGS[0])
+        ref = generate(lm, PROMPTS, mode, cfg)
+        got = remote.generate(static, PROMPTS, mode, remote.DecodeConfig(eos_token_ids=(EOS,), **SETTINGS[0]))
+        assert [g.tokens for g in got] == [r.tokens for r in ref], mode
+    # off CUDA, generate(mode=...) keeps the dynamic adapter whatever static_cache says
+    assert type(model._nemodiff_lm(dlm.settings.mask_token_id, PROMPTS, "ar", cfg, {})) is remote.HFCachedLM
