@@ -181,18 +181,20 @@ def _load(cfg: BenchConfig) -> _Setup:
         hf, mask_id, tokenizer = dlm.hf, dlm.settings.mask_token_id, dlm.tokenizer
         block, source = cfg.block_size or dlm.settings.inference_block_size, str(path)
         eos = eos_token_ids(tokenizer, getattr(hf, "generation_config", None)) if tokenizer is not None else ()
-    use_static = cfg.cache == "static" or (cfg.cache == "auto" and device.type == "cuda")
-    if use_static:
+    return _Setup(hf, None, tokenizer, mask_id, block, device, dtype, tuple(eos) if cfg.use_eos else (), source)
+
+
+def _adapter(cfg: BenchConfig, setup: _Setup, prompts: list[list[int]]):
+    """The decoders' model: static cache (wide enough for ``prompts``) on CUDA or when asked, else dynamic."""
+    if cfg.cache == "static" or (cfg.cache == "auto" and setup.device.type == "cuda"):
         from ..models.static_cache import StaticCachedLM, required_capacity
 
-        capacity = required_capacity(cfg.prompt_len if cfg.task is None else 2048, cfg.max_new_tokens, block, cfg.modes)
-        lm = StaticCachedLM(hf, mask_token_id=mask_id, capacity=capacity,
-                            cuda_graphs=cfg.cuda_graphs and device.type == "cuda")
-    else:
-        from ..models.cached import HFCachedLM
+        capacity = required_capacity(max(map(len, prompts)), cfg.max_new_tokens, setup.block_size, cfg.modes)
+        return StaticCachedLM(setup.hf, mask_token_id=setup.mask_id, capacity=capacity,
+                              cuda_graphs=cfg.cuda_graphs and setup.device.type == "cuda")
+    from ..models.cached import HFCachedLM
 
-        lm = HFCachedLM(hf, mask_token_id=mask_id)
-    return _Setup(hf, lm, tokenizer, mask_id, block, device, dtype, tuple(eos) if cfg.use_eos else (), source)
+    return HFCachedLM(setup.hf, mask_token_id=setup.mask_id)
 
 
 def _prompts(cfg: BenchConfig, setup: _Setup, n: int) -> list[list[int]]:
@@ -267,8 +269,10 @@ def _row(name: str, batch: int, run: TimedRun, ar_tokens, counts: Counter | None
            "tokens_per_s": spread(tps), "seconds": spread(run.seconds)}
     if name != HF_RUN:
         forwards = sum(r.stats.forwards for r in run.results)
-        row.update(forwards=forwards, tpf=tokens / forwards if forwards else 0.0,
-                   ms_per_forward=1e3 * statistics.median(run.seconds) / forwards if forwards else None,
+        calls = sum(counts.values())  # model calls, prefill included (a batched call serves every row)
+        # forwards: per-row counts summed (TPF = tokens / forwards is the per-row figure at any batch size)
+        row.update(forwards=forwards, tpf=tokens / forwards if forwards else 0.0, model_calls=calls,
+                   ms_per_forward=1e3 * statistics.median(run.seconds) / calls if calls else None,
                    forwards_by_q={f"{q}{' prefill' if pre else ''}": n for (b, q, pre), n in sorted(counts.items())})
         drafted = sum(r.stats.drafted for r in run.results)
         if drafted:
@@ -290,6 +294,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                               eos_token_ids=setup.eos, seed=cfg.seed)
     n_prompts = max(cfg.num_prompts, max(cfg.batch_sizes))
     prompts = _prompts(cfg, setup, n_prompts)
+    setup.lm = _adapter(cfg, setup, prompts)
     ctx = (sum(map(len, prompts)) // len(prompts)) + cfg.max_new_tokens // 2
     elsize = torch.tensor([], dtype=setup.dtype).element_size()
     bandwidth = cfg.hbm_tbps or default_bandwidth(setup.device)
@@ -364,7 +369,7 @@ def print_report(report: dict[str, Any]) -> None:
     """The results and the forward-cost table, as text."""
     print(f"{report['model']} on {report['device_name']} ({report['dtype']}, {report['lm']}, "
           f"graphs {'on' if report['cuda_graphs'] else 'off'}), B={report['block_size']}")
-    print(f"{'batch':>5} {'mode':<15}{'tok/s':>10}{'spread':>8}{'vs ar':>7}{'TPF':>7}{'ms/fwd':>8}"
+    print(f"{'batch':>5} {'mode':<15}{'tok/s':>10}{'spread':>8}{'vs ar':>7}{'TPF':>7}{'ms/call':>8}"
           f"{'pred tok/s':>11}{'meas/pred':>10}{'roofline':>10}")
     for r in report["results"]:
         f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731

@@ -1,0 +1,65 @@
+"""The real ``nemodiff-bench`` CLI as a subprocess on a CPU: the embedded model's shape, every mode,
+batch 1 and 2, the HF generate baseline, the speed-of-light report; and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "nemodiff_train.cli.bench", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_bench_embedded_shape_on_cpu(tmp_path, cache):
+    out = tmp_path / "bench"
+    res = _run([f"shape=embedded", f"out={out}", "prompt_len=12", "max_new_tokens=10", "block_size=4",
+                "warmups=1", "runs=2", "batch_sizes=[1,2]", "sol_repeats=2", f"cache={cache}", "threads=1"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0
+    assert report["lm"] == {"dynamic": "HFCachedLM", "static": "StaticCachedLM"}[cache]
+    assert report["cuda_graphs"] is False and report["hbm_tbps"] is None  # no roofline on a CPU
+    rows = {(r["mode"], r["batch_size"]): r for r in report["results"]}
+    expected = {(m, 1) for m in MODES + ["hf_generate"]} | {("ar", 2), ("diffusion", 2), ("hf_generate", 2)}
+    assert set(rows) == expected
+    for (mode, batch), r in rows.items():
+        assert r["generated_tokens"] == r["prompts"] * 10  # EOS ignored: every run makes max_new_tokens
+        assert r["prompts"] == 2 and r["tokens_per_s"]["n"] == 2 and r["tokens_per_s"]["median"] > 0
+        if mode == "hf_generate":
+            continue
+        assert r["tpf"] == pytest.approx(r["generated_tokens"] / r["forwards"])
+        by_q, rows_per_call = r["forwards_by_q"], batch if mode in ("ar", "diffusion") else 1
+        # model calls by query length: a batched call serves every row (forwards are counted per row)
+        assert sum(n for k, n in by_q.items() if not k.endswith("prefill")) * rows_per_call == r["forwards"]
+        assert sum(n for k, n in by_q.items() if k.endswith("prefill")) == r["prompts"] // rows_per_call
+        assert r["model_calls"] == sum(by_q.values())
+        assert r["predicted_tokens_per_s"] > 0 and r["measured_over_predicted"] > 0
+        if mode.endswith("_spec"):
+            assert r["same_as_ar"] == 1.0  # lossless at T = 0 (float32)
+    assert rows[("ar", 1)]["forwards"] == 2 * 9  # 10 tokens, the first from the prefill
+    costs = {(c["batch_size"], c["q"], c["prefill"]) for c in report["forward_cost"]}
+    assert {(1, 1, False), (1, 4, False), (1, 20, False), (2, 1, False), (1, 12, True), (2, 12, True)} <= costs
+
+
+def test_bench_refuses_the_8b_shape_on_cpu_and_unknown_keys(tmp_path):
+    res = _run(["shape=qwen3-8b", f"out={tmp_path}", "device=cpu"], tmp_path)
+    assert res.returncode == 2 and "shape=qwen3-8b is a GPU benchmark" in res.stderr and "force=true" in res.stderr
+    res = _run(["shape=embedded", "promt_len=3"], tmp_path)  # Hydra itself rejects a key the yaml lacks
+    assert res.returncode != 0 and "promt_len" in res.stderr and not (tmp_path / "bench.json").exists()
+    res = _run([f"out={tmp_path}"], tmp_path)
+    assert res.returncode == 2 and "exactly one of model" in res.stderr
