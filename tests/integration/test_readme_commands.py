@@ -43,6 +43,9 @@ LM_EVAL = ("nemodiff-lm-eval --model nemodiff --model_args pretrained=runs/x/hf,
            "--tasks nemodiff_code_completion --limit 20")
 HEADROOM = ("nemodiff-eval model=runs/demo_cpu/hf analysis=headroom task=[arithmetic,code_completion] "
             "out=runs/demo_cpu/headroom")
+BENCH = ("nemodiff-bench model=embedded task=arithmetic num_prompts=4 max_new_tokens=64 runs=3 warmups=1 block_size=8 "
+         "batch_sizes=[1,4] out=runs/bench")
+BENCH_8B = "nemodiff-bench shape=qwen3-8b batch_sizes=[1,8] out=runs/bench_8b"
 BUILD_VARIANT = "scripts/build_embedded_model.py --out nemodiff_train/assets --steps 3000 --seed 0 --threads 2"
 
 # A demo small enough for a test: two steps per stage, a few documents, one evaluation sample.
@@ -66,6 +69,8 @@ RUN = {
     PUSH_DRY: PUSH_DRY,
     LM_EVAL: LM_EVAL.replace("--limit 20", "--limit 2") + " --gen_kwargs max_gen_toks=4 --device cpu",
     HEADROOM: f"{HEADROOM} limit=1",
+    BENCH: BENCH.replace("num_prompts=4", "num_prompts=2").replace("max_new_tokens=64", "max_new_tokens=4")
+                .replace("runs=3", "runs=1").replace("batch_sizes=[1,4]", "batch_sizes=[1,2]") + " sol_repeats=1",
     # the shipped base's build command, in its quick form and into a scratch directory (not the package)
     BUILD_VARIANT: f"python {ROOT}/scripts/build_embedded_model.py --quick --steps 2 --seed 0 --threads 1 "
                    "--out $PWD/embedded_variant",
@@ -99,6 +104,12 @@ ELSEWHERE = {
     "pytest -m faults tests/faults": ("pyproject.toml", "faults:", "the faults tier, part of the default pytest run"),
     "nemodiff-data --max-bad-fraction": ("tests/faults/test_hostile_data.py", "max_bad_fraction",
                                          "the option's behaviour is tested in the faults tier"),
+    BENCH_8B: ("tools/gpu_decoding_check.sh", "shape=qwen3-8b", "a GPU benchmark (refused on a CPU), run by the "
+                                                                 "decoding GPU check script"),
+    "bash tools/gpu_decoding_check.sh": ("tools/gpu_decoding_check.sh", "nemodiff_train.cli.bench",
+                                         "the decoding GPU check (needs an H100/H200)"),
+    "pytest -m gpu tests/gpu": ("tools/gpu_decoding_check.sh", "-m gpu tests/gpu/test_static_cache_gpu.py",
+                                "the CUDA tests; skipped without CUDA"),
     "tools/fault_campaign.py --kills 20 --corruptions 12": ("tools/fault_campaign.py", "--kills",
                                                            "a long randomised campaign (minutes to hours), not a test"),
 }
@@ -242,7 +253,7 @@ def test_readme_commands_run_offline(workdir):
     _write_pretrain_files(work)
     (work / "my_rows.jsonl").write_text(json.dumps({"prompt": "def one():\n", "reference": "    return 1\n"}) + "\n")
     for command in (TORCHRUN, DATA, EVAL, EVAL_JSONL, SWEEP, HEADROOM_X, EXPORT, PUSH_DRY, LM_EVAL, HEADROOM,
-                    BUILD_VARIANT):
+                    BUILD_VARIANT, BENCH):
         _sh(RUN[command], root, work)
     assert (work / "runs/y/hf/config.json").is_file()
     assert json.loads((work / "prepared/meta.json").read_text())["seq_len"] == 4096
@@ -250,3 +261,4 @@ def test_readme_commands_run_offline(workdir):
     assert json.loads((work / "exports/x/config.json").read_text())["auto_map"]
     assert (work / "runs/demo_cpu/headroom/headroom.json").is_file()
     assert (work / "embedded_variant").is_dir()
+    assert {r["mode"] for r in json.loads((work / "runs/bench/bench.json").read_text())["results"]} >= {"ar", "hf_generate"}
