@@ -41,7 +41,9 @@ def _two_stages(sink: MetricsSink) -> None:
             sink.progress(step, {"loss": LOSSES[step], "tok/s": 1000.0})
             if step == 2:
                 sink.log({"step": 2, "stage": name, "val_ar_loss": 4.125, "val_diffusion_loss": 12.0,
-                          "val_masked_token_accuracy": 0.25, "probe_diffusion_tpf": 1.0, "probe_linear_spec_tpf": 1.5})
+                          "val_masked_token_accuracy": 0.25, "probe_diffusion_tpf": 1.0, "probe_linear_spec_tpf": 1.5,
+                          "probe_diffusion_exact_match": 0.25, "probe_linear_spec_exact_match": 0.5,
+                          "probe_linear_spec_lossless": 1.0})
         sink.end_stage()
     sink.message("exported runs/x/hf")
     sink.close()
@@ -72,7 +74,8 @@ def test_plain_lines_when_not_a_terminal(tmp_path, capsys):
     assert lines[3].startswith("  pretrain step 2/3 | loss 5.444 (ema), last 5.000")  # (0.8*.2*6 + .2*5) / (1-.64)
     assert lines[4] == ("  step 2 validation (pretrain): AR loss 4.125, diffusion loss 12.000, "
                         "masked-token accuracy 0.250")
-    assert lines[5] == "    decode probe TPF: diffusion 1.00, linear_spec 1.50"
+    # the probe's TPF beside its task score (here exact match), never TPF alone
+    assert lines[5] == "    decode probe (TPF, exact_match): diffusion 1.00 / 0.25, linear_spec 1.50 / 0.50"
     assert lines[7] == "stage 2/2 sft: steps 4-6 (8 rows x 128 tokens per step)"
     assert lines[8].startswith("  step 3 validation (sft, before this stage)")
     # the EMA restarts with the stage: the sft losses are on another scale

@@ -201,7 +201,13 @@ def _validation_line(record: dict, stage: tuple[str, int, int] | None) -> str:
     tpf = {k[len("probe_"):-len("_tpf")]: v for k, v in record.items()
            if k.startswith("probe_") and k.endswith("_tpf") and isinstance(v, (int, float))}
     if tpf:  # the decode probe (eval.probe): tokens per forward with the current weights
-        text += "\n    decode probe TPF: " + ", ".join(f"{m} {v:.2f}" for m, v in tpf.items())
+        # Beside its task score: TPF alone flatters a model that commits many wrong tokens at once.
+        metric = next((k[len(f"probe_{m}_"):] for m in tpf for k in record
+                       if k.startswith(f"probe_{m}_") and not k.endswith(("_tpf", "_lossless"))), None)
+        score = lambda m: record.get(f"probe_{m}_{metric}")  # noqa: E731
+        text += f"\n    decode probe (TPF, {metric}): " if metric else "\n    decode probe TPF: "
+        text += ", ".join(f"{m} {v:.2f}" + (f" / {score(m):.2f}" if isinstance(score(m), (int, float)) else "")
+                          for m, v in tpf.items())
     return text
 
 
