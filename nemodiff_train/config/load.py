@@ -129,6 +129,7 @@ _CHOICES = {
     "engine.distributed": ("ddp", "fsdp2", None),  # None: the Megatron engine (conf/engine/megatron.yaml)
     "engine.transformer_impl": ("auto", "local", "transformer_engine"),
     "engine.megatron_attention": ("auto", "flex", "sdpa"),
+    "engine.init_from": ("hf", "random"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "export.dtype": ("float32", "bfloat16"),
 }
@@ -216,6 +217,8 @@ def validate(cfg: Config) -> None:
         need(not cfg.engine.sequence_parallel, "engine.sequence_parallel", "needs engine=megatron (tensor parallel)")
         need(cfg.engine.recompute is None, "engine.recompute",
              "is a Megatron setting; the torch engine's activation checkpointing is model.gradient_checkpointing")
+        need(cfg.engine.init_from == "hf", "engine.init_from",
+             "random initialisation is a Megatron-engine option; the torch engine starts from model.path's weights")
         need(not (cfg.engine.precision == "fp32" and cfg.model.dtype == "bfloat16"), "engine.precision",
              "fp32 contradicts model.dtype=bfloat16 (model.dtype is the compute dtype; master weights are fp32)")
     else:  # keys only the torch engine reads must not be silently ignored

@@ -1,6 +1,6 @@
 """Megatron-Bridge's real ``pretrain()`` on CPU (gloo, world size 1) through ``nemodiff_train.orchestrate.train``.
 
-Runs ``tools/megatron_cpu_train.py`` in subprocesses (its CUDA-emulation patches must not leak into
+Runs ``python -m tests.megatron.support.cpu_train`` in subprocesses (its CUDA-emulation patches must not leak into
 pytest): a tiny Qwen3 with a tokenizer that lacks the mask token (so the HF init directory is
 written: token added, head untied), the tiny_cpu recipe (6 steps, GBS 4 = 2 micro-batches of 2).
 
@@ -38,7 +38,7 @@ def _run(args: list[str], timeout: int = 400) -> tuple[int, dict, str]:
     # output to a file, not pipes: Megatron's checkpoint writer can leave a helper process holding
     # inherited pipes open after the main process exits; its own session is cleaned up below
     with open(log, "w") as fh:
-        p = subprocess.Popen([sys.executable, str(ROOT / "tools" / "megatron_cpu_train.py"), *args], cwd=ROOT,
+        p = subprocess.Popen([sys.executable, "-m", "tests.megatron.support.cpu_train", *args], cwd=ROOT,
                              env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             p.wait(timeout=timeout)

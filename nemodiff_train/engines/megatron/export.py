@@ -15,7 +15,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
 from ... import runs
 from ...config.schema import Config
@@ -65,10 +64,7 @@ def export_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir
     shutil.rmtree(tmp, ignore_errors=True)
     with temporary_distributed_context(backend="gloo"):
         bridge = auto_bridge(hf_dir=hf_dir)
-        provider = build_provider(one_rank, bridge, stage_index)
-        provider.bf16 = False
-        provider.params_dtype = torch.float32
-        provider.pipeline_dtype = torch.float32
+        provider = build_provider(one_rank, bridge, stage_index, cpu=True)
         model = build_and_load_model(str(iter_dir), provider, use_cpu_init=True, skip_temp_dist_context=True)
         bridge.save_hf_pretrained(model, tmp, show_progress=False, weight_dtype=weight_dtype)
     for name in TOKENIZER_FILES:
