@@ -225,10 +225,9 @@ def validate(cfg: Config) -> None:
         need(cfg.engine.distributed is None, "engine.distributed",
              f"{cfg.engine.distributed!r} is a torch-engine setting, but engine.name=megatron (the recipe's "
              "engine?); add engine=torch to use the torch engine, or use engine.tp/pp/cp with Megatron")
-        for key, unread in (("export.remote_code", cfg.export.remote_code), ("export.push_to_hub", cfg.export.push_to_hub),
-                            ("eval.at_end", cfg.eval.at_end)):
+        for key, unread in (("export.push_to_hub", cfg.export.push_to_hub), ("eval.at_end", cfg.eval.at_end)):
             need(not unread, key, "the Megatron engine does not do this at the end of training: run "
-                 "`nemodiff-export checkpoint=<run.dir> out=<dir> remote_code=true push_to_hub=<repo>` and "
+                 "`nemodiff-export checkpoint=<run.dir> out=<dir> push_to_hub=<repo>` and "
                  "`nemodiff-eval model=<dir>` after it")
         need(cfg.eval.probe.samples == 0, "eval.probe.samples",
              "decoding during training is a torch-engine feature; set eval.probe.samples=0 with engine=megatron")

@@ -8,16 +8,17 @@ Launch (one process per GPU; every rank runs the same command, ``run.dir`` on a 
 
 What a job does:
 
-1. rank 0 writes the HF directory training starts from when the source needs a mask token or an
+1. (:func:`build_job`) rank 0 writes the HF directory training starts from when the source needs a mask token or an
    untied head (:func:`.model.prepare_init_checkpoint`), tokenizes + packs the stage's data (the same
    ``nemodiff_train.data`` preparation as the torch engine) and converts it to Megatron indexed
    datasets (:func:`.data.convert_prepared`); the other ranks wait for its marker files;
-2. :func:`.config.to_container` builds the ``ConfigContainer``; ``pretrain`` runs with
+2. :func:`.config.to_container` builds the ``ConfigContainer``; (:func:`launch`) ``pretrain`` runs with
    :class:`.step.TwoStreamForwardStep`; ``metrics.jsonl`` gets one line per logged step;
 3. on SIGTERM or SIGUSR1 Megatron-Bridge saves a checkpoint and the process exits 0; running the
    same command again resumes (optimizer, scheduler, step, data position);
 4. after the last stage it returns ``finished``; with ``export.at_end`` the orchestration
-   (:mod:`nemodiff_train.orchestrate`) then has rank 0 write ``<run.dir>/hf`` (:func:`.export.export_at_end`).
+   (:mod:`nemodiff_train.orchestrate`) then has rank 0 convert the latest checkpoint
+   (:func:`.export.convert_run`) and write ``<run.dir>/hf`` with the one exporter of both engines.
 
 Tests drive the steps apart: :func:`build_job` prepares and translates without starting Megatron
 (the returned container is an ordinary config object a test may inspect or adjust), :func:`launch`
