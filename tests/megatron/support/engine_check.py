@@ -10,10 +10,10 @@ measurements to ``--out`` and judges nothing: the tests that run it assert
 One part per process: Megatron's global state allows one ``pretrain`` per process, and the CPU
 emulation's torch patches must not leak into pytest.
 
-* ``tiny``: a random 4-layer Qwen3 (d256) with the embedded tokenizer, which lacks the mask token (so
-  the engine writes its HF init directory: token added, head untied), on the embedded arithmetic
-  data; the first loss is compared with the torch engine's (``models.step.joint_step``, fp32) on
-  the same global batch and weights.
+* ``tiny``: a random 4-layer Qwen3 (d256, untied) with the embedded tokenizer (which has the mask
+  token, so stage 0 loads this directory's weights as they are) on the embedded arithmetic data; the
+  first loss is compared with the torch engine's (``models.step.joint_step``, fp32) on the same
+  global batch and weights.
 * ``mfu``: ``engine.init_from=random`` on a config-only ~1.2B Llama directory (a small one on CPU) at
   2L = 4096 tokens; MFU = model FLOPs (6·N·tokens + attention over the pattern's allowed pairs) /
   (median step time × bf16 dense peak).
@@ -195,7 +195,7 @@ def part_tiny(args) -> dict:
             "loss_first_window": sum(losses[:k]) / k, "loss_last_window": sum(losses[-k:]) / k,
             "first_loss": losses[0] if losses else None, "torch_engine_loss": ref,
             "first_loss_rel_diff": abs(losses[0] - ref) / abs(ref) if losses else None,
-            "hf_init_written": job.hf_dir != base,
+            "starts_from_the_base_weights": job.container.checkpoint.pretrained_checkpoint == str(base),
             "pretrained_checkpoint": job.container.checkpoint.pretrained_checkpoint,
             "median_iter_ms": round(statistics.median(steady), 1) if steady else None,
             "pretrain_wall_s": round(wall, 1), "peak_mem_gib": round(mem, 2), "attention": attention,
