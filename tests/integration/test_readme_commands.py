@@ -94,8 +94,6 @@ ELSEWHERE = {
     "bash scripts/install_megatron_cpu.sh": (".ci/run", "scripts/install_megatron_cpu.sh",
                                              "installs megatron-core from PyPI (needs the network)"),
     "pytest tests/megatron": ("tests/megatron/conftest.py", "megatron", "the Megatron tier of the suite"),
-    "pytest -m gpu tests/gpu": ("tools/gpu_check.sh", "pytest -m gpu tests/gpu",
-                                "needs a GPU; tools/gpu_check.sh runs it on a lent one after installing the carried wheels"),
     "pip install --no-deps -e .": (".ci/run", "pip install", "an install inside NVIDIA's NeMo containers"),
     "tools/bench_train_step.py --random qwen3-1.7b": ("tools/gpu_check.sh", "bench_train_step",
                                                       "an H200 benchmark, run by the GPU check script"),
