@@ -5,14 +5,14 @@ first); each returns a :class:`~nemodiff_train.engines.TrainOutcome`. When the r
 trained to its end, this module does the rest on the one rank that does long work while the others
 wait without a pending collective (``outcome.on_main``):
 
-* torch engine: ``export.at_end`` → :func:`nemodiff_train.export.export_checkpoint` of the run into
-  ``<run.dir>/hf``; then ``eval.at_end`` → :func:`evaluate_at_end` (``eval/``, ``eval_summary.json``,
-  the model card refreshed); then ``export.push_to_hub``;
-* Megatron engine: ``export.at_end`` → the engine's AutoBridge conversion of its latest checkpoint
-  into ``<run.dir>/hf`` (skipped when that export is already of the latest checkpoint).
+* ``export.at_end`` → :func:`export_any` of the run into ``<run.dir>/hf``: the one exporter
+  (:mod:`nemodiff_train.export`) for both engines. A Megatron run's latest checkpoint is first
+  converted by its engine (AutoBridge) into a temporary HF directory; a requeued Megatron job whose
+  export is already of the latest checkpoint exports nothing;
+* torch engine: then ``eval.at_end`` → :func:`evaluate_at_end` (``eval/``, ``eval_summary.json``,
+  the model card refreshed); then ``export.push_to_hub``.
 
-:func:`export_any` is ``nemodiff-export``'s source dispatch: a Megatron run directory is converted by
-its engine into a temporary HF directory, then written by the same exporter as every other source.
+:func:`export_any` is also ``nemodiff-export``'s source dispatch.
 The run directory's layout is :mod:`nemodiff_train.runs`'s.
 """
 
@@ -53,35 +53,27 @@ def train(cfg: Config, run_dir: Path, *, validation_hooks: Sequence = (), engine
 
 def finish(cfg: Config, outcome: TrainOutcome) -> None:
     """The work after training (see the module docstring); nothing when the run stopped early."""
-    if not outcome.finished:
-        return
-    if cfg.engine.name == "megatron":
-        if cfg.export.at_end:
-            outcome.on_main("finish", lambda: _finish_megatron(cfg, outcome))
-        return
-    outcome.on_main("finish", lambda: _finish_torch(cfg, outcome))
+    if outcome.finished and cfg.export.at_end:
+        outcome.on_main("finish", lambda: _finish(cfg, outcome))
 
 
-def _finish_megatron(cfg: Config, outcome: TrainOutcome) -> None:
-    from .engines.megatron.export import export_at_end
-
-    out = export_at_end(cfg, outcome.run_dir)
-    if out is not None:
-        outcome.message(f"exported {out}")
-
-
-def _finish_torch(cfg: Config, outcome: TrainOutcome) -> None:
-    """Export, evaluate, push the final checkpoint (``export.at_end``, ``eval.at_end``,
-    ``export.push_to_hub`` with ``export.private``)."""
-    if not cfg.export.at_end:
-        return
+def _finish(cfg: Config, outcome: TrainOutcome) -> None:
+    """Export, then (torch engine) evaluate and push the final checkpoint (``export.at_end``,
+    ``eval.at_end``, ``export.push_to_hub`` with ``export.private``)."""
     from . import runs
-    from .export import ExportError, export_checkpoint, push_to_hub
+    from .export import ExportError, push_to_hub
 
     run_dir = outcome.run_dir
     out = run_dir / runs.EXPORT_DIR
-    export_checkpoint(run_dir, out, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True)
+    if cfg.engine.name == "megatron":
+        from .engines.megatron.export import export_is_current
+
+        if export_is_current(cfg, run_dir):  # a requeued job after the end
+            return
+    export_any(run_dir, out, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True)
     outcome.message(f"exported {out}")
+    if cfg.engine.name == "megatron":  # eval.at_end / push_to_hub are refused for it at validation
+        return
     if cfg.eval.at_end:
         evaluate_at_end(cfg, run_dir, outcome.message)
     if cfg.export.push_to_hub:
@@ -137,7 +129,7 @@ def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32
     run_dir, out = Path(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:  # fail before the long conversion
         raise ExportError(f"output directory {out} is not empty (pass overwrite=true to replace it)")
-    from .engines.megatron.export import bridge_unavailable, export_run
+    from .engines.megatron.export import bridge_unavailable, convert_run
 
     problem = bridge_unavailable()
     if problem:
@@ -148,7 +140,7 @@ def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32
         eval_json = run_dir / runs.EVAL_DIR / runs.EVAL_JSON
     with tempfile.TemporaryDirectory(prefix=".megatron-hf-", dir=out.parent) as tmp:
         try:
-            hf = export_run(run_dir, Path(tmp) / "hf", dtype="float32")
+            hf = convert_run(run_dir, Path(tmp) / "hf", dtype="float32")
         except FileNotFoundError as e:
             raise ExportError(f"{run_dir} is a Megatron run, but: {e}") from None
         return export_checkpoint(hf, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,

@@ -9,5 +9,5 @@ pip --no-deps --ignore-requires-python megatron-core==0.19.2
 pip --no-deps --ignore-requires-python megatron-bridge==0.6.2
 pip --no-deps triton==3.9.0 einops==0.8.2
 pip psutil tensorboard "torch==2.13.0"
-# (megatron.bridge imports on CPU only through the test shims in tools/megatron_shims.py)
+# (megatron.bridge imports on CPU only through the test shims in tests/megatron/support/shims.py)
 python -c "import importlib.metadata as m; print('megatron tier installed:', m.version('megatron-core'), m.version('megatron-bridge'))"

@@ -129,6 +129,7 @@ _CHOICES = {
     "engine.distributed": ("ddp", "fsdp2", None),  # None: the Megatron engine (conf/engine/megatron.yaml)
     "engine.transformer_impl": ("auto", "local", "transformer_engine"),
     "engine.megatron_attention": ("auto", "flex", "sdpa"),
+    "engine.init_from": ("hf", "random"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "export.dtype": ("float32", "bfloat16"),
 }
@@ -216,16 +217,17 @@ def validate(cfg: Config) -> None:
         need(not cfg.engine.sequence_parallel, "engine.sequence_parallel", "needs engine=megatron (tensor parallel)")
         need(cfg.engine.recompute is None, "engine.recompute",
              "is a Megatron setting; the torch engine's activation checkpointing is model.gradient_checkpointing")
+        need(cfg.engine.init_from == "hf", "engine.init_from",
+             "random initialisation is a Megatron-engine option; the torch engine starts from model.path's weights")
         need(not (cfg.engine.precision == "fp32" and cfg.model.dtype == "bfloat16"), "engine.precision",
              "fp32 contradicts model.dtype=bfloat16 (model.dtype is the compute dtype; master weights are fp32)")
     else:  # keys only the torch engine reads must not be silently ignored
         need(cfg.engine.distributed is None, "engine.distributed",
              f"{cfg.engine.distributed!r} is a torch-engine setting, but engine.name=megatron (the recipe's "
              "engine?); add engine=torch to use the torch engine, or use engine.tp/pp/cp with Megatron")
-        for key, unread in (("export.remote_code", cfg.export.remote_code), ("export.push_to_hub", cfg.export.push_to_hub),
-                            ("eval.at_end", cfg.eval.at_end)):
+        for key, unread in (("export.push_to_hub", cfg.export.push_to_hub), ("eval.at_end", cfg.eval.at_end)):
             need(not unread, key, "the Megatron engine does not do this at the end of training: run "
-                 "`nemodiff-export checkpoint=<run.dir> out=<dir> remote_code=true push_to_hub=<repo>` and "
+                 "`nemodiff-export checkpoint=<run.dir> out=<dir> push_to_hub=<repo>` and "
                  "`nemodiff-eval model=<dir>` after it")
         need(cfg.eval.probe.samples == 0, "eval.probe.samples",
              "decoding during training is a torch-engine feature; set eval.probe.samples=0 with engine=megatron")

@@ -127,6 +127,7 @@ class EngineConfig:
     megatron_checkpoint_format: str = "torch_dist"
     megatron_attention: str = "auto"  # auto (flex on CUDA, SDPA fallback) | flex | sdpa
     stage_index: Optional[int] = None  # megatron: which stage this job trains (one stage per job)
+    init_from: str = "hf"  # megatron: hf (the model's weights) | random (Megatron's initialisation, model.path: a config)
 
 
 @dataclass

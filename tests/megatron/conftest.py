@@ -1,9 +1,8 @@
 """The Megatron tier: skipped as a whole when megatron-bridge is not installed (INSTALL.md beside this).
 
-Imports go through ``tools/megatron_shims.py`` (module-scoped stand-ins for Transformer Engine,
+Imports go through :mod:`tests.megatron.support.shims` (module-scoped stand-ins for Transformer Engine,
 nvidia-modelopt, nvidia-resiliency-ext and transformers names newer versions removed; the
-``typing.override`` back-port for Python 3.11). Shims live only here and in the GPU tool script,
-never in the package. If megatron-bridge IS installed but fails to import, the tests fail (they do
+``typing.override`` back-port for Python 3.11). Shims live only under ``tests/``, never in the package. If megatron-bridge IS installed but fails to import, the tests fail (they do
 not skip): a broken install must be visible.
 """
 
@@ -11,15 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-for p in (str(ROOT), str(ROOT / "tools")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 try:
     _present = importlib.util.find_spec("megatron.bridge") is not None
@@ -30,7 +23,7 @@ SKIP_REASON = "megatron-bridge is not installed (see tests/megatron/INSTALL.md)"
 REQUIRED = os.environ.get("NEMODIFF_REQUIRE_MEGATRON") == "1"
 
 if _present:
-    import megatron_shims
+    from tests.megatron.support import shims as megatron_shims
 
     megatron_shims.install()  # an import hook only: Megatron itself is imported by the fixture below
 

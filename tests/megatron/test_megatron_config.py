@@ -120,9 +120,9 @@ def _compose_or_skip(overrides):
 def test_cpu_recipes_translate_under_megatron(tmp_path, recipe):
     from nemodiff_train.engines.megatron.config import to_container
 
-    # the end-of-run export/eval and the decode probe are torch-engine features (rejected under Megatron)
+    # the end-of-run evaluation and the decode probe are torch-engine features (rejected under Megatron)
     cfg = _compose_or_skip([f"recipe={recipe}", "engine=megatron", f"run.dir={tmp_path}", "model.mask_token_id=5",
-                            "eval.at_end=false", "export.remote_code=false", "eval.probe.samples=0"])
+                            "eval.at_end=false", "eval.probe.samples=0"])
     n = len(cfg.stages)
     if n > 1:
         with pytest.raises(ConfigError, match="engine.stage_index"):

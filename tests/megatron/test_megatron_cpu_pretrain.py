@@ -1,6 +1,6 @@
 """Megatron-Bridge's real ``pretrain()`` on CPU (gloo, world size 1) through ``nemodiff_train.orchestrate.train``.
 
-Runs ``tools/megatron_cpu_train.py`` in subprocesses (its CUDA-emulation patches must not leak into
+Runs ``python -m tests.megatron.support.cpu_train`` in subprocesses (its CUDA-emulation patches must not leak into
 pytest): a tiny Qwen3 with a tokenizer that lacks the mask token (so the HF init directory is
 written: token added, head untied), the tiny_cpu recipe (6 steps, GBS 4 = 2 micro-batches of 2).
 
@@ -8,7 +8,9 @@ written: token added, head untied), the tiny_cpu recipe (6 steps, GBS 4 = 2 micr
 2. its first logged loss equals the torch engine's loss on the same global batch and weights
    (global per-token normalisation over micro-batches);
 3. job B, the same command, resumes from that checkpoint (step, optimizer, data position), finishes
-   and exports an HF directory that loads as a DLM with the recorded settings.
+   and exports an HF directory that loads as a DLM with the recorded settings;
+4. that export is the one exporter's (the torch path's): the same file set as a torch export, the whole
+   stop set in ``generation_config.json``, and it loads with plain transformers and its remote code.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _run(args: list[str], timeout: int = 400) -> tuple[int, dict, str]:
     # output to a file, not pipes: Megatron's checkpoint writer can leave a helper process holding
     # inherited pipes open after the main process exits; its own session is cleaned up below
     with open(log, "w") as fh:
-        p = subprocess.Popen([sys.executable, str(ROOT / "tools" / "megatron_cpu_train.py"), *args], cwd=ROOT,
+        p = subprocess.Popen([sys.executable, "-m", "tests.megatron.support.cpu_train", *args], cwd=ROOT,
                              env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             p.wait(timeout=timeout)
@@ -84,7 +86,7 @@ def test_pretrain_signal_resume_export(tmp_path):
     save_tiny_model(model_dir, "qwen3", vocab_size=len(tok), tie=True, initializer_range=0.1)
     run_dir = tmp_path / "run"
     args = ["recipe=tiny_cpu", "engine=megatron", "engine.device=cpu", f"run.dir={run_dir}",
-            f"model.path={model_dir}", "checkpoint.every=100"]
+            f"model.path={model_dir}", "checkpoint.every=100", "export.remote_code=true"]
 
     rc, res, out = _run(args + ["--sigterm-at-step", "2", "--signal", "SIGUSR1"])
     assert rc == 0 and res.get("exit") == "SystemExit(0)", out[-3000:]
@@ -138,3 +140,34 @@ def test_pretrain_signal_resume_export(tmp_path):
     assert exp_conf["nemodiff"]["mask_token_id"] == len(tok) and "auto_map" in exp_conf
     sd_e = load_dlm(exp).hf.state_dict()
     assert sd_e.keys() == sd_t.keys() and all(torch.equal(sd_e[k], sd_t[k]) for k in sd_t)
+    _check_one_exporter(tmp_path, hf, exp, hf_init)
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def _check_one_exporter(tmp_path: Path, at_end: Path, cli: Path, hf_init: Path) -> None:
+    """The Megatron exports (at the end of training, and nemodiff-export of the run) are the torch
+    path's: same files as a torch export of the same architecture, same stop set, and plain
+    transformers loads them, with the remote code too."""
+    from transformers import AutoModelForCausalLM
+
+    from nemodiff_train.export import export_checkpoint
+
+    torch_export = export_checkpoint(hf_init, tmp_path / "torch_export", remote_code=True)
+    assert _files(at_end) == _files(cli) == _files(torch_export), (_files(at_end), _files(torch_export))
+    assert {"modeling_nemodiff.py", "README.md", "generation_config.json", "model.safetensors"} <= set(_files(at_end))
+    gen = [json.loads((d / "generation_config.json").read_text()) for d in (at_end, torch_export)]
+    assert gen[0]["eos_token_id"] == gen[1]["eos_token_id"] and len(gen[0]["eos_token_id"]) >= 2  # EOS + <|im_end|>
+    assert (at_end / "modeling_nemodiff.py").read_text() == (torch_export / "modeling_nemodiff.py").read_text()
+    rec = json.loads((at_end / "config.json").read_text())["nemodiff"]
+    assert rec["megatron_checkpoint"] == "iter_0000006" and rec["export_dtype"] == "float32"
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    plain = AutoModelForCausalLM.from_pretrained(str(at_end)).eval()
+    remote = AutoModelForCausalLM.from_pretrained(str(at_end), trust_remote_code=True).eval()
+    assert type(remote).__name__.startswith("NemoDiff") and not type(plain).__name__.startswith("NemoDiff")
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, remote(ids).logits)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(remote.generate(ids, mode="ar", **kw), plain.generate(ids, **kw))  # the remote AR decoder

@@ -34,11 +34,7 @@ def _megatron_model(cfg, hf_dir):
     from nemodiff_train.engines.megatron.model import auto_bridge, build_provider
 
     bridge = auto_bridge(hf_dir=hf_dir)
-    prov = build_provider(cfg, bridge, 0)
-    prov.bf16 = False
-    prov.params_dtype = torch.float32
-    prov.pipeline_dtype = torch.float32
-    prov.finalize()
+    prov = build_provider(cfg, bridge, 0, cpu=True)  # finalized, fp32
     model = prov.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
     bridge.load_hf_weights(model)
     for m in model:

@@ -7,9 +7,11 @@ cannot import nemodiff_train.
 """
 
 import ast
+import re
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +172,38 @@ def test_remote_static_cache_adapter_equals_our_decoders(tmp_path):
         assert [g.tokens for g in got] == [r.tokens for r in ref], mode
     # off CUDA, generate(mode=...) keeps the dynamic adapter whatever static_cache says
     assert type(model._nemodiff_lm(dlm.settings.mask_token_id, PROMPTS, "ar", cfg, {})) is remote.HFCachedLM
+
+
+def _kept_statements(file: Path) -> list[str]:
+    """The source text of every top-level statement the inliner keeps (not the docstring, imports, ``__all__``)."""
+    src = file.read_text()
+    tree = ast.parse(src)
+    kept = []
+    for i, node in enumerate(tree.body):
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            continue
+        kept.append(ast.get_source_segment(src, node, padded=True))
+    return kept
+
+
+def test_inlined_code_is_byte_identical_to_the_package_sources():
+    """Every definition of every inlined module (decoders, the CachedLM adapter and what it imports) is
+    in modeling_nemodiff.py byte for byte, in the section named after its file, in source order."""
+    from nemodiff_train.export.remote_code import DECODING_DIR, MODELS_DIR
+
+    source = modeling_source("qwen3", "0.0.0")
+    sections = re.split(r"\n# -{96}\n# inlined from nemodiff_train/(\S+)\.py\n# -{96}\n", source)
+    by_file = dict(zip(sections[1::2], sections[2::2]))
+    assert {"decoding/__init__", "decoding/ar", "models/cached", "models/attention", "models/arch"} <= set(by_file)
+    for name, body in by_file.items():
+        package, module = name.split("/")
+        file = (DECODING_DIR if package == "decoding" else MODELS_DIR) / f"{module}.py"
+        pos = 0
+        for stmt in _kept_statements(file):
+            at = body.find(stmt, pos)
+            assert at >= 0, f"{file}: a statement is not inlined verbatim:\n{stmt[:300]}"
+            pos = at + len(stmt)

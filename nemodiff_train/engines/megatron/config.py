@@ -14,6 +14,8 @@ engine.precision            ``mixed_precision="bf16_mixed"`` (fp32 on CPU)
 checkpoint.*                ``checkpoint.save = load = <run.dir>/checkpoints/<i>_<stage>``, ``save_interval``,
                             ``most_recent_k``; ``pretrained_checkpoint`` = the HF init directory (stage 0)
                             or the previous stage's save directory (stage i > 0)
+engine.init_from            ``hf``: stage 0 loads the HF weights (above); ``random``: no
+                            ``pretrained_checkpoint``, Megatron initialises the weights
 logging.*                   ``logger`` (interval, TensorBoard under run.dir, W&B project/entity/name),
                             ``validation`` (eval interval / iterations)
 SIGTERM / SIGUSR1           ``train.exit_signal_handler`` (save, then exit 0; SIGUSR1 is forwarded as SIGTERM)
@@ -41,9 +43,10 @@ from ...config.load import ConfigError
 from ...config.schema import Config
 from .model import build_provider
 
-__all__ = ["to_container", "select_stage", "stage_checkpoint_dir", "ATTENTION_BACKENDS"]
+__all__ = ["to_container", "select_stage", "stage_checkpoint_dir", "ATTENTION_BACKENDS", "INIT_FROM"]
 
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
+INIT_FROM = ("hf", "random")  # engine.init_from: the HF weights, or Megatron's random initialisation
 
 
 def select_stage(cfg: Config) -> int:
@@ -79,6 +82,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("engine.ep: expert parallelism needs a MoE model; the supported families are dense")
     if e.recompute not in (None, "selective", "full"):
         raise ConfigError(f"engine.recompute: {e.recompute!r} is not one of [null, selective, full]")
+    if e.init_from not in INIT_FROM:
+        raise ConfigError(f"engine.init_from: {e.init_from!r} is not one of {list(INIT_FROM)}")
     if cfg.diffusion.pattern not in ("two_stream", "bd3"):
         raise ConfigError(f"diffusion.pattern: {cfg.diffusion.pattern!r} is not a two-stream pattern")
 
@@ -132,6 +137,7 @@ def to_container(cfg: Config, *, run_dir: str | Path | None = None, hf_dir: str 
     from .model import auto_bridge
 
     _check(cfg)
+    e = cfg.engine
     i = select_stage(cfg) if stage_index is None else stage_index
     stage = cfg.stages[i]
     run_dir = Path(run_dir or cfg.run.dir or "")
@@ -140,14 +146,10 @@ def to_container(cfg: Config, *, run_dir: str | Path | None = None, hf_dir: str 
     if hf_dir is None and hf_config is None:
         raise ValueError("to_container needs hf_dir (the prepared HF init directory) or hf_config")
     bridge = auto_bridge(hf_dir=hf_dir, hf_config=hf_config)
-    provider = build_provider(cfg, bridge, i)
-    bf16 = bool(provider.bf16) and not cpu
-    if cpu:
-        provider.bf16 = False
-        provider.params_dtype = torch.float32
-        provider.pipeline_dtype = torch.float32
+    provider = build_provider(cfg, bridge, i, cpu=cpu)
+    bf16 = bool(provider.bf16)
     dist_opt = cfg.engine.use_distributed_optimizer and not cpu
-    e, o, lg = cfg.engine, cfg.optim, cfg.logging
+    o, lg = cfg.optim, cfg.logging
     lr = stage.lr if stage.lr is not None else o.lr
 
     data_dir = runs.megatron_data_dir(run_dir, i, stage.name)
@@ -156,10 +158,12 @@ def to_container(cfg: Config, *, run_dir: str | Path | None = None, hf_dir: str 
     has_val = bool(valid_blend) and lg.val_every > 0 and lg.val_batches > 0
 
     save = stage_checkpoint_dir(run_dir, cfg, i)
-    if i == 0:
-        pretrained = str(hf_dir) if hf_dir is not None else None
-    else:
+    if i > 0:
         pretrained = str(stage_checkpoint_dir(run_dir, cfg, i - 1))
+    elif e.init_from == "hf" and hf_dir is not None:
+        pretrained = str(hf_dir)
+    else:  # engine.init_from=random: nothing to load, the provider initialises (perform_initialization)
+        pretrained = None
     w = lg.wandb
     wandb_on = bool(w.project) and w.mode != "disabled"
 

@@ -1,6 +1,12 @@
-"""Megatron checkpoint → Hugging Face directory, through ``AutoBridge``.
+"""Megatron checkpoint → Hugging Face directory, through ``AutoBridge``: the conversion step of an export.
 
-The result is the base architecture (loads with plain ``AutoModelForCausalLM``, or the original
+This module does not write the product export. :func:`convert_run` writes an intermediate HF
+directory (float32) that the one exporter of both engines, :mod:`nemodiff_train.export`, then
+writes as ``<run.dir>/hf`` or ``nemodiff-export``'s ``out`` (remote code, model card, generation
+config with every stop token, the ``nemodiff`` record): :func:`nemodiff_train.orchestrate.export_any`
+composes the two, since the engines import no ``export/``.
+
+The intermediate directory is the base architecture (loads with plain ``AutoModelForCausalLM``, or the original
 ``*ForConditionalGeneration`` class for multimodal bases) with the DLM settings in ``config.json``
 under ``nemodiff`` (``mask_token_id``, ``train_block_size``, ``inference_block_size``,
 ``attention_pattern``, ``alpha``, ``beta``, ``recipe``, ...) and the tokenizer files of the HF
@@ -15,14 +21,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
 from ... import runs
 from ...config.schema import Config
 from ...models.dtypes import torch_dtype
 from .model import DONE, auto_bridge, build_provider, dlm_record, mask_token_id_of
 
-__all__ = ["latest_iteration_dir", "finished_iteration", "init_dir", "export_to_hf", "export_run", "export_at_end"]
+__all__ = ["latest_iteration_dir", "finished_iteration", "init_dir", "convert_to_hf", "convert_run", "export_is_current",
+           "bridge_unavailable"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json", "tekken.json")
@@ -41,9 +47,9 @@ def latest_iteration_dir(save_dir: str | Path) -> Path:
     return path
 
 
-def export_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir: str | Path,
-                 stage_index: int = 0, dtype: str | None = None) -> Path:
-    """Export the latest (or given ``iter_*``) checkpoint under ``checkpoint`` to ``out``.
+def convert_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir: str | Path,
+                  stage_index: int = 0, dtype: str | None = None) -> Path:
+    """Convert the latest (or given ``iter_*``) checkpoint under ``checkpoint`` into the HF directory ``out``.
 
     Args:
         cfg: the run's config (model family, DLM settings).
@@ -51,26 +57,17 @@ def export_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir
         hf_dir: the HF directory training started from (config, tokenizer, remote code).
         dtype: ``float32`` / ``bfloat16`` (default ``cfg.export.dtype``).
     """
-    from dataclasses import replace
-
-    from megatron.bridge.training.model_load_save import build_and_load_model, temporary_distributed_context
-
     checkpoint, out, hf_dir = Path(checkpoint), Path(out), Path(hf_dir)
     iter_dir = checkpoint if checkpoint.name.startswith(("iter_", "release")) else latest_iteration_dir(checkpoint)
     dtype = dtype or cfg.export.dtype
-    weight_dtype = torch_dtype(dtype)
-    one_rank = replace(cfg, engine=replace(cfg.engine, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False,
-                                           precision="fp32", device="cpu", recompute=None))
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    with temporary_distributed_context(backend="gloo"):
-        bridge = auto_bridge(hf_dir=hf_dir)
-        provider = build_provider(one_rank, bridge, stage_index)
-        provider.bf16 = False
-        provider.params_dtype = torch.float32
-        provider.pipeline_dtype = torch.float32
-        model = build_and_load_model(str(iter_dir), provider, use_cpu_init=True, skip_temp_dist_context=True)
-        bridge.save_hf_pretrained(model, tmp, show_progress=False, weight_dtype=weight_dtype)
+    # its own one-process gloo group: a launcher's rendezvous address (end of training) would clash
+    saved = {k: os.environ.pop(k) for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    try:
+        _convert_weights(cfg, iter_dir, tmp, hf_dir, stage_index, torch_dtype(dtype))
+    finally:
+        os.environ.update(saved)
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file() and not (tmp / name).is_file():
             shutil.copy2(hf_dir / name, tmp / name)
@@ -92,20 +89,35 @@ def export_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, *, hf_dir
     return out
 
 
+def _convert_weights(cfg: Config, iter_dir: Path, out: Path, hf_dir: Path, stage_index: int, weight_dtype) -> None:
+    """One process, CPU, gloo: build the model at TP=PP=1 (the checkpoint is resharded on load) and save it."""
+    from dataclasses import replace
+
+    from megatron.bridge.training.model_load_save import build_and_load_model, temporary_distributed_context
+
+    one_rank = replace(cfg, engine=replace(cfg.engine, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False,
+                                           precision="fp32", device="cpu", recompute=None))
+    with temporary_distributed_context(backend="gloo"):
+        bridge = auto_bridge(hf_dir=hf_dir)
+        provider = build_provider(one_rank, bridge, stage_index, cpu=True)
+        model = build_and_load_model(str(iter_dir), provider, use_cpu_init=True, skip_temp_dist_context=True)
+        bridge.save_hf_pretrained(model, out, show_progress=False, weight_dtype=weight_dtype)
+
+
 def bridge_unavailable() -> str | None:
     """Why megatron-bridge cannot be imported here, or None when it can: checked before a long export."""
     try:
         import megatron.bridge  # noqa: F401
     except Exception as e:  # not installed, or its CUDA-only imports fail on this machine
         return (f"exporting it needs megatron-bridge importable (a NeMo container, or the CPU tier of "
-                f"scripts/install_megatron_cpu.sh with tools/megatron_shims.py); import failed: "
+                f"scripts/install_megatron_cpu.sh with the test shims of tests/megatron/support); import failed: "
                 f"{type(e).__name__}: {e}")
     return None
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, *, dtype: str | None = None) -> Path:
-    """Export a megatron run directory: the latest checkpoint of its last trained stage → ``out``
-    (default ``<run.dir>/hf``). Reads ``<run.dir>/config.yaml``; the HF init directory is
+def convert_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
+    """Convert a megatron run directory: the latest checkpoint of its last trained stage → the HF
+    directory ``out``. Reads ``<run.dir>/config.yaml``; the HF init directory is
     ``<run.dir>/megatron/hf_init`` when training wrote one, else the configured model path."""
     from ...config.load import load_saved_config
     from .config import stage_checkpoint_dir
@@ -117,8 +129,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, dtype: str
     if not stages:
         raise FileNotFoundError(f"{run_dir}: no Megatron checkpoint under {run_dir / runs.CHECKPOINTS_DIR}")
     i = stages[-1]
-    return export_to_hf(cfg, stage_checkpoint_dir(run_dir, cfg, i), Path(out) if out else run_dir / runs.EXPORT_DIR,
-                        hf_dir=init_dir(cfg, run_dir), stage_index=i, dtype=dtype)
+    return convert_to_hf(cfg, stage_checkpoint_dir(run_dir, cfg, i), out, hf_dir=init_dir(cfg, run_dir),
+                         stage_index=i, dtype=dtype)
 
 
 def init_dir(cfg: Config, run_dir: str | Path) -> Path:
@@ -138,29 +150,15 @@ def finished_iteration(save_dir: Path) -> int | None:
         return None
 
 
-def _export_is_stale(run_dir: Path, save_dir: Path) -> bool:
-    """True when <run.dir>/hf was exported from an older checkpoint than the latest one."""
-    try:
-        rec = json.loads((run_dir / runs.EXPORT_DIR / "config.json").read_text()).get("nemodiff", {})
-    except (OSError, ValueError):
-        return True
-    done = finished_iteration(save_dir)
-    return done is None or rec.get("megatron_checkpoint") != runs.megatron_iteration_name(done)
-
-
-def export_at_end(cfg: Config, run_dir: str | Path) -> Path | None:
-    """After the last stage (``export.at_end``; rank 0, process group destroyed): its latest checkpoint
-    → ``<run.dir>/hf``. ``None`` when that export is already of the latest checkpoint (a requeued job)."""
+def export_is_current(cfg: Config, run_dir: str | Path) -> bool:
+    """``<run.dir>/hf`` holds the export of the last stage's latest checkpoint (a requeued job after
+    the end has nothing to export): its ``nemodiff.megatron_checkpoint`` names that iteration."""
     from .config import stage_checkpoint_dir
 
     run_dir = Path(run_dir)
-    i = len(cfg.stages) - 1
-    save_dir = stage_checkpoint_dir(run_dir, cfg, i)
-    if not _export_is_stale(run_dir, save_dir):
-        return None
-    # the export builds its own one-process gloo group; the launcher's rendezvous address would clash
-    saved = {k: os.environ.pop(k) for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    done = finished_iteration(stage_checkpoint_dir(run_dir, cfg, len(cfg.stages) - 1))
     try:
-        return export_to_hf(cfg, save_dir, run_dir / runs.EXPORT_DIR, hf_dir=init_dir(cfg, run_dir), stage_index=i)
-    finally:
-        os.environ.update(saved)
+        rec = json.loads((run_dir / runs.EXPORT_DIR / "config.json").read_text()).get("nemodiff", {})
+    except (OSError, ValueError):
+        return False
+    return done is not None and rec.get("megatron_checkpoint") == runs.megatron_iteration_name(done)

@@ -31,7 +31,7 @@ from .attention import SETTINGS_ATTR, rope_settings, two_stream_layer_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prepare_init_checkpoint", "needs_conversion", "build_provider", "dlm_record",
+__all__ = ["prepare_init_checkpoint", "needs_conversion", "build_provider", "provider_overrides", "dlm_record",
            "hf_config_of", "auto_bridge"]
 
 DONE = "NEMODIFF_INIT_DONE"
@@ -60,8 +60,10 @@ def _tokenizer(path: Path):
         return None
 
 
-def needs_conversion(cfg: Config, src: Path) -> tuple[bool, str]:
-    """Whether the source checkpoint must be rewritten before Megatron can start from it, and why."""
+UNTIE = "untie the output head"
+
+
+def _conversion_reasons(cfg: Config, src: Path) -> list[str]:
     hf = hf_config_of(src)
     text = _text(hf)
     vocab = int(text.vocab_size)
@@ -69,7 +71,7 @@ def needs_conversion(cfg: Config, src: Path) -> tuple[bool, str]:
     tied = bool(getattr(text, "tie_word_embeddings", getattr(hf, "tie_word_embeddings", False))) or bool(
         getattr(hf, "tie_word_embeddings", False))
     if cfg.model.untie_head and tied:
-        reasons.append("untie the output head")
+        reasons.append(UNTIE)
     if cfg.model.mask_token_id is not None:
         if not 0 <= cfg.model.mask_token_id < vocab:
             reasons.append(f"mask_token_id {cfg.model.mask_token_id} is outside the vocabulary ({vocab})")
@@ -78,6 +80,12 @@ def needs_conversion(cfg: Config, src: Path) -> tuple[bool, str]:
         tid = tok.convert_tokens_to_ids(cfg.model.mask_token) if tok is not None else None
         if tid is None or (tok is not None and tid == tok.unk_token_id) or tid >= vocab:
             reasons.append(f"add the mask token {cfg.model.mask_token!r}")
+    return reasons
+
+
+def needs_conversion(cfg: Config, src: Path) -> tuple[bool, str]:
+    """Whether the source checkpoint must be rewritten before Megatron can start from it, and why."""
+    reasons = _conversion_reasons(cfg, src)
     return bool(reasons), "; ".join(reasons)
 
 
@@ -103,6 +111,8 @@ def mask_token_id_of(cfg: Config, hf_dir: Path) -> int:
 def prepare_init_checkpoint(cfg: Config, run_dir: Path, is_main: bool, barrier=None, src: Path | None = None) -> Path:
     """The HF directory the first stage loads (see the module docstring). Collective when ``barrier`` is given."""
     src = src or resolve_model_path(cfg.model.path)
+    if cfg.engine.init_from == "random":
+        return _random_init_source(cfg, src)
     out = runs.megatron_init_dir(run_dir)
     if (out / DONE).is_file():
         return out
@@ -127,6 +137,19 @@ def prepare_init_checkpoint(cfg: Config, run_dir: Path, is_main: bool, barrier=N
         while not (out / DONE).is_file():  # other ranks without a process group yet: wait for rank 0's file
             time.sleep(2)
     return out
+
+
+def _random_init_source(cfg: Config, src: Path) -> Path:
+    """``engine.init_from=random``: ``src`` is used as is (config + tokenizer; weights, if any, are not
+    read). An untied head is the provider's setting; a mask token outside the vocabulary cannot be
+    added without weights to extend, so it is refused."""
+    from ...config.load import ConfigError
+
+    problems = [r for r in _conversion_reasons(cfg, src) if r != UNTIE]
+    if problems:
+        raise ConfigError(f"engine.init_from=random: {src} would need to {'; '.join(problems)}, which needs weights; "
+                          "set model.mask_token_id to an id inside the vocabulary")
+    return src
 
 
 def _dlm_ify_text_model(cfg: Config, src: Path, out: Path) -> None:
@@ -215,62 +238,98 @@ def _have_te() -> bool:
     return bool(HAVE_TE)
 
 
-def build_provider(cfg: Config, bridge, stage_index: int):
-    """The Megatron model provider of stage ``stage_index`` (no weights loaded)."""
+def build_provider(cfg: Config, bridge, stage_index: int, *, cpu: bool = False):
+    """The Megatron model provider of stage ``stage_index`` (no weights loaded), with its final values.
+
+    The provider is constructed inside megatron-bridge (``provider_bridge`` maps the HF config), so
+    our values cannot go to its constructor; they are applied in one place,
+    ``apply_overrides_and_finalize`` (the bridge's own API for this: every name must be an existing
+    attribute, then the deferred ``TransformerConfig`` post-init runs once on the final values).
+    ``dataclasses.replace`` is not used: it would drop what the bridge attached after construction
+    (``hf_model_id``, pre-wrap hooks) and re-run the post-init on already-derived fields.
+
+    Args:
+        cpu: fp32 parameters whatever ``engine.precision`` says (the CPU tier; gloo has no bf16 path).
+    """
+    from megatron.core.transformer.enums import AttnBackend
+
+    provider = bridge.to_megatron_provider(load_weights=False)
+    hf = getattr(bridge.hf_pretrained, "config", bridge.hf_pretrained)
+    overrides = provider_overrides(cfg, hf, stage_index, cpu=cpu,
+                                   local_attention=provider.attention_backend == AttnBackend.local,
+                                   multimodal=hasattr(provider, "freeze_vision_model"))
+    settings = overrides.pop(SETTINGS_ATTR)  # not a provider field: the two-stream layer spec reads it
+    setattr(provider, SETTINGS_ATTR, settings)
+    provider.apply_overrides_and_finalize(overrides=overrides)
+    vocab = int(provider.vocab_size)
+    if vocab % cfg.engine.tp:
+        raise ValueError(f"the vocabulary ({vocab} rows) is not divisible by engine.tp={cfg.engine.tp}; use a reserved "
+                         "model.mask_token_id inside the vocabulary instead of adding a token")
+    return provider
+
+
+_FUSIONS = ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion", "persist_layer_norm",
+            "apply_rope_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion")
+
+
+def provider_overrides(cfg: Config, hf, stage_index: int, *, cpu: bool = False, local_attention: bool = False,
+                       multimodal: bool = False) -> dict[str, Any]:
+    """Every provider value this engine sets, by attribute name (:func:`build_provider` applies them).
+
+    Args:
+        hf: the HF config the provider was mapped from.
+        local_attention: the bridge chose ``AttnBackend.local``, which would swap our core attention
+            back out: ``auto`` instead.
+        multimodal: a multimodal wrapper (Ministral-3): freeze the vision tower, train the language model.
+    """
     import torch
     from megatron.core.transformer.enums import AttnBackend
 
     e = cfg.engine
     stage = cfg.stages[stage_index]
-    provider = bridge.to_megatron_provider(load_weights=False)
-    hf = getattr(bridge.hf_pretrained, "config", bridge.hf_pretrained)
     use_te = e.transformer_impl == "transformer_engine" or (e.transformer_impl == "auto" and _have_te())
-    setattr(provider, SETTINGS_ATTR, {
-        "pattern": cfg.diffusion.pattern,
-        "block_size": cfg.diffusion.block_size,
-        "attention_backend": e.megatron_attention,
-        "transformer_impl": "transformer_engine" if use_te else "local",
-        "rope": rope_settings(hf),
-    })
-    provider.transformer_layer_spec = two_stream_layer_spec
-    provider.position_embedding_type = "none"  # RoPE is applied per half by TwoStreamCoreAttention
-    if provider.attention_backend == AttnBackend.local:
-        provider.attention_backend = AttnBackend.auto  # "local" would swap our core attention back out
-    provider.share_embeddings_and_output_weights = bool(getattr(_text(hf), "tie_word_embeddings", False)) \
-        and not cfg.model.untie_head
-    provider.seq_length = 2 * stage.data.seq_len  # the network runs on [x_t ; x_0]
-    provider.tensor_model_parallel_size = e.tp
-    provider.pipeline_model_parallel_size = e.pp
-    provider.context_parallel_size = e.cp
-    provider.expert_model_parallel_size = e.ep
-    provider.sequence_parallel = e.sequence_parallel and e.tp > 1
-    provider.calculate_per_token_loss = True
-    provider.hidden_dropout = 0.0
-    provider.attention_dropout = 0.0
-    bf16 = e.precision in ("bf16", "auto") and e.device != "cpu"
-    provider.bf16 = bf16
-    provider.fp16 = False
-    provider.params_dtype = torch.bfloat16 if bf16 else torch.float32
-    provider.pipeline_dtype = provider.params_dtype
-    if e.recompute == "full":
-        provider.recompute_granularity = "full"
-        provider.recompute_method = "uniform"
-        provider.recompute_num_layers = 1
-    elif e.recompute == "selective":
-        provider.recompute_granularity = "selective"
-        provider.recompute_modules = ["core_attn"]
-    elif e.recompute is not None:
+    bf16 = e.precision in ("bf16", "auto") and e.device != "cpu" and not cpu
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if e.recompute not in (None, "selective", "full"):
         raise ValueError(f"engine.recompute: {e.recompute!r} is not one of [null, selective, full]")
+    values: dict[str, Any] = {
+        SETTINGS_ATTR: {
+            "pattern": cfg.diffusion.pattern,
+            "block_size": cfg.diffusion.block_size,
+            "attention_backend": e.megatron_attention,
+            "transformer_impl": "transformer_engine" if use_te else "local",
+            "rope": rope_settings(hf),
+        },
+        "transformer_layer_spec": two_stream_layer_spec,
+        "position_embedding_type": "none",  # RoPE is applied per half by TwoStreamCoreAttention
+        "share_embeddings_and_output_weights": bool(getattr(_text(hf), "tie_word_embeddings", False))
+        and not cfg.model.untie_head,
+        "seq_length": 2 * stage.data.seq_len,  # the network runs on [x_t ; x_0]
+        "tensor_model_parallel_size": e.tp,
+        "pipeline_model_parallel_size": e.pp,
+        "context_parallel_size": e.cp,
+        "expert_model_parallel_size": e.ep,
+        "sequence_parallel": e.sequence_parallel and e.tp > 1,
+        "calculate_per_token_loss": True,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "bf16": bf16,
+        "fp16": False,
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        # random initialisation (engine.init_from=random) needs it; with init_from=hf the loaded weights
+        # overwrite the initialised ones (the bridge's default, kept)
+        "perform_initialization": True,
+    }
+    if local_attention:
+        values["attention_backend"] = AttnBackend.auto
+    if e.recompute == "full":
+        values.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif e.recompute == "selective":
+        values.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     if not use_te:  # fused kernels that need Transformer Engine / apex / Megatron's CUDA extensions
-        provider.transformer_impl = "local"
-        for name in ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion",
-                     "persist_layer_norm", "apply_rope_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"):
-            setattr(provider, name, False)
-    if hasattr(provider, "freeze_vision_model"):  # multimodal wrappers (Ministral-3): train the language model
-        provider.freeze_vision_model = True
-        provider.freeze_vision_projection = True
-    vocab = int(provider.vocab_size)
-    if vocab % e.tp:
-        raise ValueError(f"the vocabulary ({vocab} rows) is not divisible by engine.tp={e.tp}; use a reserved "
-                         "model.mask_token_id inside the vocabulary instead of adding a token")
-    return provider
+        values["transformer_impl"] = "local"
+        values.update({name: False for name in _FUSIONS})
+    if multimodal:
+        values.update(freeze_vision_model=True, freeze_vision_projection=True)
+    return values

@@ -1,4 +1,5 @@
-"""``run(cfg)``: one Megatron-Bridge training job (one stage) of a recipe with ``engine=megatron``.
+"""One Megatron-Bridge training job (one stage) of a recipe with ``engine=megatron``, in two steps:
+``build_job(cfg) -> MegatronJob`` (everything ``pretrain`` needs) and ``launch(job)``; ``run(cfg)`` is both.
 
 Launch (one process per GPU; every rank runs the same command, ``run.dir`` on a shared filesystem)::
 
@@ -7,19 +8,24 @@ Launch (one process per GPU; every rank runs the same command, ``run.dir`` on a 
 
 What a job does:
 
-1. rank 0 writes the HF directory training starts from when the source needs a mask token or an
+1. (:func:`build_job`) rank 0 writes the HF directory training starts from when the source needs a mask token or an
    untied head (:func:`.model.prepare_init_checkpoint`), tokenizes + packs the stage's data (the same
    ``nemodiff_train.data`` preparation as the torch engine) and converts it to Megatron indexed
    datasets (:func:`.data.convert_prepared`); the other ranks wait for its marker files;
-2. :func:`.config.to_container` builds the ``ConfigContainer``; ``pretrain`` runs with
+2. :func:`.config.to_container` builds the ``ConfigContainer``; (:func:`launch`) ``pretrain`` runs with
    :class:`.step.TwoStreamForwardStep`; ``metrics.jsonl`` gets one line per logged step;
 3. on SIGTERM or SIGUSR1 Megatron-Bridge saves a checkpoint and the process exits 0; running the
    same command again resumes (optimizer, scheduler, step, data position);
 4. after the last stage it returns ``finished``; with ``export.at_end`` the orchestration
-   (:mod:`nemodiff_train.orchestrate`) then has rank 0 write ``<run.dir>/hf`` (:func:`.export.export_at_end`).
+   (:mod:`nemodiff_train.orchestrate`) then has rank 0 convert the latest checkpoint
+   (:func:`.export.convert_run`) and write ``<run.dir>/hf`` with the one exporter of both engines.
+
+Tests drive the steps apart: :func:`build_job` prepares and translates without starting Megatron
+(the returned container is an ordinary config object a test may inspect or adjust), :func:`launch`
+runs ``pretrain`` on it and tears the process group down.
 
 Nothing here imports Megatron at module level: ``import nemodiff_train.engines.megatron.train``
-works without it, and :func:`run` says what to install when it is missing.
+works without it, and :func:`build_job` says what to install when it is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ...config.schema import Config
 from ... import runs
@@ -37,7 +45,7 @@ from .. import TrainOutcome
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "prepare_stage", "MetricsCallback"]
+__all__ = ["run", "build_job", "launch", "MegatronJob", "prepare_stage", "MetricsCallback"]
 
 
 def _rank() -> int:
@@ -149,15 +157,45 @@ def _forward_sigusr1() -> None:
         signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
-def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) -> TrainOutcome:
-    """Train stage ``engine.stage_index`` of ``cfg`` with Megatron-Bridge.
+@dataclass
+class MegatronJob:
+    """What :func:`launch` hands to ``megatron.bridge.training.pretrain.pretrain``, and where.
 
-    Returns a :class:`~nemodiff_train.engines.TrainOutcome`, ``finished`` after the last stage (the
-    orchestration then exports); a signal ends the process inside ``pretrain`` instead (exit 0).
+    Attributes:
+        cfg: the run's config.
+        run_dir: ``run.dir`` (shared by every rank and every job of a chain).
+        stage_index: the stage this job trains.
+        hf_dir: the HF directory stage 0 starts from (:func:`.model.prepare_init_checkpoint`).
+        container: the ``ConfigContainer`` (:func:`.config.to_container`).
+        forward_step: ``forward_step(state, data_iterator, model)`` (:class:`.step.TwoStreamForwardStep`).
+        callbacks: ``pretrain`` callbacks, the ``metrics.jsonl`` writer first.
+        finished_iteration: the latest checkpoint's iteration of this stage (``None``: none yet); at
+            ``steps`` or beyond, :func:`launch` trains nothing (a requeued job of a finished stage).
+    """
+
+    cfg: Config
+    run_dir: Path
+    stage_index: int
+    hf_dir: Path
+    container: Any
+    forward_step: Any
+    callbacks: list = field(default_factory=list)
+    finished_iteration: int | None = None
+
+    @property
+    def done(self) -> bool:
+        it = self.finished_iteration
+        return it is not None and it >= self.cfg.stages[self.stage_index].steps
+
+
+def build_job(cfg: Config, *, forward_step=None, callbacks=()) -> MegatronJob:
+    """Check ``cfg``, save it, write the HF init directory and the stage's data (rank 0), translate.
+
+    Starts no process group and builds no model: that is :func:`launch`'s.
 
     Args:
-        forward_step, callbacks, container_hook: test hooks (a different step, extra callbacks, a
-            function applied to the ``ConfigContainer`` before ``pretrain``).
+        forward_step: replaces :class:`.step.TwoStreamForwardStep` (tests).
+        callbacks: more ``pretrain`` callbacks after the metrics writer.
     """
     _require_megatron()
     from ...config.load import save_config
@@ -187,26 +225,33 @@ def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) 
     train_blend, valid_blend = prepare_stage(cfg, run_dir, i, hf_dir)
     container = to_container(cfg, run_dir=run_dir, hf_dir=hf_dir, train_blend=train_blend, valid_blend=valid_blend,
                              stage_index=i, cpu=cfg.engine.device == "cpu")
-    if container_hook is not None:
-        container_hook(container)
     d = cfg.diffusion
     step = forward_step or TwoStreamForwardStep(
         mask_token_id=mask_token_id_of(cfg, hf_dir), schedule=d.schedule, eps=d.eps, block_size=d.block_size,
         half_life_ratio=d.half_life_ratio, alpha=d.alpha, beta=d.beta)
     offset = sum(s.steps for s in cfg.stages[:i])
     cbs = [MetricsCallback(run_dir / runs.METRICS_FILE, step_offset=offset, stage_name=stage.name,
-                           tokens_per_step=stage.global_batch_size * stage.data.seq_len)] + list(callbacks or [])
+                           tokens_per_step=stage.global_batch_size * stage.data.seq_len), *callbacks]
+    return MegatronJob(cfg, run_dir, i, hf_dir, container, step, cbs, finished_iteration(save_dir))
+
+
+def launch(job: MegatronJob) -> TrainOutcome:
+    """Run ``pretrain`` on ``job`` (unless its stage already finished), then destroy the process group.
+
+    Returns a :class:`~nemodiff_train.engines.TrainOutcome`, ``finished`` after the last stage (the
+    orchestration then exports); a signal ends the process inside ``pretrain`` instead (exit 0).
+    """
+    from megatron.bridge.training.pretrain import pretrain
+
+    cfg, i = job.cfg, job.stage_index
+    stage = cfg.stages[i]
     if cfg.logging.wandb.project:
         os.environ.setdefault("WANDB_MODE", cfg.logging.wandb.mode)
     _forward_sigusr1()
-
-    from megatron.bridge.training.pretrain import pretrain
-
-    done = finished_iteration(save_dir)
-    if done is not None and done >= stage.steps:  # a requeued job of a finished stage: nothing to train
-        log.info("stage %d (%s) already finished at iteration %d", i, stage.name, done)
+    if job.done:  # a requeued job of a finished stage: nothing to train
+        log.info("stage %d (%s) already finished at iteration %d", i, stage.name, job.finished_iteration)
     else:
-        pretrain(container, step, callbacks=cbs)  # SIGTERM/SIGUSR1: checkpoint, then SystemExit(0) from inside
+        pretrain(job.container, job.forward_step, callbacks=job.callbacks)  # SIGTERM/SIGUSR1: SystemExit(0) inside
 
     import torch.distributed as dist
 
@@ -215,7 +260,12 @@ def run(cfg: Config, *, forward_step=None, callbacks=None, container_hook=None) 
         dist.destroy_process_group()
     # the export at the end is the orchestration's (nemodiff_train/orchestrate.py): rank 0 alone,
     # the process group is gone, so the other ranks return at once
-    return TrainOutcome(run_dir, finished=i == len(cfg.stages) - 1, on_main=_on_rank0, message=log.info)
+    return TrainOutcome(job.run_dir, finished=i == len(cfg.stages) - 1, on_main=_on_rank0, message=log.info)
+
+
+def run(cfg: Config, *, forward_step=None, callbacks=()) -> TrainOutcome:
+    """Train stage ``engine.stage_index`` of ``cfg``: :func:`launch` of :func:`build_job`."""
+    return launch(build_job(cfg, forward_step=forward_step, callbacks=callbacks))
 
 
 def _on_rank0(name: str, fn):

@@ -1,12 +1,12 @@
 """Import shims that let megatron-core 0.19.2 / megatron-bridge 0.6.2 import WITHOUT Transformer Engine,
 nvidia-modelopt, nvidia-resiliency-ext and on transformers newer than the bridge pins (<= 5.12.1).
 
-Used ONLY by ``tests/megatron/conftest.py`` and ``tools/gpu_megatron_check.py``; never by the package
+Used ONLY by the tests (``tests/megatron/conftest.py``, :func:`tests.megatron.support.import_megatron`); never by the package
 (``nemodiff_train.engines.megatron`` runs unchanged in a full NeMo container, where none of this is needed).
 
 Nothing here creates a real package on ``sys.path`` or in ``sys.modules``. An import hook hands a
-stand-in to a NAMED importing module for a NAMED missing package, and only after the real import failed
-(the approach of ``shared/device/megatron_smoke/stubs``). Modules that guard an import with
+stand-in to a NAMED importing module for a NAMED missing package, and only after the real import failed.
+Modules that guard an import with
 ``try: import transformer_engine ... except ImportError: HAVE_TE = False`` never get a stand-in, so
 megatron-core's availability flags stay honest (``HAVE_TE`` is False).
 
@@ -252,7 +252,7 @@ def report(prefix: str = "MEGATRON_SHIMS") -> list[str]:
     return [f"{prefix}: {name} -> stand-in for {importer}" for importer, name in seen]
 
 
-if __name__ == "__main__":  # import check: python tools/megatron_shims.py
+if __name__ == "__main__":  # import check: python -m tests.megatron.support.shims
     install()
     for m in sys.argv[1:] or ["megatron.core", "megatron.bridge", "megatron.bridge.training.pretrain",
                               "megatron.bridge.training.config", "megatron.bridge.models.conversion.auto_bridge"]:

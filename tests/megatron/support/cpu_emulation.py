@@ -3,11 +3,9 @@
 Megatron-Core/Bridge assume CUDA in a few places (device="cuda" tensor factories, CUDA streams and
 events in DDP, ``torch.cuda.*`` memory calls, a CUDA RNG tracker). :func:`apply` patches those for
 the CURRENT PROCESS so a world-size-1 gloo run of the real training loop can execute on CPU; use it
-only in a dedicated subprocess (``tools/megatron_cpu_train.py``), never in a shared test process,
+only in a dedicated subprocess (:mod:`.cpu_train`, :mod:`.engine_check`), never in a shared test process,
 never on a GPU. The config side (gloo, fp32, no distributed optimizer, no grad clipping: Megatron's
 clip asserts CUDA tensors) is ``to_container(..., cpu=True)``, selected by ``engine.device=cpu``.
-
-Adapted from the CUDA assumptions listed in shared/device/megatron_smoke/cpu_emulation.py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
-#!/usr/bin/env python3
 """TESTING ONLY: run ``nemodiff-train``'s orchestration with ``engine=megatron`` on CPU (gloo, world size 1).
 
 Megatron-Bridge's real ``pretrain()`` loop, checkpointing, resume, signal handling and export, on a
-machine without a GPU: imports go through ``tools/megatron_shims.py`` (no Transformer Engine /
-modelopt / resiliency-ext) and CUDA calls through ``tools/megatron_cpu_emulation.py``. Used by
-``tests/megatron/test_cpu_pretrain.py`` in a subprocess (the torch patches must not leak into pytest).
+machine without a GPU: imports go through :mod:`tests.megatron.support.shims` (no Transformer Engine /
+modelopt / resiliency-ext) and CUDA calls through :mod:`tests.megatron.support.cpu_emulation`. Used by
+``tests/megatron/test_megatron_cpu_pretrain.py`` in a subprocess (the torch patches must not leak into pytest).
 
-    python tools/megatron_cpu_train.py recipe=tiny_cpu engine=megatron engine.device=cpu \
+    python -m tests.megatron.support.cpu_train recipe=tiny_cpu engine=megatron engine.device=cpu \
         run.dir=/tmp/run model.path=/tmp/tiny [--sigterm-at-step 3] [--summary out.json]
 
 Prints one ``MEGATRON_CPU_RESULT {...}`` JSON line (also written to ``--summary``).
 
-    python tools/megatron_cpu_train.py --export-cli checkpoint=<megatron run dir> out=<dir> remote_code=true
+    python -m tests.megatron.support.cpu_train --export-cli checkpoint=<megatron run dir> out=<dir> remote_code=true
 
 runs the real ``nemodiff-export`` CLI instead (same shims and emulation), for Megatron run directories.
 """
@@ -22,14 +21,9 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def main() -> int:
@@ -41,23 +35,14 @@ def main() -> int:
     p.add_argument("--export-cli", action="store_true", help="run nemodiff-export with the overrides instead")
     args = p.parse_args()
 
-    import megatron_shims
-
-    megatron_shims.install()
     import torch
 
+    from . import cpu_emulation, import_megatron, single_process_env
+
     torch.set_num_threads(2)
-    import megatron.bridge.training.pretrain  # noqa: F401
-
-    megatron_shims.patch_after_import()
-    import megatron_cpu_emulation
-
-    megatron_cpu_emulation.apply()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WANDB_MODE": "disabled"})
+    import_megatron()
+    cpu_emulation.apply()
+    single_process_env()
 
     if args.export_cli:
         from nemodiff_train.cli.export import main as export_main

@@ -1,0 +1,1 @@
+"""The Megatron tier (a package, so that its scaffolding under ``support/`` imports as ``tests.megatron.support``)."""
