@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["quiet_libraries", "interactive"]
+__all__ = ["quiet_libraries", "interactive", "setup_console"]
 
 
 def interactive() -> bool:
@@ -39,3 +39,10 @@ def quiet_libraries(progress_bars: bool = False) -> None:
         disable_progress_bars()
     except ImportError:
         pass
+
+
+def setup_console() -> None:
+    """What every Hydra entry point does before its app: INFO logging with timestamps, library
+    chatter off, and the libraries' progress bars only on a terminal."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(progress_bars=interactive())

@@ -11,7 +11,6 @@ Keys: ``conf/apps/bench.yaml`` (one per field of :class:`~nemodiff_train.bench.r
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 
 from ..bench.runner import BenchConfig, BenchError, run_bench
 from ..config.load import merge_into
-from ._console import interactive, quiet_libraries
+from ._console import setup_console
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "apps"
 
@@ -45,8 +44,7 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point (``nemodiff-bench``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_libraries(progress_bars=interactive())
+    setup_console()
     _app()
 
 

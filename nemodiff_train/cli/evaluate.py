@@ -11,7 +11,6 @@ Keys: ``conf/apps/evaluate.yaml`` (one per field of :class:`~nemodiff_train.eval
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config.load import merge_into
-from ._console import interactive, quiet_libraries
+from ._console import setup_console
 
 from ..eval.runner import EvalConfig, run_evaluation
 
@@ -64,8 +63,7 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point (``nemodiff-eval``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_libraries(progress_bars=interactive())
+    setup_console()
     _app()
 
 

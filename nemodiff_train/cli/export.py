@@ -15,7 +15,6 @@ a bad key); nothing is written then. The Hub token comes from ``HF_TOKEN`` and i
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config.load import merge_into
-from ._console import interactive, quiet_libraries
+from ._console import setup_console
 
 from ..export import ExportError, push_to_hub
 from ..orchestrate import export_any
@@ -99,8 +98,7 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point (``nemodiff-export``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_libraries(progress_bars=interactive())
+    setup_console()
     _app()
 
 
