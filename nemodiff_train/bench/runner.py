@@ -300,11 +300,39 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     bandwidth = cfg.hbm_tbps or default_bandwidth(setup.device)
     wbytes = weight_bytes(setup.hf)
     rows, forward_cost = [], {}
+    def write_report(complete: bool) -> dict[str, Any]:
+        """bench.json (and the plot) from the rows so far: rewritten after every batch size, so a run cut
+        short by a time limit still leaves the batch sizes it finished (``complete`` says whether all did)."""
+        table = [{"batch_size": b, "q": q, "prefill": pre, "ms": 1e3 * t,
+                  "vs_q1": t / forward_cost[(b, 1, False)] if (b, 1, False) in forward_cost else None,
+                  "roofline_ms": 1e3 * (wbytes + kv_bytes(setup.hf.config, b, (0 if pre else ctx) + q, elsize))
+                  / (bandwidth * 1e12) if bandwidth else None}
+                 for (b, q, pre), t in sorted(forward_cost.items())]
+        report = {
+            "settings": asdict(cfg), "complete": complete, "model": setup.source, "block_size": B,
+            "dtype": str(setup.dtype), "device": str(setup.device),
+            "device_name": torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu",
+            "cpu_threads": torch.get_num_threads(), "lm": type(setup.lm).__name__,
+            "cuda_graphs": bool(getattr(setup.lm, "cuda_graphs", False)),
+            "parameters": sum(p.numel() for p in setup.hf.parameters()), "weight_bytes": wbytes,
+            "context_for_forward_cost": ctx, "hbm_tbps": bandwidth,
+            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "results": rows, "forward_cost": table,
+        }
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(report, indent=2))
+        if complete:
+            _plot(report, out / "bench.png")
+        return report
+
     for batch in sorted(set(cfg.batch_sizes)):
         modes = [m for m in cfg.modes if batch == 1 or m in BATCHED_MODES]
         if "ar" not in modes and any(m in ("linear_spec", "quadratic_spec") for m in modes):
             modes = ["ar"] + modes  # the reference for same_as_ar
-        group = prompts[:max(batch, (n_prompts // batch) * batch)]
+        # num_prompts per pass, rounded down to whole batches (at least one): batch 1 does not decode all
+        # the prompts a wider batch needed
+        group = prompts[:max(batch, (cfg.num_prompts // batch) * batch)]
         runs = [TimedRun(m, (lambda chunk, m=m: generate(setup.lm, chunk, m, decode_cfg)),
                          batch if m in BATCHED_MODES else 1) for m in modes]
         if cfg.hf_baseline:
@@ -342,25 +370,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         for r in rows:
             if r["batch_size"] == batch and ar_row is not None:
                 r["vs_ar"] = r["tokens_per_s"]["median"] / ar_row["tokens_per_s"]["median"]
-    table = [{"batch_size": b, "q": q, "prefill": pre, "ms": 1e3 * t,
-              "vs_q1": t / forward_cost[(b, 1, False)] if (b, 1, False) in forward_cost else None,
-              "roofline_ms": 1e3 * (wbytes + kv_bytes(setup.hf.config, b, (0 if pre else ctx) + q, elsize))
-              / (bandwidth * 1e12) if bandwidth else None}
-             for (b, q, pre), t in sorted(forward_cost.items())]
-    report = {
-        "settings": asdict(cfg), "model": setup.source, "block_size": B, "dtype": str(setup.dtype),
-        "device": str(setup.device), "device_name": torch.cuda.get_device_name(setup.device)
-        if setup.device.type == "cuda" else "cpu", "cpu_threads": torch.get_num_threads(),
-        "lm": type(setup.lm).__name__, "cuda_graphs": bool(getattr(setup.lm, "cuda_graphs", False)),
-        "parameters": sum(p.numel() for p in setup.hf.parameters()), "weight_bytes": wbytes,
-        "context_for_forward_cost": ctx, "hbm_tbps": bandwidth,
-        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-        "results": rows, "forward_cost": table,
-    }
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    _plot(report, out / "bench.png")
+        write_report(complete=False)
+    report = write_report(complete=True)
     print_report(report)
     return report
 

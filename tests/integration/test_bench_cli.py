@@ -33,13 +33,15 @@ def test_bench_embedded_shape_on_cpu(tmp_path, cache):
     report = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0
     assert report["lm"] == {"dynamic": "HFCachedLM", "static": "StaticCachedLM"}[cache]
+    assert report["complete"] is True  # bench.json is rewritten after every batch size, complete at the end
     assert report["cuda_graphs"] is False and report["hbm_tbps"] is None  # no roofline on a CPU
     rows = {(r["mode"], r["batch_size"]): r for r in report["results"]}
     expected = {(m, 1) for m in MODES + ["hf_generate"]} | {("ar", 2), ("diffusion", 2), ("hf_generate", 2)}
     assert set(rows) == expected
     for (mode, batch), r in rows.items():
         assert r["generated_tokens"] == r["prompts"] * 10  # EOS ignored: every run makes max_new_tokens
-        assert r["prompts"] == 2 and r["tokens_per_s"]["n"] == 2 and r["tokens_per_s"]["median"] > 0
+        # num_prompts=1 (the default) per pass, rounded up to one whole batch: batch 1 decodes one prompt
+        assert r["prompts"] == batch and r["tokens_per_s"]["n"] == 2 and r["tokens_per_s"]["median"] > 0
         if mode == "hf_generate":
             continue
         assert r["tpf"] == pytest.approx(r["generated_tokens"] / r["forwards"])
@@ -51,7 +53,7 @@ def test_bench_embedded_shape_on_cpu(tmp_path, cache):
         assert r["predicted_tokens_per_s"] > 0 and r["measured_over_predicted"] > 0
         if mode.endswith("_spec"):
             assert r["same_as_ar"] == 1.0  # lossless at T = 0 (float32)
-    assert rows[("ar", 1)]["forwards"] == 2 * 9  # 10 tokens, the first from the prefill
+    assert rows[("ar", 1)]["forwards"] == 9  # 10 tokens, the first from the prefill
     costs = {(c["batch_size"], c["q"], c["prefill"]) for c in report["forward_cost"]}
     assert {(1, 1, False), (1, 4, False), (1, 20, False), (2, 1, False), (1, 12, True), (2, 12, True)} <= costs
 
