@@ -236,6 +236,15 @@ class StaticCachedLM(HFCachedLM):
         return [(layer.keys[:, :, :cache.length], layer.values[:, :, :cache.length]) for layer in cache.kv.layers]
 
 
+def _clear_cublas_workspaces() -> None:
+    """Free cuBLAS's cached per-stream workspaces (torch's private hook, present since torch 2.1; see _Graph)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        raise RuntimeError("this torch has no torch._C._cuda_clearCublasWorkspaces: CUDA-graph capture cannot keep "
+                           "its cuBLAS workspace private; use cuda_graphs=False")
+    clear()
+
+
 class _Graph:
     """One captured forward of shape (batch, q) over one cache's buffers; inputs are copied into static tensors."""
 
@@ -251,8 +260,18 @@ class _Graph:
                 lm._eager(cache, self.ids, self.pos, self.mask)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        # cuBLAS keeps one workspace per (handle, stream) and a captured matmul keeps using the workspace
+        # it was captured with. torch.compile's CUDA-graph trees (mode="reduce-overhead", which HF's
+        # static-cache generate uses) free every cached workspace when they record. A workspace that lives
+        # outside this graph's pool would then be handed to other tensors while our replays still write to
+        # it: silent corruption, or an illegal address (seen on an H200 when nemodiff-bench timed HF's
+        # compiled generate between our replays). So, like those graph trees, drop the cached workspaces
+        # before capture (the capture allocates a fresh one inside our private pool, where only our own
+        # captures can reuse it) and after (later eager matmuls do not inherit the pool's workspace).
+        _clear_cublas_workspaces()
         with torch.cuda.graph(self.graph, pool=lm._pool):
             self.out = lm._eager(cache, self.ids, self.pos, self.mask)
+        _clear_cublas_workspaces()
 
     def run(self, input_ids, position_ids, mask) -> torch.Tensor:
         self.ids.copy_(input_ids)

@@ -23,7 +23,8 @@ def test_tiny_recipe_trains_on_cuda(tmp_path):
     p = subprocess.run([sys.executable, "-m", "nemodiff_train.cli.train", "recipe=tiny_cpu", f"run.dir={run}",
                         "engine.device=cuda", "stages.0.steps=30", "checkpoint.every=15", "logging.val_every=10",
                         "export.at_end=false"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"})
+                       env={**os.environ, "WANDB_MODE": "disabled",  # keep the caller's path (wheels carried there)
+                            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if "loss" in r]
