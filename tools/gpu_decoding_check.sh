@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The decoding GPU check in one command (a lent H100/H200, under 10 minutes; most of it the 8B bench):
+# The decoding GPU check in one command (a lent H100/H200, under 10 minutes; most of it the 8B benches):
 #   1. the static-cache / CUDA-graph tests (tests/gpu/test_static_cache_gpu.py: static == eager dynamic in
 #      fp32 and bf16 for all modes, graph capture and reuse, remote code and nemodiff-bench on CUDA);
 #   2. nemodiff-bench at the Qwen3-8B shape (random weights): every mode at batch 1, ar/diffusion at
 #      batch 8, Hugging Face generate (static cache, compiled) in the same interleaved passes;
 #   3. nemodiff-bench on the demo's converted model on its held-out arithmetic task (real TPF);
-#   4. the other GPU tests (flex attention, the torch engine's bf16 steps, the flex masks), if time is left.
+#   4. nemodiff-bench at the Qwen3-8B shape with compile=true (compiled kernels inside our CUDA graphs);
+#   5. the other GPU tests (flex attention, the torch engine's bf16 steps, the flex masks), if time is left.
 #
 #   OUT=/tmp/gpu_decoding bash tools/gpu_decoding_check.sh
 #
 # Carry .device: .device/wheels (hydra-core, omegaconf, antlr4; tests/megatron/INSTALL.md, "GPU check")
 # and, for part 3, a converted model at $DEMO_HF (default runs/demo_cpu/hf, else the embedded base model).
-# Every part has its own time limit and the whole script a budget (BUDGET_S, default 540 s): a part that
+# Every part has its own time limit and the whole script a budget (BUDGET_S, default 560 s): a part that
 # would not fit in what is left is skipped and says so. Results: $OUT/summary.log, and every part's log,
 # bench.json and bench.png in $OUT/results.tar.gz (one file, written on exit: the device returns few files).
 # SHAPE / DEVICE / EXTRA let the same script run its plumbing on a CPU (SHAPE=embedded DEVICE=cpu).
@@ -19,7 +20,7 @@ set -u
 OUT=${OUT:-/tmp/nemodiff_gpu_decoding}
 RESULTS=$(mktemp -d)
 trap 'tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null' EXIT
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-560}
 SHAPE=${SHAPE:-qwen3-8b}
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
@@ -67,7 +68,13 @@ MODEL=$([ -d "$DEMO_HF" ] && echo "$DEMO_HF" || echo embedded)
 part bench_demo 90 python3 -m nemodiff_train.cli.bench model="$MODEL" device="$DEVICE" task=arithmetic num_prompts=8 \
   batch_sizes=[1,8] warmups=1 runs=3 out="$RESULTS/bench_demo" $EXTRA
 
-# 4. the other GPU tests: flex attention == sdpa/eager, the torch engine's bf16 steps, the flex masks
+# 4. the compiled static path (compile=true: inductor kernels captured in our graphs) against HF's compiled
+# generate, at the Qwen3-8B shape, batch 1: the warm-up pays two compilations (q = 1 and q > 1)
+part bench_qwen3_8b_compiled 200 python3 -m nemodiff_train.cli.bench shape="$SHAPE" device="$DEVICE" batch_sizes=[1] \
+  modes=[ar,quadratic_spec] cache=static compile=true num_prompts=1 warmups=1 runs=3 block_size=16 sol_repeats=5 \
+  out="$RESULTS/bench_qwen3_8b_compiled" $EXTRA
+
+# 5. the other GPU tests: flex attention == sdpa/eager, the torch engine's bf16 steps, the flex masks
 part gpu_tests 120 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu/test_flex_attention_gpu.py \
   tests/gpu/test_torch_engine_gpu.py tests/unit/test_masks.py
 

@@ -82,6 +82,9 @@ class BenchConfig:
     """static, dynamic, or auto (static on CUDA, dynamic on a CPU)."""
     cuda_graphs: bool = True
     """With the static cache on CUDA: replay forwards as CUDA graphs."""
+    compile: bool = False
+    """With the static cache: run the post-prefill forwards through torch.compile (with graphs: compiled,
+    then captured). The warm-ups pay the compilation."""
     hf_baseline: bool = True
     use_eos: bool = False
     """Stop at the tokenizer's EOS (default off: every run makes max_new_tokens)."""
@@ -191,7 +194,10 @@ def _adapter(cfg: BenchConfig, setup: _Setup, prompts: list[list[int]]):
 
         capacity = required_capacity(max(map(len, prompts)), cfg.max_new_tokens, setup.block_size, cfg.modes)
         return StaticCachedLM(setup.hf, mask_token_id=setup.mask_id, capacity=capacity,
-                              cuda_graphs=cfg.cuda_graphs and setup.device.type == "cuda")
+                              cuda_graphs=cfg.cuda_graphs and setup.device.type == "cuda", compile=cfg.compile)
+    if cfg.compile:
+        raise BenchError(f"compile=true compiles the static cache's forwards; cache={cfg.cache} on "
+                         f"{setup.device.type} is the dynamic cache (pass cache=static)")
     from ..models.cached import HFCachedLM
 
     return HFCachedLM(setup.hf, mask_token_id=setup.mask_id)
@@ -314,6 +320,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "device_name": torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu",
             "cpu_threads": torch.get_num_threads(), "lm": type(setup.lm).__name__,
             "cuda_graphs": bool(getattr(setup.lm, "cuda_graphs", False)),
+            "compiled": bool(getattr(setup.lm, "compile", False)),
             "parameters": sum(p.numel() for p in setup.hf.parameters()), "weight_bytes": wbytes,
             "context_for_forward_cost": ctx, "hbm_tbps": bandwidth,
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
@@ -379,7 +386,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     """The results and the forward-cost table, as text."""
     print(f"{report['model']} on {report['device_name']} ({report['dtype']}, {report['lm']}, "
-          f"graphs {'on' if report['cuda_graphs'] else 'off'}), B={report['block_size']}")
+          f"graphs {'on' if report['cuda_graphs'] else 'off'}{', compiled' if report.get('compiled') else ''}), "
+          f"B={report['block_size']}")
     print(f"{'batch':>5} {'mode':<15}{'tok/s':>10}{'spread':>8}{'vs ar':>7}{'TPF':>7}{'ms/call':>8}"
           f"{'pred tok/s':>11}{'meas/pred':>10}{'roofline':>10}")
     for r in report["results"]:

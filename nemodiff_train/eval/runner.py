@@ -85,6 +85,8 @@ class EvalConfig:
     """On CUDA, decode through the static-shape cache (models/static_cache.py); false = the dynamic one."""
     cuda_graphs: bool = True
     """With the static cache on CUDA, replay each decoding forward as a CUDA graph."""
+    compile: bool = False
+    """With the static cache on CUDA, run the decoding forwards through torch.compile (then captured)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -194,14 +196,19 @@ class Evaluator:
         """On CUDA (unless ``static_cache=false``): decode through a :class:`StaticCachedLM` wide enough for
         ``prompts`` and every spec (kept across tasks while wide enough, so its CUDA graphs are reused)."""
         if self.lm.device.type != "cuda" or not self.cfg.static_cache:
+            if self.cfg.compile:
+                raise ValueError(f"compile=true compiles the static cache's forwards, which run on CUDA with "
+                                 f"static_cache=true (here: device {self.lm.device.type}, static_cache="
+                                 f"{str(self.cfg.static_cache).lower()})")
             return
         from ..models.static_cache import StaticCachedLM, required_capacity
 
         need = max(required_capacity(max(map(len, prompts)), s.cfg.max_new_tokens, s.cfg.block_size, [s.mode])
                    for s in specs)
         if getattr(self.lm, "capacity", 0) < need:
-            self.lm = StaticCachedLM(self.dlm, capacity=need, cuda_graphs=self.cfg.cuda_graphs)
-            log.info("static KV cache: %d columns per row, CUDA graphs %s", need, "on" if self.cfg.cuda_graphs else "off")
+            self.lm = StaticCachedLM(self.dlm, capacity=need, cuda_graphs=self.cfg.cuda_graphs, compile=self.cfg.compile)
+            log.info("static KV cache: %d columns per row, CUDA graphs %s, compiled %s", need,
+                     "on" if self.cfg.cuda_graphs else "off", "yes" if self.cfg.compile else "no")
 
     def decode_interleaved(self, specs: list[RunSpec], prompts: list[list[int]]) -> list[ModeRun]:
         """Decode every prompt with every spec, spec after spec per chunk of prompts; time decoder calls only

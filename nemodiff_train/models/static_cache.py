@@ -23,6 +23,12 @@ then replayed; the prefill (its length changes with every prompt) runs eagerly. 
 size and reused across :meth:`StaticCachedLM.new_cache` calls, so graphs survive from one prompt to the
 next; the cache that a later ``new_cache`` of the same batch size replaces refuses further use.
 
+Compilation (``compile=True``): the post-prefill forwards run through ``torch.compile`` (inductor,
+dynamic shapes: one compilation serves every (batch, q), no CUDA-graph trees of its own) and, with
+``cuda_graphs``, the compiled kernels are what each graph captures: fused kernels replayed without
+launch overhead, which is what HF's static-cache ``generate`` does (its forward is compiled and replayed
+by torch's graph trees). The prefill stays eager (its length changes with every prompt).
+
 Like :mod:`.cached`, this module imports only torch, the standard library, transformers (inside
 functions) and :mod:`.cached`'s own imports: the exported remote code inlines it (``export/remote_code.py``).
 """
@@ -139,11 +145,14 @@ class StaticCachedLM(HFCachedLM):
             for quadratic self-speculation). A forward that would overflow it raises (never truncates).
         cuda_graphs: capture and replay each post-prefill (batch, q) forward as a CUDA graph (CUDA only;
             the sdpa and eager attention implementations).
+        compile: run the post-prefill forwards through ``torch.compile`` (with ``cuda_graphs``: compiled,
+            then captured); the first call of each kind pays the compilation.
     Raises:
         UnsupportedModelError: as :class:`HFCachedLM`; ValueError: ``cuda_graphs`` off CUDA or with flex attention.
     """
 
-    def __init__(self, model, mask_token_id: int | None = None, capacity: int = 1024, cuda_graphs: bool = False):
+    def __init__(self, model, mask_token_id: int | None = None, capacity: int = 1024, cuda_graphs: bool = False,
+                 compile: bool = False):
         super().__init__(model, mask_token_id)
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -152,7 +161,10 @@ class StaticCachedLM(HFCachedLM):
         if cuda_graphs and attn_implementation_of(self.hf) not in ("sdpa", "eager"):
             raise ValueError(f"cuda_graphs=True supports attn_implementation sdpa or eager, not "
                              f"{attn_implementation_of(self.hf)!r} (its BlockMask is rebuilt per call)")
-        self.capacity, self.cuda_graphs = int(capacity), bool(cuda_graphs)
+        self.capacity, self.cuda_graphs, self.compile = int(capacity), bool(cuda_graphs), bool(compile)
+        # dynamic=True: the decoders' query lengths vary (linear self-speculation verifies 1..B tokens), and
+        # one symbolic-shape compilation serves them all instead of one compilation per length
+        self._compiled = torch.compile(self._eager, dynamic=True) if compile else None
         config = self.hf.config.get_text_config() if hasattr(self.hf.config, "get_text_config") else self.hf.config
         self.num_layers = int(config.num_hidden_layers)
         self._caches: dict[int, StaticKVCache] = {}
@@ -206,10 +218,15 @@ class StaticCachedLM(HFCachedLM):
                 graph = self._graphs[key] = _Graph(self, cache, input_ids, position_ids, mask)
             logits = graph.run(input_ids, position_ids, mask)
         else:
-            logits = self._eager(cache, input_ids.to(self.device), position_ids, mask)
+            step = self._step if C > 0 else self._eager  # the prefill's length changes per prompt: eager
+            logits = step(cache, input_ids.to(self.device), position_ids, mask)
         if write_cache:
             cache.length = C + q
         return logits
+
+    def _step(self, cache: StaticKVCache, input_ids, position_ids, mask) -> torch.Tensor:
+        """One post-prefill forward: compiled when ``compile`` is on, else eager."""
+        return (self._compiled or self._eager)(cache, input_ids, position_ids, mask)
 
     def _eager(self, cache: StaticKVCache, input_ids, position_ids, mask) -> torch.Tensor:
         out = self.hf(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
@@ -257,7 +274,7 @@ class _Graph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
             for _ in range(2):
-                lm._eager(cache, self.ids, self.pos, self.mask)
+                lm._step(cache, self.ids, self.pos, self.mask)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # cuBLAS keeps one workspace per (handle, stream) and a captured matmul keeps using the workspace
@@ -270,7 +287,7 @@ class _Graph:
         # captures can reuse it) and after (later eager matmuls do not inherit the pool's workspace).
         _clear_cublas_workspaces()
         with torch.cuda.graph(self.graph, pool=lm._pool):
-            self.out = lm._eager(cache, self.ids, self.pos, self.mask)
+            self.out = lm._step(cache, self.ids, self.pos, self.mask)
         _clear_cublas_workspaces()
 
     def run(self, input_ids, position_ids, mask) -> torch.Tensor:

@@ -61,6 +61,8 @@ def test_bench_embedded_shape_on_cpu(tmp_path, cache):
 def test_bench_refuses_the_8b_shape_on_cpu_and_unknown_keys(tmp_path):
     res = _run(["shape=qwen3-8b", f"out={tmp_path}", "device=cpu"], tmp_path)
     assert res.returncode == 2 and "shape=qwen3-8b is a GPU benchmark" in res.stderr and "force=true" in res.stderr
+    res = _run(["shape=embedded", "compile=true", "device=cpu", f"out={tmp_path}"], tmp_path)  # dynamic cache on a CPU
+    assert res.returncode == 2 and "compile=true" in res.stderr and "cache=static" in res.stderr
     res = _run(["shape=embedded", "promt_len=3"], tmp_path)  # Hydra itself rejects a key the yaml lacks
     assert res.returncode != 0 and "promt_len" in res.stderr and not (tmp_path / "bench.json").exists()
     res = _run([f"out={tmp_path}"], tmp_path)

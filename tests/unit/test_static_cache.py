@@ -123,3 +123,24 @@ def test_cuda_graphs_refused_off_cuda():
     model = tiny_model("qwen3")
     with pytest.raises(ValueError, match="needs a model on CUDA"):
         StaticCachedLM(model, mask_token_id=MASK_ID, cuda_graphs=True)
+
+
+@pytest.mark.slow
+def test_compiled_static_equals_dynamic():
+    """compile=True: the post-prefill forwards run through torch.compile (inductor builds C++ kernels on a
+    CPU; about a minute per compilation here) and give the dynamic path's tokens. AR compiles the q = 1
+    step, linear self-speculation the q > 1 steps of every verify length (one dynamic-shape compilation)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_model("qwen3", tie=False, initializer_range=1.0)
+    dyn = HFCachedLM(model, mask_token_id=MASK_ID)
+    compiled = StaticCachedLM(model, mask_token_id=MASK_ID, capacity=256, compile=True)
+    prompts = random_prompts(4, 2, min_len=3, max_len=20)
+    cfg = DecodeConfig(max_new_tokens=19, block_size=4)
+    for mode in ("ar", "linear_spec"):
+        got = generate(compiled, prompts[:1], mode, cfg)
+        ref = generate(dyn, prompts[:1], mode, cfg)
+        assert [g.tokens for g in got] == [r.tokens for r in ref], mode
+        assert [g.stats.forwards for g in got] == [r.stats.forwards for r in ref], mode
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # it compiled, not fell back
