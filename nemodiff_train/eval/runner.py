@@ -108,6 +108,10 @@ class EvalConfig:
             raise ValueError(f"sweep.threshold values must be in (0, 1], got {list(self.sweep.threshold)}")
         if any(b < 1 for b in self.sweep.block_size):
             raise ValueError(f"sweep.block_size values must be >= 1, got {list(self.sweep.block_size)}")
+        if self.compile and not self.static_cache:
+            raise ValueError("compile=true compiles the static cache's forwards: it needs static_cache=true")
+        if self.compile and self.device == "cpu":
+            raise ValueError("compile=true applies to the static cache on CUDA; device=cpu decodes with the dynamic cache")
         stray = [t for t in self.sweep.tasks if t not in tasks]
         if stray:
             raise ValueError(f"sweep.tasks names {stray}, which are not among the evaluated tasks {tasks}")

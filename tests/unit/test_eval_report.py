@@ -41,6 +41,10 @@ def test_eval_config_defaults_and_checks():
         EvalConfig(model="m", out="o", modes=["ar", "beam"])
     with pytest.raises(ValueError, match="dtype"):
         EvalConfig(model="m", out="o", dtype="float16")
+    with pytest.raises(ValueError, match="needs static_cache=true"):
+        EvalConfig(model="m", out="o", compile=True, static_cache=False)
+    with pytest.raises(ValueError, match="device=cpu"):
+        EvalConfig(model="m", out="o", compile=True, device="cpu")
 
 
 def test_to_eval_config_names_bad_keys():
