@@ -46,3 +46,12 @@ def test_two_stage_log_reads_top_to_bottom(tmp_path):
     assert "over-long-tokens" not in out  # the policy, not an error code
     assert sum(line.startswith("exported") for line in lines) == 1
     assert lines[exported] == f"exported {run / 'hf'}"
+    # the sft stage's first validation (step 2, same weights as pretrain's last) re-measures the losses on
+    # the sft data but reuses the decode probe's row instead of decoding again (its timing is copied too)
+    import json
+
+    at_2 = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r.get("step") == 2 and "val_ar_loss" in r]
+    assert [r["stage"] for r in at_2] == ["pretrain", "sft"]
+    probe = [{k: v for k, v in r.items() if k.startswith("probe_")} for r in at_2]
+    assert probe[0] and probe[0] == probe[1] and at_2[0]["val_ar_loss"] != at_2[1]["val_ar_loss"]

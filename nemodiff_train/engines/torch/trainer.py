@@ -197,12 +197,19 @@ ValidationHook = Callable[[DLMModel], dict]
 
 
 def _validation_row(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, env: DistEnv, mask_id: int,
-                    hooks: Sequence[ValidationHook], work: MainWork, step: int) -> dict:
+                    hooks: Sequence[ValidationHook], work: MainWork, step: int,
+                    hook_memo: dict[int, dict] | None = None) -> dict:
     """Validation losses, plus what each hook measures on rank 0 (e.g. decoding TPF with the current
     weights); the other ranks wait on a file (``main_work.py``), not in a collective, so a slow hook
-    neither desynchronises the steps nor trips the process-group time-out."""
+    neither desynchronises the steps nor trips the process-group time-out.
+
+    ``hook_memo`` maps a step to its hooks' row: a stage's first validation runs at the step where the
+    previous stage's last one ran, on the same weights, so the hooks (a decode probe: seconds to
+    minutes) are not run twice. The losses are, on the new stage's validation data."""
     row = _validate(par, val_ds, cfg, stage, env, mask_id)
-    if hooks:
+    if hooks and hook_memo is not None and step in hook_memo:
+        row.update(hook_memo[step])
+    elif hooks:
         dlm = par.loss_module.dlm
 
         def _hooks() -> dict:
@@ -211,7 +218,10 @@ def _validation_row(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, 
                 out.update(hook(dlm))
             return out
 
-        row.update(work.run(f"validation_hooks_{step}", _hooks) or {})
+        measured = work.run(f"validation_hooks_{step}", _hooks) or {}
+        if hook_memo is not None:
+            hook_memo[step] = measured
+        row.update(measured)
     return row
 
 
@@ -253,6 +263,7 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
 
     par = parallelize(TwoStreamLoss(dlm, cfg.diffusion.block_size, cfg.diffusion.loss_chunk_size), cfg, env)
     stopped = False
+    hook_memo: dict[int, dict] = {}  # step -> the validation hooks' row (see _validation_row)
     for stage_index, (stage, (first, last)) in enumerate(zip(cfg.stages, _stage_bounds(cfg))):
         if progress.step >= last:
             continue
@@ -273,10 +284,11 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
         sample_offset = sum(s.steps * s.global_batch_size for s in cfg.stages[:stage_index])
         if progress.step == first and cfg.logging.val_every > 0:
             sink.log({"step": progress.step, "stage": stage.name,
-                      **_validation_row(par, val_ds, cfg, stage, env, mask_id, validation_hooks, work, progress.step)})
+                      **_validation_row(par, val_ds, cfg, stage, env, mask_id, validation_hooks, work, progress.step,
+                                        hook_memo)})
         stopped = _run_stage(cfg, stage, stage_index, first, last, env, dlm, par, optim, order,
                              sample_offset, train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir,
-                             validation_hooks, work)
+                             validation_hooks, work, hook_memo)
         sink.end_stage()
         if stopped:
             break
@@ -286,7 +298,7 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
 
 def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized, optim, order, sample_offset,
                train_ds, val_ds, weights, mask_id, progress, sink, stop, run_dir, validation_hooks=(),
-               work: MainWork | None = None) -> bool:
+               work: MainWork | None = None, hook_memo: dict[int, dict] | None = None) -> bool:
     wrapped = par.module
     d = cfg.diffusion
     seq_len = train_ds.meta["seq_len"]
@@ -341,7 +353,8 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized
             sink.progress(progress.step, {"loss": record["loss"], "tok/s": record["tokens_per_s"]})
             t_last, tokens_since = now, 0
         if cfg.logging.val_every > 0 and (progress.step % cfg.logging.val_every == 0 or progress.step == last):
-            val = _validation_row(par, val_ds, cfg, stage, env, mask_id, validation_hooks, work, progress.step)
+            val = _validation_row(par, val_ds, cfg, stage, env, mask_id, validation_hooks, work, progress.step,
+                                  hook_memo)
             if val:
                 sink.log({"step": progress.step, "stage": stage.name, **val})
         interrupted = stop.agreed(env.device)
