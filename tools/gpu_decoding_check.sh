@@ -21,7 +21,7 @@ OUT=${OUT:-/tmp/nemodiff_gpu_decoding}
 RESULTS=$(mktemp -d)
 trap 'tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null' EXIT
 BUDGET_S=${BUDGET_S:-560}
-SHAPE=${SHAPE:-qwen3-8b}
+SHAPE=${SHAPE:-qwen3-8b}  # the GPU run: shape=qwen3-8b (SHAPE=embedded DEVICE=cpu checks the plumbing)
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
