@@ -241,6 +241,8 @@ def validate(cfg: Config) -> None:
              "adapter.target_modules", "needs at least one module name (e.g. [q_proj, k_proj, v_proj, o_proj])")
         need(cfg.engine.name == "torch", "adapter.name",
              "lora needs engine=torch (the Megatron engine trains full conversions only; docs/adapters.md says why)")
+    need(not cfg.export.merge or a.name == "lora", "export.merge",
+         "merges a drafter adapter into a full copy; it needs adapter=lora")
     need(not cfg.engine.compile, "engine.compile", "torch.compile is not supported (neither engine reads it); "
          "remove the key")
     for key in ("engine.dist_timeout_s", "engine.main_work_timeout_s"):

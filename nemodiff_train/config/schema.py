@@ -177,6 +177,7 @@ class ExportConfig:
     at_end: bool = False
     dtype: str = "float32"
     remote_code: bool = False
+    merge: bool = False  # adapter=lora: also write <run.dir>/hf_merged, the adapter folded in (diffusion-only)
     push_to_hub: Optional[str] = None
     private: bool = True
 
