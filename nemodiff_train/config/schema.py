@@ -48,7 +48,8 @@ class AdapterConfig:
     With ``lora`` every base weight stays as loaded (bit for bit); only the LoRA pairs on
     ``target_modules`` (last name components of the decoder's linear layers) and the mask token's
     input embedding row train. The drafter is on for the noisy half of the training row and for
-    draft / denoise passes at inference, off everywhere else.
+    draft / denoise passes at inference, off everywhere else. ``model.untie_head`` is ignored then (the
+    frozen base keeps its head as it is).
     """
 
     name: str = "none"  # none | lora

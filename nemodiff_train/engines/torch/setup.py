@@ -31,7 +31,9 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     path = Path(work.run("model", lambda: str(resolve_model_path(m.path)), per_node=True))
     shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
-    dlm = load_dlm(path, mask_token=mask, untie_head=m.untie_head, dtype=torch.float32, attn_implementation=attn,
+    # a frozen base keeps its head as it is (tied or not): an untied copy would only cost memory
+    untie = m.untie_head and cfg.adapter.name == "none"
+    dlm = load_dlm(path, mask_token=mask, untie_head=untie, dtype=torch.float32, attn_implementation=attn,
                    device="cpu" if shard_later else env.device,
                    settings={"train_block_size": d.block_size, "inference_block_size": d.inference_block_size,
                              "attention_pattern": d.pattern})
