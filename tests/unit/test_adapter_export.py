@@ -123,3 +123,27 @@ def test_hub_push_sends_the_adapter_alone(drafter, tmp_path, hub):  # noqa: F811
     base_weights = (base / "model.safetensors").stat().st_size
     assert weights < base_weights / 4, (weights, base_weights)
     assert plan["total_bytes"] == sum(len(v) for v in files.values())
+
+
+def test_plain_peft_loads_the_adapter_files(drafter, tmp_path):
+    """peft's own loader reads adapter_config.json + adapter_model.safetensors (every LoRA weight, by
+    name) and applies the LoRA to every token: our model with the gate on everywhere, minus the trained
+    mask row (peft does not know that key). Runs where peft is installed (it is optional)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from nemodiff_train.models.adapter import peft_state_dict
+
+    base, dlm = drafter
+    out = export_adapter(dlm, tmp_path / "adapter_peft", base_path=str(base), remote_code=False)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).eval()
+    loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    ours = {k: v for k, v in peft_state_dict(dlm.adapter).items() if "lora_" in k}
+    assert loaded.keys() == ours.keys()
+    for key, value in ours.items():
+        assert torch.equal(loaded[key], value), key
+    ids = torch.tensor([[11, 12, 13, 14, 15]])  # no mask token: the mask row plays no part
+    with torch.no_grad(), adapter_tokens(dlm.hf, torch.ones(1, 5, dtype=torch.bool)):
+        on = dlm.hf(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, on, rtol=1e-4, atol=1e-4)
