@@ -67,8 +67,9 @@ def embedded_shape() -> tuple[dict, "object"]:
     return s, path
 
 
-def time_steps(path, adapter_rank: int | None, targets, steps: int, batch: int, seq_len: int) -> tuple[float, int]:
-    """Median seconds of one trainer step on the embedded model; also the trainable parameter count."""
+def time_steps(path, adapter_rank: int | None, targets, steps: int, batch: int, seq_len: int) -> tuple[float, int, int]:
+    """Median seconds of one trainer step on the embedded model; the trainable and total parameter counts
+    (a full conversion unties the head, as the trainer does: its total includes the head's copy)."""
     from nemodiff_train.models.hf import load_dlm
     from nemodiff_train.models.step import collate, joint_step
 
@@ -93,7 +94,7 @@ def time_steps(path, adapter_rank: int | None, targets, steps: int, batch: int, 
         if i:  # the first step warms up
             times.append(time.perf_counter() - t)
     times.sort()
-    return times[len(times) // 2], sum(p.numel() for p in params)
+    return times[len(times) // 2], sum(p.numel() for p in params), sum(p.numel() for p in dlm.hf.parameters())
 
 
 def main() -> None:
@@ -110,10 +111,10 @@ def main() -> None:
     targets = args.targets.split(",")
     rows = []
     s, path = embedded_shape()
-    full_t, full_n = time_steps(path, None, targets, args.steps, args.batch, args.seq_len)
-    lora_t, lora_n = time_steps(path, args.rank, targets, args.steps, args.batch, args.seq_len)
-    total = base_parameters(s)
-    for name, n, t in (("full", full_n, full_t), ("adapter", lora_n, lora_t)):
+    full_t, full_n, full_total = time_steps(path, None, targets, args.steps, args.batch, args.seq_len)
+    lora_t, lora_n, lora_total = time_steps(path, args.rank, targets, args.steps, args.batch, args.seq_len)
+    assert lora_total == base_parameters(s) and lora_n == adapter_parameters(s, args.rank, targets)  # the formulas
+    for name, n, t, total in (("full", full_n, full_t, full_total), ("adapter", lora_n, lora_t, lora_total)):
         rows.append({"model": "embedded (measured)", "variant": name, "trainable": n, "base": total,
                      "step_s": round(t, 4), "batch": args.batch, "seq_len": args.seq_len,
                      **memory_gb(s, n, total, name == "adapter", args.batch, args.seq_len)})

@@ -244,3 +244,18 @@ def test_adapter_config_group():
         compose(["recipe=tiny_cpu", "adapter.name=qlora"])
     with pytest.raises(ConfigError, match="adapter.target_modules"):
         compose(["recipe=tiny_cpu", "adapter=lora", "adapter.target_modules=[]"])
+
+
+def test_adapter_figures_formulas_count_what_attach_adapter_builds():
+    """tools/adapter_figures.py estimates the 8B shape with formulas; they must count a real model exactly."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("adapter_figures", Path(__file__).parents[2] / "tools" / "adapter_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    model = tiny_model("qwen3", tie=False)
+    shape = dict(layers=2, d=32, ffn=64, heads=4, kv_heads=2, head_dim=8, vocab=96, tied=False)
+    assert figures.base_parameters(shape) == sum(p.numel() for p in model.parameters())
+    adapter = attach_adapter(model, MASK_ID, rank=4, target_modules=("q_proj", "v_proj", "o_proj"))
+    assert figures.adapter_parameters(shape, 4, ["q_proj", "v_proj", "o_proj"]) == adapter.trainable_parameters()
