@@ -73,7 +73,11 @@ class HFCachedLM:
         self.dtype = next(self.hf.parameters()).dtype
         attn_implementation_of(self.hf)
         self.windows = layer_windows(self.hf.config, self.hf.get_decoder())
-        self.has_adapter = find_adapter(self.hf) is not None
+
+    @property
+    def has_adapter(self) -> bool:
+        """A drafter adapter is attached to the model (read per call: one may be attached later)."""
+        return find_adapter(self.hf) is not None
 
     def new_cache(self, batch_size: int) -> PositionedCache:
         return PositionedCache(batch_size, self.device)
