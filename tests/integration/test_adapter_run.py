@@ -97,3 +97,52 @@ def test_adapter_torchrun_two_processes_match_one(assets, adapter_run, tmp_path,
     for step in one:
         for key in ("loss", "ar_loss", "diffusion_loss"):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+CHILD = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+
+path, base_path, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+res = {"module": type(model).__module__, "modes": {}, "base": []}
+for p in prompts:
+    ids = torch.tensor([p])
+    for mode in ["ar", "diffusion", "linear_spec", "quadratic_spec"]:
+        out = model.generate(ids, mode=mode, max_new_tokens=12, block_size=4, eos_token_id=[],
+                             return_dict_in_generate=True)
+        res["modes"].setdefault(mode, []).append(out.tokens[0])
+    ref = base.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, bad_words_ids=[[%d]],
+                        eos_token_id=None, pad_token_id=1)
+    res["base"].append(ref[0, len(p):].tolist())
+print("RESULT " + json.dumps(res))
+""" % MASK
+
+
+def test_adapter_export_through_transformers_trust_remote_code(assets, adapter_run, tmp_path):
+    """A fresh interpreter that cannot import nemodiff_train: AutoModelForCausalLM.from_pretrained(<adapter
+    dir>, trust_remote_code=True) loads the base + adapter; every mode equals our decoders on the package's
+    load of the same export, and self-speculation equals plain generate() of the untouched base."""
+    import os
+    import subprocess
+    import sys
+
+    from nemodiff_train.decoding import DecodeConfig, generate
+    from nemodiff_train.export import load_adapter_export
+    from nemodiff_train.models.cached import HFCachedLM
+
+    prompts = [[10, 20, 30, 40], [50, 60, 70, 80, 90, 100]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([sys.executable, "-c", CHILD, str(adapter_run / "hf"), str(assets / "model"),
+                          json.dumps(prompts)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-5000:]
+    got = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert got["module"].startswith("transformers_modules.")
+    lm = HFCachedLM(load_adapter_export(adapter_run / "hf"))
+    for mode, outputs in got["modes"].items():
+        ours = [generate(lm, [p], mode, DecodeConfig(max_new_tokens=12, block_size=4))[0].tokens for p in prompts]
+        assert outputs == ours, mode
+    assert got["modes"]["linear_spec"] == got["base"] and got["modes"]["quadratic_spec"] == got["base"]
