@@ -72,6 +72,11 @@ def _finish(cfg: Config, outcome: TrainOutcome) -> None:
             return
     export_any(run_dir, out, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True)
     outcome.message(f"exported {out}")
+    if cfg.export.merge:  # adapter runs only (validated): a diffusion-only full copy beside the adapter
+        merged = run_dir / runs.MERGED_EXPORT_DIR
+        export_any(run_dir, merged, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True,
+                   merge=True)
+        outcome.message(f"exported {merged} (adapter merged: diffusion-only)")
     if cfg.engine.name == "megatron":  # eval.at_end / push_to_hub are refused for it at validation
         return
     if cfg.eval.at_end:
@@ -110,7 +115,7 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
 
 def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", remote_code: bool = False,
                eval_json: str | Path | None = None, overwrite: bool = False,
-               max_shard_size: str | int = "5GB") -> Path:
+               max_shard_size: str | int = "5GB", merge: bool = False) -> Path:
     """``nemodiff-export``: any source (torch run, checkpoint, HF directory, Megatron run) → ``out``.
 
     A Megatron run directory (:func:`nemodiff_train.runs.is_megatron_run`) is first converted by the
@@ -123,7 +128,7 @@ def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32
 
     if not runs.is_megatron_run(checkpoint):
         return export_checkpoint(checkpoint, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,
-                                 overwrite=overwrite, max_shard_size=max_shard_size)
+                                 overwrite=overwrite, max_shard_size=max_shard_size, merge=merge)
     import tempfile
 
     run_dir, out = Path(checkpoint), Path(out)

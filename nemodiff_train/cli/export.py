@@ -44,6 +44,7 @@ class ExportCLIConfig:
     checkpoint: Optional[str] = None
     dtype: str = "float32"
     remote_code: bool = False
+    merge: bool = False
     push_to_hub: Optional[str] = None
     private: bool = True
     dry_run: bool = False
@@ -73,7 +74,7 @@ def run(c: ExportCLIConfig) -> Path:
     out = Path(c.out)
     if c.checkpoint is not None:
         export_any(c.checkpoint, out, dtype=c.dtype, remote_code=c.remote_code, overwrite=c.overwrite,
-                          eval_json=c.eval_json, max_shard_size=c.max_shard_size)
+                          eval_json=c.eval_json, max_shard_size=c.max_shard_size, merge=c.merge)
         print(f"exported {c.checkpoint} -> {out}")
     if c.push_to_hub:
         push_to_hub(out, c.push_to_hub, private=c.private, dry_run=c.dry_run)

@@ -132,6 +132,7 @@ _CHOICES = {
     "engine.init_from": ("hf", "random"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "export.dtype": ("float32", "bfloat16"),
+    "adapter.name": ("none", "lora"),
 }
 
 
@@ -231,6 +232,17 @@ def validate(cfg: Config) -> None:
                  "`nemodiff-eval model=<dir>` after it")
         need(cfg.eval.probe.samples == 0, "eval.probe.samples",
              "decoding during training is a torch-engine feature; set eval.probe.samples=0 with engine=megatron")
+    a = cfg.adapter
+    if a.name == "lora":
+        need(a.rank >= 1, "adapter.rank", "must be >= 1")
+        need(a.alpha > 0, "adapter.alpha", "must be > 0")
+        need(0 <= a.dropout < 1, "adapter.dropout", "must be in [0, 1)")
+        need(len(a.target_modules) > 0 and all(isinstance(t, str) and t for t in a.target_modules),
+             "adapter.target_modules", "needs at least one module name (e.g. [q_proj, k_proj, v_proj, o_proj])")
+        need(cfg.engine.name == "torch", "adapter.name",
+             "lora needs engine=torch (the Megatron engine trains full conversions only; docs/adapters.md says why)")
+    need(not cfg.export.merge or a.name == "lora", "export.merge",
+         "merges a drafter adapter into a full copy; it needs adapter=lora")
     need(not cfg.engine.compile, "engine.compile", "torch.compile is not supported (neither engine reads it); "
          "remove the key")
     for key in ("engine.dist_timeout_s", "engine.main_work_timeout_s"):

@@ -14,7 +14,7 @@ from typing import Any, Optional
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DiffusionConfig", "DataConfig", "StageConfig", "OptimConfig",
     "ScheduleConfig", "EngineConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig", "ExportConfig",
-    "EvalAtEndConfig",
+    "EvalAtEndConfig", "AdapterConfig",
 ]
 
 
@@ -39,6 +39,24 @@ class ModelConfig:
     dtype: str = "float32"  # torch engine: the COMPUTE dtype (float32 | bfloat16); master weights are float32
     attn_implementation: Optional[str] = None  # sdpa (CPU default) | flex_attention (CUDA default)
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    """Full conversion (``none``) or a drafter LoRA on a frozen base (``lora``; docs/adapters.md).
+
+    With ``lora`` every base weight stays as loaded (bit for bit); only the LoRA pairs on
+    ``target_modules`` (last name components of the decoder's linear layers) and the mask token's
+    input embedding row train. The drafter is on for the noisy half of the training row and for
+    draft / denoise passes at inference, off everywhere else. ``model.untie_head`` is ignored then (the
+    frozen base keeps its head as it is).
+    """
+
+    name: str = "none"  # none | lora
+    rank: int = 16
+    alpha: float = 32.0  # the LoRA delta is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -160,6 +178,7 @@ class ExportConfig:
     at_end: bool = False
     dtype: str = "float32"
     remote_code: bool = False
+    merge: bool = False  # adapter=lora: also write <run.dir>/hf_merged, the adapter folded in (diffusion-only)
     push_to_hub: Optional[str] = None
     private: bool = True
 
@@ -209,6 +228,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

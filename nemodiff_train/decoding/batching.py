@@ -52,6 +52,7 @@ class CacheState:
         self.pad = torch.tensor([max(map(len, prompts)) - len(p) for p in prompts], device=self.device)
         self.valid = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
         self.cache: Any = model.new_cache(self.batch)
+        self.has_adapter = bool(getattr(model, "has_adapter", False))
         self._prompts = prompts
 
     @property
@@ -78,7 +79,7 @@ class CacheState:
         return self.length + offsets.to(self.device)[None] - self.pad[:, None]
 
     def forward(self, tokens: torch.Tensor, new_mask: torch.Tensor, write_cache: bool,
-                offsets: torch.Tensor | None = None) -> torch.Tensor:
+                offsets: torch.Tensor | None = None, draft: bool | torch.Tensor = False) -> torch.Tensor:
         """One model call after the prompt.
 
         Args:
@@ -87,6 +88,8 @@ class CacheState:
                 visible to every new query.
             write_cache: append the new keys (causal passes only).
             offsets: ``[q]`` position offset of each new token from C (default ``arange(q)``).
+            draft: which new tokens are drafter tokens (the model's adapter on, when it has one):
+                True (all), False (none: the base model) or a ``[q]`` bool tensor.
         Returns:
             ``[b, q, V]`` logits.
         """
@@ -95,7 +98,13 @@ class CacheState:
             offsets = torch.arange(q, device=self.device)
         cached = self.valid[:, None, :].expand(b, q, self.length)
         mask = torch.cat([cached, new_mask.to(self.device).expand(b, q, q)], dim=-1)  # [b, q, C + q]
-        logits = self.model.forward(self.cache, tokens.to(self.device), self.positions(offsets), mask, write_cache)
+        extra = {}
+        if self.has_adapter and not (isinstance(draft, bool) and not draft):
+            gate = torch.ones(q, dtype=torch.bool, device=self.device) if isinstance(draft, bool) \
+                else draft.to(device=self.device, dtype=torch.bool)
+            extra["adapter_gate"] = gate[None].expand(b, q)  # [b, q]
+        logits = self.model.forward(self.cache, tokens.to(self.device), self.positions(offsets), mask, write_cache,
+                                    **extra)
         if write_cache:
             self.valid = torch.cat([self.valid, torch.ones(b, q, dtype=torch.bool, device=self.device)], dim=1)
         return logits

@@ -2,7 +2,7 @@
 
 Per block: ``x = [seed] + [MASK] * (n - 1)`` (the seed is the AR token of the previous causal pass),
 then denoising steps, each one bidirectional forward over the block reading the cache without
-writing it. A step commits every masked position whose confidence (softmax probability of its
+writing it (with a drafter adapter on; the causal re-encode runs with it off). A step commits every masked position whose confidence (softmax probability of its
 candidate) is ≥ τ and always the most confident one; with ``threshold=None`` it commits the k most
 confident, k = an even split of the remaining masks over the remaining steps. Denoising stops early
 once an EOS is committed with no mask left of it. Then ONE causal forward over the block writes its
@@ -73,7 +73,8 @@ def _denoise_block(state: CacheState, x: torch.Tensor, rows: list[RowRecorder], 
         active = [not rows[r].done and not _settled(x[r], mask_id, eos) for r in range(b)]
         if not any(active):
             return
-        logits = ban_token(state.forward(x, full_mask(n), write_cache=False), mask_id)  # [b, n, V] unshifted
+        # a denoising pass is a drafter pass (adapter on, when the model has one)
+        logits = ban_token(state.forward(x, full_mask(n), write_cache=False, draft=True), mask_id)  # [b, n, V]
         cand = pick_tokens(logits, cfg.temperature, cfg.top_p, gens, active)  # [b, n]
         masked = (x == mask_id) & torch.tensor(active, device=x.device)[:, None]  # [b, n]
         commit = select_commits(confidence(logits, cand), masked, cfg.threshold, steps - step)

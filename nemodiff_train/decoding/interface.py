@@ -4,6 +4,12 @@ A decoder never sees transformers, only :class:`CachedLM`: forward some tokens a
 with an explicit attention mask over (cached keys + new keys), optionally writing the new keys to the
 KV cache, and edit the cache (keep a subset of its positions). The KV cache only ever holds states
 from causal passes (docs/decoding.md, "KV cache"); a diffusion pass reads the cache with ``write_cache=False``.
+
+Drafter adapters (docs/adapters.md): a model with ``has_adapter = True`` also takes ``adapter_gate``, a
+``[b, q]`` bool saying which new tokens run with the adapter on (draft and denoise tokens) and which
+with it off (AR steps, verify tokens, causal re-encodes: the unchanged base). Decoders send it only to
+such a model (:class:`~nemodiff_train.decoding.batching.CacheState`), so a model without the attribute
+needs no such argument.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class CachedLM(Protocol):
     Attributes:
         mask_token_id: id of ``[MASK]``; decoders never emit it.
         vocab_size: number of logit columns.
+        has_adapter: optional (absent = False): ``forward`` takes ``adapter_gate``.
     """
 
     mask_token_id: int
@@ -44,6 +51,8 @@ class CachedLM(Protocol):
             attention_mask: ``[b, q, C + q]`` bool, True where new query i may attend cached/new key j.
             write_cache: append the q new keys/values to the cache (causal passes only). When False
                 the cache is unchanged afterwards.
+            adapter_gate: (only when ``has_adapter``) ``[b, q]`` bool, True where the drafter adapter
+                is on; None = off for every token.
         Returns:
             ``[b, q, V]`` float32 logits.
         """

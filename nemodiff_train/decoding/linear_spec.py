@@ -11,7 +11,9 @@ Invariant: the cache holds the causal KV of the emitted tokens except the last o
    bonus token), crop the cache to ``c + k + 1`` (``s, d_1 … d_k``) and make ``a[k]`` the next seed.
 
 At temperature 0 every emitted token is the AR greedy token of an AR-greedy prefix, so the output
-equals :func:`~nemodiff_train.decoding.ar.ar_generate` token for token (up to floating point). At
+equals :func:`~nemodiff_train.decoding.ar.ar_generate` token for token (up to floating point). A drafter
+adapter (docs/adapters.md) is on for the draft pass and off for the verify pass, so the verifier is the
+unchanged base model and the output equals the base's greedy output. At
 T > 0 ``a`` is *sampled* from the verifier and a draft is kept iff it equals that sample: each
 emitted token is a draw from the AR conditional of the emitted prefix, i.e. the output is
 distributed exactly as AR sampling (not bit-equal: different RNG use; lower acceptance than the
@@ -68,7 +70,8 @@ def linear_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeC
         blk = torch.full((1, n), mask_id, dtype=torch.long, device=last.device)  # [1, n]
         blk[0, 0] = seed
         if n > 1:
-            draft = ban_token(state.forward(blk, full_mask(n), write_cache=False), mask_id)  # [1, n, V] unshifted
+            # drafter pass (adapter on); the verify pass below runs the unchanged base (adapter off)
+            draft = ban_token(state.forward(blk, full_mask(n), write_cache=False, draft=True), mask_id)  # [1, n, V]
             blk[0, 1:] = pick_tokens(draft, cfg.temperature, cfg.top_p, gens)[0, 1:]
             row.forward(0)
         verify = ban_token(state.forward(blk, causal_mask(n), write_cache=True), mask_id)  # [1, n, V] shifted

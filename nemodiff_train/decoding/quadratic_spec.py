@@ -14,6 +14,9 @@ of accepted sub-blocks is kept (= AR KV), and the next draft is ``P[acc-1, 1:]``
 replaced by the AR token ``P[acc-1, 0]`` (so the next ``d_0`` is again an AR token). Lossless at T = 0
 (every emitted token is the AR greedy token of its prefix); at T > 0 distribution-equal to AR
 sampling, like :mod:`.linear_spec`. Counts: one forward per cycle + one initial draft-only pass.
+
+A drafter adapter (docs/adapters.md) is switched per token inside the one forward: off for the
+first tokens (the verifier's causal chain, whose KV is kept: the unchanged base), on for the masks.
 """
 
 from __future__ import annotations
@@ -72,11 +75,13 @@ def quadratic_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: Deco
     d = _first_draft(state, last, cfg, gens, mask_id)  # [B], d[0] = AR token
     row.forward(0)
     mask, offsets = quadratic_mask(B, last.device), quadratic_offsets(B, last.device)
+    drafts = torch.arange(B + 1, device=last.device).repeat(B) != 0  # [Q] the masks (r > 0) are drafter tokens
     while not row.done:
         C = state.length
         sub = torch.full((B, B + 1), mask_id, dtype=torch.long, device=last.device)  # [B, B+1]
         sub[:, 0] = d
-        logits = ban_token(state.forward(sub.view(1, -1), mask, write_cache=True, offsets=offsets), mask_id)
+        logits = ban_token(state.forward(sub.view(1, -1), mask, write_cache=True, offsets=offsets, draft=drafts),
+                           mask_id)
         P = pick_tokens(logits, cfg.temperature, cfg.top_p, gens)[0].view(B, B + 1)  # [B, B+1]
         P[:, 1] = P[:, 0]  # the first new draft position is exactly the verifier's AR token
         acc = 1  # d_0 is an AR token: always valid
@@ -98,6 +103,6 @@ def _first_draft(state: CacheState, last: torch.Tensor, cfg: DecodeConfig, gens,
     d0 = pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[0, 0]
     blk = torch.full((1, B), mask_id, dtype=torch.long, device=last.device)
     blk[0, 0] = d0
-    draft = ban_token(state.forward(blk, full_mask(B), write_cache=False), mask_id)  # [1, B, V] unshifted
+    draft = ban_token(state.forward(blk, full_mask(B), write_cache=False, draft=True), mask_id)  # [1, B, V]
     blk[0, 1:] = pick_tokens(draft, cfg.temperature, cfg.top_p, gens)[0, 1:]
     return blk[0]

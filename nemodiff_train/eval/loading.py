@@ -90,7 +90,12 @@ def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto
     # sdpa where the architecture has it (decoding masks change shape every call, which suits a dense
     # mask better than a BlockMask rebuilt per call), else eager; never a hard-coded kernel.
     attn = pick_attn_implementation(AutoConfig.from_pretrained(hf_dir), dev.type, attn_implementation, training=False)
-    dlm = load_dlm(hf_dir, dtype=pick_dtype(dtype), device=dev, attn_implementation=attn)
+    from ..export.adapter import is_adapter_export, load_adapter_export
+
+    if is_adapter_export(hf_dir):  # a drafter adapter: its base + the adapter, switched per pass by the decoders
+        dlm = load_adapter_export(hf_dir, dtype=pick_dtype(dtype), device=dev, attn_implementation=attn)
+    else:
+        dlm = load_dlm(hf_dir, dtype=pick_dtype(dtype), device=dev, attn_implementation=attn)
     dlm.eval()
     if dlm.tokenizer is None:
         raise ValueError(f"{hf_dir} has no tokenizer files; evaluation needs one to render prompts and decode outputs")

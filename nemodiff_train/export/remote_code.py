@@ -217,6 +217,10 @@ config's, ``max_new_tokens`` = the generation config's ``max_new_tokens`` or 128
 On CUDA the decoders run over a preallocated static KV cache with CUDA-graph replay (inlined from
 nemodiff_train/models/static_cache.py); ``static_cache=False`` selects the dynamic cache and
 ``cuda_graphs=False`` plain eager forwards.
+
+A drafter-adapter export (``adapter_config.json`` beside this file) loads its untouched base (the path or
+Hub id it records, or ``from_pretrained(..., base_model=...)``) plus the adapter (inlined from
+nemodiff_train/models/adapter.py); the decoders switch it on for draft / denoise tokens only.
 """
 
 from __future__ import annotations
@@ -254,6 +258,43 @@ _NEMODIFF_GENERATE_KEYS = frozenset({{
 
 class {cls}(_NemoDiffBase):
     """{base} with nemodiff's decoding modes in ``generate(mode=...)`` (see the module docstring)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """A drafter-adapter export (config.json ``nemodiff.adapter``): load the untouched base it names
+        (``base_model=<path or Hub id>``, else the recorded path, else the recorded Hub id) and attach the
+        adapter, switched per token by ``generate(mode=...)`` (plain ``generate`` is the base). Anything
+        else loads as the base class does."""
+        from transformers import AutoConfig
+        from transformers.modeling_utils import load_state_dict
+        from transformers.utils import cached_file
+
+        base_model = kwargs.pop("base_model", None)
+        config = kwargs.get("config")
+        if config is None or isinstance(config, str):
+            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path)
+        record = (getattr(config, "nemodiff", None) or {{}}).get("adapter")
+        if not record:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        kwargs["config"] = config
+        bases = [base_model] if base_model else [b for b in (record.get("base_path"), record.get("base_hub_id")) if b]
+        model, errors = None, []
+        for base in bases:
+            try:
+                model = super().from_pretrained(base, *args, **kwargs)
+                break
+            except (OSError, ValueError) as e:
+                errors.append(f"{{base}}: {{type(e).__name__}}: {{e}}")
+        if model is None:
+            raise OSError(f"{{pretrained_model_name_or_path}} is a nemodiff drafter adapter; its base model could not "
+                          f"be loaded ({{'; '.join(errors) or 'none recorded'}}); pass base_model=<path or Hub id>")
+        weights = load_state_dict(cached_file(str(pretrained_model_name_or_path), "adapter_model.safetensors"))
+        adapter = attach_adapter(model, config.nemodiff["mask_token_id"], rank=int(record["r"]),
+                                 alpha=float(record["lora_alpha"]), dropout=0.0,
+                                 target_modules=tuple(record["target_modules"]))
+        load_peft_state_dict(adapter, weights)
+        adapter.to(device=model.device, dtype=model.dtype)
+        return model.eval()
 
     def generate(self, inputs=None, *args, mode=None, **kwargs):
         if mode is None:

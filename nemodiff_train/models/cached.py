@@ -11,8 +11,12 @@ RoPE position of each cached key is tracked beside it, and each windowed layer's
 hides keys ``window`` or more positions behind the query (one mask per layer type when layers differ),
 which is exactly what the base model's windowed layers see.
 
+Drafter adapters (:mod:`.adapter`): ``forward``'s ``adapter_gate`` (``[b, q]`` bool, None = off) switches
+the model's adapter per token for that one call, so every decoder shares one model and no copy exists
+per pass kind. ``has_adapter`` tells the decoders whether to send a gate at all.
+
 This module imports only torch, the standard library and (inside functions) transformers, with
-:mod:`.arch` and :mod:`.attention`: the exported remote code inlines all three
+:mod:`.arch`, :mod:`.attention` and :mod:`.adapter`: the exported remote code inlines all three
 (``export/remote_code.py``), so ``trust_remote_code`` users decode through this very adapter.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .adapter import adapter_tokens, find_adapter
 from .arch import attn_implementation_of, cache_kwarg, layer_windows
 from .attention import implementation_form, window_keep
 
@@ -69,6 +74,11 @@ class HFCachedLM:
         attn_implementation_of(self.hf)
         self.windows = layer_windows(self.hf.config, self.hf.get_decoder())
 
+    @property
+    def has_adapter(self) -> bool:
+        """A drafter adapter is attached to the model (read per call: one may be attached later)."""
+        return find_adapter(self.hf) is not None
+
     def new_cache(self, batch_size: int) -> PositionedCache:
         return PositionedCache(batch_size, self.device)
 
@@ -94,15 +104,18 @@ class HFCachedLM:
         return {t: built[w] for t, w in self.windows.by_type().items()}
 
     @torch.inference_mode()
-    def forward(self, cache: PositionedCache, input_ids, position_ids, attention_mask, write_cache: bool) -> torch.Tensor:
+    def forward(self, cache: PositionedCache, input_ids, position_ids, attention_mask, write_cache: bool,
+                adapter_gate: torch.Tensor | None = None) -> torch.Tensor:
         cached = self.cache_length(cache)
         if attention_mask.shape[-1] != cached + input_ids.shape[1]:
             raise ValueError(f"mask covers {attention_mask.shape[-1]} keys, cache+new = {cached + input_ids.shape[1]}")
         position_ids = position_ids.to(self.device)
         keys = torch.cat([cache.positions, position_ids], dim=1)
         mask = self.model_mask(attention_mask.to(self.device), position_ids, keys)
-        out = self.hf(input_ids=input_ids.to(self.device), position_ids=position_ids, attention_mask=mask,
-                      use_cache=True, **{self._cache_kw: cache.kv})
+        gate = None if adapter_gate is None else adapter_gate.to(self.device)
+        with adapter_tokens(self.hf, gate):
+            out = self.hf(input_ids=input_ids.to(self.device), position_ids=position_ids, attention_mask=mask,
+                          use_cache=True, **{self._cache_kw: cache.kv})
         if write_cache:
             cache.positions = keys
         else:

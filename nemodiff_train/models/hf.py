@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.masks import SequenceLayout, dense_mask, flex_block_mask, get_pattern
 from ..core.sequence import two_stream_inputs
+from .adapter import DrafterAdapter, adapter_tokens, attach_adapter
 from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
                    pick_attn_implementation)
 from .attention import UnsupportedModelError, implementation_form
@@ -127,6 +128,8 @@ class DLMModel(nn.Module):
     Attributes:
         hf: the ``*ForCausalLM`` module (its ``state_dict`` is the HF layout, so export is a save).
         settings: :class:`DLMSettings`.
+        adapter: the drafter :class:`~nemodiff_train.models.adapter.DrafterAdapter` when one is attached
+            (:meth:`add_adapter`; the base is then frozen), else None.
         windows: :class:`~nemodiff_train.models.arch.LayerWindows` of the decoder's layers.
     Raises:
         UnsupportedModelError: the model's attention implementation, layer types or module layout
@@ -142,6 +145,14 @@ class DLMModel(nn.Module):
         attn_implementation_of(hf)  # refuse a kernel that cannot take our masks now, not at the first step
         self.windows = layer_windows(hf.config, hf.get_decoder())
         self._decoder_name = decoder_attribute(hf)
+        self.adapter: DrafterAdapter | None = None
+
+    def add_adapter(self, **settings) -> DrafterAdapter:
+        """Freeze the base and attach a drafter adapter (``rank``, ``alpha``, ``dropout``, ``target_modules``:
+        :func:`~nemodiff_train.models.adapter.attach_adapter`); it becomes a submodule, so it trains and
+        data-parallel wrappers see its parameters."""
+        self.adapter = attach_adapter(self.hf, self.settings.mask_token_id, **settings)
+        return self.adapter
 
     @property
     def config(self):
@@ -213,13 +224,21 @@ class DLMModel(nn.Module):
         layout = SequenceLayout(length, block_size or self.settings.train_block_size, doc_ids)
         inputs = two_stream_inputs(noisy_ids, clean_ids, doc_ids)
         mask = self.attention_mask(layout, b, clean_ids.device, pattern_obj.name)
+        if self.adapter is not None:
+            # the drafter is on for the noisy half only: the clean half is the frozen base's causal pass,
+            # the states the drafter reads from the KV cache at inference. The gate is left set after
+            # the forward on purpose: activation checkpointing re-runs the layers in backward and must
+            # see the same gate (every other caller sets its own gate, None included).
+            noisy = torch.ones(b, length, dtype=torch.bool, device=clean_ids.device)
+            self.adapter.gate = torch.cat([noisy, torch.zeros_like(noisy)], dim=1)  # [b, 2L]
         out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                             attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
     def causal_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Plain AR logits ``[b, L, V]`` of the unmodified model (reference for tests)."""
-        return self.hf(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        """Plain AR logits ``[b, L, V]`` of the unmodified model (reference for tests; adapter off)."""
+        with adapter_tokens(self.hf, None):
+            return self.hf(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def load_dlm(path: str | Path, *, mask_token: int | str | None = None, untie_head: bool = True,

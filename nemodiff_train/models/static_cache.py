@@ -19,7 +19,9 @@ checks token equality for all four decoders).
 
 CUDA graphs (``cuda_graphs=True``, CUDA only): each (batch, q) shape after the prefill is captured once
 with ``torch.cuda.CUDAGraph`` over static input buffers (token ids, positions, mask, write index) and
-then replayed; the prefill (its length changes with every prompt) runs eagerly. Buffers are per batch
+then replayed; the prefill (its length changes with every prompt) runs eagerly. With a drafter adapter
+(:mod:`.adapter`) the per-token adapter gate is one more static input buffer, always a tensor (all
+False for base passes), so one capture per shape serves draft and verify passes alike. Buffers are per batch
 size and reused across :meth:`StaticCachedLM.new_cache` calls, so graphs survive from one prompt to the
 next; the cache that a later ``new_cache`` of the same batch size replaces refuses further use.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from .adapter import adapter_tokens
 from .arch import attn_implementation_of
 from .cached import HFCachedLM
 
@@ -161,6 +164,9 @@ class StaticCachedLM(HFCachedLM):
         if cuda_graphs and attn_implementation_of(self.hf) not in ("sdpa", "eager"):
             raise ValueError(f"cuda_graphs=True supports attn_implementation sdpa or eager, not "
                              f"{attn_implementation_of(self.hf)!r} (its BlockMask is rebuilt per call)")
+        if compile and self.has_adapter:
+            raise ValueError("compile=True with a drafter adapter is not supported yet (its per-token gate has not "
+                             "been run under torch.compile); use compile=False (CUDA graphs do work with it)")
         self.capacity, self.cuda_graphs, self.compile = int(capacity), bool(cuda_graphs), bool(compile)
         # dynamic=True: the decoders' query lengths vary (linear self-speculation verifies 1..B tokens), and
         # one symbolic-shape compilation serves them all instead of one compilation per length
@@ -194,7 +200,8 @@ class StaticCachedLM(HFCachedLM):
                                "(its buffers are shared); decode one batch at a time per batch size")
 
     @torch.inference_mode()
-    def forward(self, cache: StaticKVCache, input_ids, position_ids, attention_mask, write_cache: bool) -> torch.Tensor:
+    def forward(self, cache: StaticKVCache, input_ids, position_ids, attention_mask, write_cache: bool,
+                adapter_gate: torch.Tensor | None = None) -> torch.Tensor:
         self._check(cache)
         b, q = input_ids.shape
         C = cache.length
@@ -209,28 +216,32 @@ class StaticCachedLM(HFCachedLM):
         allowed[:, :, :C + q] = attention_mask.to(self.device)
         mask = self.model_mask(allowed, position_ids, cache.positions)
         cache.start.fill_(C)
+        gate = None if adapter_gate is None else adapter_gate.to(self.device)
         if self.cuda_graphs and C > 0:
+            if self.has_adapter and gate is None:  # all False = the base exactly; one graph serves on and off
+                gate = torch.zeros(b, q, dtype=torch.bool, device=self.device)
             key = (b, q)
             graph = self._graphs.get(key)
             if graph is None or graph.cache_buffers is not cache.kv:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
-                graph = self._graphs[key] = _Graph(self, cache, input_ids, position_ids, mask)
-            logits = graph.run(input_ids, position_ids, mask)
+                graph = self._graphs[key] = _Graph(self, cache, input_ids, position_ids, mask, gate)
+            logits = graph.run(input_ids, position_ids, mask, gate)
         else:
             step = self._step if C > 0 else self._eager  # the prefill's length changes per prompt: eager
-            logits = step(cache, input_ids.to(self.device), position_ids, mask)
+            logits = step(cache, input_ids.to(self.device), position_ids, mask, gate)
         if write_cache:
             cache.length = C + q
         return logits
 
-    def _step(self, cache: StaticKVCache, input_ids, position_ids, mask) -> torch.Tensor:
+    def _step(self, cache: StaticKVCache, input_ids, position_ids, mask, gate=None) -> torch.Tensor:
         """One post-prefill forward: compiled when ``compile`` is on, else eager."""
-        return (self._compiled or self._eager)(cache, input_ids, position_ids, mask)
+        return (self._compiled or self._eager)(cache, input_ids, position_ids, mask, gate)
 
-    def _eager(self, cache: StaticKVCache, input_ids, position_ids, mask) -> torch.Tensor:
-        out = self.hf(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                      use_cache=True, **{self._cache_kw: cache.kv})
+    def _eager(self, cache: StaticKVCache, input_ids, position_ids, mask, gate=None) -> torch.Tensor:
+        with adapter_tokens(self.hf, gate):
+            out = self.hf(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                          use_cache=True, **{self._cache_kw: cache.kv})
         return out.logits.float()
 
     @torch.inference_mode()
@@ -265,8 +276,9 @@ def _clear_cublas_workspaces() -> None:
 class _Graph:
     """One captured forward of shape (batch, q) over one cache's buffers; inputs are copied into static tensors."""
 
-    def __init__(self, lm: StaticCachedLM, cache: StaticKVCache, input_ids, position_ids, mask):
+    def __init__(self, lm: StaticCachedLM, cache: StaticKVCache, input_ids, position_ids, mask, gate=None):
         self.cache_buffers = cache.kv
+        self.gate = None if gate is None else gate.clone()  # the adapter gate: a static input like the ids
         self.ids = input_ids.to(lm.device).clone()
         self.pos = position_ids.clone()
         self.mask = {k: v.clone() for k, v in mask.items()} if isinstance(mask, dict) else mask.clone()
@@ -274,7 +286,7 @@ class _Graph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
             for _ in range(2):
-                lm._step(cache, self.ids, self.pos, self.mask)
+                lm._step(cache, self.ids, self.pos, self.mask, self.gate)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # cuBLAS keeps one workspace per (handle, stream) and a captured matmul keeps using the workspace
@@ -287,10 +299,14 @@ class _Graph:
         # captures can reuse it) and after (later eager matmuls do not inherit the pool's workspace).
         _clear_cublas_workspaces()
         with torch.cuda.graph(self.graph, pool=lm._pool):
-            self.out = lm._step(cache, self.ids, self.pos, self.mask)
+            self.out = lm._step(cache, self.ids, self.pos, self.mask, self.gate)
         _clear_cublas_workspaces()
 
-    def run(self, input_ids, position_ids, mask) -> torch.Tensor:
+    def run(self, input_ids, position_ids, mask, gate=None) -> torch.Tensor:
+        if (gate is None) != (self.gate is None):
+            raise RuntimeError("adapter gate given to a graph captured without one (or the reverse)")
+        if gate is not None:
+            self.gate.copy_(gate)
         self.ids.copy_(input_ids)
         self.pos.copy_(position_ids)
         if isinstance(mask, dict):

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "HF_BASE_DIR", "DATA_DIR", "EXPORT_DIR", "EVAL_DIR",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "HF_BASE_DIR", "MERGED_EXPORT_DIR", "DATA_DIR", "EXPORT_DIR", "EVAL_DIR",
            "EVAL_JSON", "EVAL_SUMMARY", "COMPLETE", "TRAINER_STATE", "MANIFEST", "RNG_DIR", "DCP_METADATA",
            "MEGATRON_LATEST", "MEGATRON_DIR", "stage_data_dir", "checkpoint_dir", "step_of", "step_dirs", "list_checkpoints", "latest_checkpoint",
            "megatron_stage_dir", "megatron_iteration_name", "megatron_init_dir", "megatron_data_dir", "is_megatron_run", "stage_record", "run_record"]
@@ -36,6 +36,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 HF_BASE_DIR = "hf_base"
+MERGED_EXPORT_DIR = "hf_merged"  # adapter runs with export.merge=true: the adapter folded into a full copy
 DATA_DIR = "data"
 EXPORT_DIR = "hf"
 EVAL_DIR = "eval"

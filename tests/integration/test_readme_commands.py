@@ -28,6 +28,8 @@ README = ROOT / "README.md"
 
 DEMO = "bash scripts/demo.sh"
 TRAIN = "nemodiff-train recipe=demo_cpu run.dir=runs/x diffusion.block_size=32 optim.lr=1e-5"
+ADAPTER_DEMO = "nemodiff-train recipe=demo_cpu_adapter run.dir=runs/demo_adapter"
+ADAPTER_FIGURES = "python tools/adapter_figures.py --rank 16"
 TORCHRUN = "torchrun --nproc-per-node=2 -m nemodiff_train.cli.train recipe=tiny_cpu run.dir=runs/y engine.distributed=fsdp2"
 DATA = ("nemodiff-data pretrain --source 'data/*.jsonl:0.7' --source code.parquet:0.3 --tokenizer runs/x/hf "
         "--seq-len 4096 --out prepared/")
@@ -59,6 +61,8 @@ SMALL_EVAL = "limit=1 max_new_tokens=4 sweep.threshold=[]"
 RUN = {
     DEMO: f"bash {ROOT}/scripts/demo.sh $PWD/runs/x {TINY_DEMO}",
     TRAIN: f"{TRAIN} --cfg job",  # composes and validates the config (test below); the demo run trains
+    ADAPTER_DEMO: f"{ADAPTER_DEMO} {TINY_DEMO}",  # the adapter demo end to end, two steps per stage
+    ADAPTER_FIGURES: f"python {ROOT}/tools/adapter_figures.py --rank 16 --steps 1 --batch 1 --seq-len 16",
     TORCHRUN: TORCHRUN,
     DATA: DATA,
     EVAL: f"{EVAL} {SMALL_EVAL}",
@@ -253,8 +257,10 @@ def test_readme_commands_run_offline(workdir):
     _write_pretrain_files(work)
     (work / "my_rows.jsonl").write_text(json.dumps({"prompt": "def one():\n", "reference": "    return 1\n"}) + "\n")
     for command in (TORCHRUN, DATA, EVAL, EVAL_JSONL, SWEEP, HEADROOM_X, EXPORT, PUSH_DRY, LM_EVAL, HEADROOM,
-                    BUILD_VARIANT, BENCH):
+                    BUILD_VARIANT, BENCH, ADAPTER_DEMO, ADAPTER_FIGURES):
         _sh(RUN[command], root, work)
+    assert (work / "runs/demo_adapter/hf/adapter_config.json").is_file()  # the adapter export
+    assert (work / "runs/demo_adapter/eval_summary.json").is_file()
     assert (work / "runs/y/hf/config.json").is_file()
     assert json.loads((work / "prepared/meta.json").read_text())["seq_len"] == 4096
     assert {r["task"] for r in json.loads((work / "runs/x/eval_mine/eval.json").read_text())} == {"my_rows"}

@@ -31,13 +31,37 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     path = Path(work.run("model", lambda: str(resolve_model_path(m.path)), per_node=True))
     shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
-    dlm = load_dlm(path, mask_token=mask, untie_head=m.untie_head, dtype=torch.float32, attn_implementation=attn,
+    # a frozen base keeps its head as it is (tied or not): an untied copy would only cost memory
+    untie = m.untie_head and cfg.adapter.name == "none"
+    dlm = load_dlm(path, mask_token=mask, untie_head=untie, dtype=torch.float32, attn_implementation=attn,
                    device="cpu" if shard_later else env.device,
                    settings={"train_block_size": d.block_size, "inference_block_size": d.inference_block_size,
                              "attention_pattern": d.pattern})
+    if cfg.adapter.name == "lora":
+        _add_adapter(dlm, cfg, path)
     dlm.hf.train()
     work.run("hf_base", lambda: _save_base(dlm, cfg, run_dir / runs.HF_BASE_DIR, source=path))
     return dlm
+
+
+def _add_adapter(dlm: DLMModel, cfg: Config, path: Path) -> None:
+    """Freeze the base and attach the drafter adapter (``adapter=lora``).
+
+    The mask token must already be a row of the base: adding one would grow the base's embedding and
+    head, and the base would no longer be the untouched checkpoint.
+    """
+    import json
+
+    from ...config.load import ConfigError
+
+    base_rows = json.loads((path / "config.json").read_text()).get("vocab_size")
+    rows = dlm.hf.get_input_embeddings().weight.shape[0]
+    if base_rows is not None and rows != int(base_rows):
+        raise ConfigError(f"adapter=lora: the mask token {cfg.model.mask_token!r} is not in {path}'s vocabulary, so "
+                          "it would be added and the frozen base would change; give a reserved id of the base "
+                          "instead (model.mask_token_id=<id>)")
+    a = cfg.adapter
+    dlm.add_adapter(rank=a.rank, alpha=a.alpha, dropout=a.dropout, target_modules=tuple(a.target_modules))
 
 
 def _save_base(dlm: DLMModel, cfg: Config, out: Path, source: Path) -> None:

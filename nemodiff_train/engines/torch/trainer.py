@@ -12,6 +12,14 @@ Each optimizer step:
 3. clip, step, log. Checkpoints every ``checkpoint.every`` steps, at stage ends, and on SIGTERM /
    SIGUSR1 (then exit 0, so a preempted Slurm job's successor resumes).
 
+With ``adapter=lora`` (docs/adapters.md) the base is frozen and only the drafter adapter trains
+(:func:`trained_module`: it is what the optimizer holds and what checkpoints save; the base is
+reloaded from ``model.path`` on resume). The noisy half runs with the adapter on and the clean half
+with it off, so the diffusion term trains the adapter; the AR term is still computed and logged (it
+is the frozen base's AR loss and stays constant) and stays in the loss denominator, but no trainable
+parameter reaches it: the clean half never sees the noisy half or the mask row, and the head is the
+base's, frozen.
+
 The engine only trains: export and evaluation at the end are :mod:`nemodiff_train.orchestrate`'s.
 """
 
@@ -49,7 +57,7 @@ from .setup import build_model, prepare_stage_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "TwoStreamLoss"]
+__all__ = ["train", "TwoStreamLoss", "trained_module"]
 
 
 class TwoStreamLoss(nn.Module):
@@ -97,26 +105,32 @@ def _stage_bounds(cfg: Config) -> list[tuple[int, int]]:
     return bounds
 
 
+def trained_module(dlm: DLMModel) -> nn.Module:
+    """What trains and is checkpointed: the drafter adapter (its LoRA pairs and mask row; the frozen
+    base is reloaded from ``model.path``) when one is attached, else the whole HF model."""
+    return dlm.adapter if dlm.adapter is not None else dlm.hf
+
+
 def _state(dlm: DLMModel, optim: torch.optim.Optimizer | None, with_optim: bool) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(dlm.hf)}
+    state = {"model": get_model_state_dict(trained_module(dlm))}
     if with_optim and optim is not None:
-        state["optim"] = get_optimizer_state_dict(dlm.hf, optim)
+        state["optim"] = get_optimizer_state_dict(trained_module(dlm), optim)
     return state
 
 
 def _load_state(dlm: DLMModel, optim, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    set_model_state_dict(dlm.hf, state["model"])
+    set_model_state_dict(trained_module(dlm), state["model"])
     if "optim" in state and optim is not None:
-        set_optimizer_state_dict(dlm.hf, optim, state["optim"])
+        set_optimizer_state_dict(trained_module(dlm), optim, state["optim"])
 
 
 def _make_optimizer(dlm: DLMModel, cfg: Config, stage: StageConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in dlm.hf.named_parameters():
+    for name, p in trained_module(dlm).named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases are not decayed
     o = cfg.optim
@@ -258,6 +272,10 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
                        config_dict=as_dict(cfg), run_name=cfg.run.name or cfg.recipe or run_dir.name)
     for note in notes:
         sink.message(note)
+    if dlm.adapter is not None:
+        base = sum(p.numel() for p in dlm.hf.parameters())
+        sink.message(f"adapter=lora: base frozen ({base:,} parameters); training {dlm.adapter.trainable_parameters():,} "
+                     f"(LoRA r={dlm.adapter.rank} on {len(dlm.adapter.paths)} linear layers + the mask row)")
     if ckpt:
         sink.message(f"resuming from {ckpt} (step {progress.step})")
 

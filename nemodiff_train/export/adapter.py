@@ -1,0 +1,256 @@
+"""Export and load a drafter adapter (docs/adapters.md): megabytes beside an untouched base model.
+
+An adapter export is a directory of
+
+* ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's LoRA format (``peft_type: LORA``,
+  ``r``, ``lora_alpha``, ``target_modules``, ``base_model_name_or_path``; weights named
+  ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight``), plus the mask token's trained
+  input-embedding row under ``nemodiff.mask_embedding`` (a key peft does not know and ignores) and a
+  ``nemodiff`` record: DLM settings, the base reference (a local path and/or a Hub id) and how the
+  adapter is switched (per token: on for draft / denoise tokens, off for AR / verify / re-encode);
+* ``config.json``: the base's config with the same ``nemodiff`` record (``adapter`` key) and, with
+  ``remote_code``, an ``auto_map`` to ``modeling_nemodiff.py``, whose ``from_pretrained`` loads the
+  base from the recorded reference and attaches the adapter, so
+  ``AutoModelForCausalLM.from_pretrained(<adapter dir>, trust_remote_code=True)`` offers every mode;
+* the tokenizer and ``generation_config.json`` (stop tokens, as a full export has them) and a model card.
+
+No base weights are written: the base stays the checkpoint users already ship. Loading plain peft
+(``PeftModel.from_pretrained``) applies the LoRA to every token (diffusion-only use, without the
+trained mask row); only this package and the remote code switch it per token.
+
+``merge=true`` (:func:`export_merged`) writes instead a full model with the adapter folded into the
+weights: a diffusion-only checkpoint (its AR mode is no longer the base, so self-speculation is not
+lossless against the base).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import runs
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "export_adapter", "export_merged", "is_adapter_export",
+           "is_adapter_run", "load_adapter_export", "load_adapter_run"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SWITCHING = "per token: on for draft and denoise tokens, off for AR steps, verify tokens and causal re-encodes"
+
+
+def is_adapter_export(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_adapter_run(run_cfg: dict) -> bool:
+    """A run config (plain dicts) that trained a drafter adapter."""
+    return ((run_cfg.get("adapter") or {}).get("name") or "none") == "lora"
+
+
+def _adapter_record(dlm, base_path: str | None, base_hub_id: str | None) -> dict[str, Any]:
+    a = dlm.adapter
+    return {"kind": "lora", "base_path": base_path, "base_hub_id": base_hub_id, "r": a.rank, "lora_alpha": a.alpha,
+            "lora_dropout": a.dropout, "target_modules": list(a.target_modules), "module_paths": list(a.paths),
+            "mask_embedding_key": "nemodiff.mask_embedding", "switching": SWITCHING,
+            "trainable_parameters": a.trainable_parameters()}
+
+
+def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: str | None = None,
+                   metadata: dict | None = None, dtype: str = "float32", remote_code: bool = True,
+                   overwrite: bool = False, eval_json: str | Path | None = None) -> Path:
+    """Write ``dlm``'s drafter adapter as an adapter export (see the module docstring).
+
+    Args:
+        dlm: a :class:`~nemodiff_train.models.hf.DLMModel` with an adapter attached.
+        base_path, base_hub_id: where the base comes from (a directory, a Hub id); at least one.
+        remote_code: add ``modeling_nemodiff.py`` and the ``auto_map`` that loads base + adapter.
+    Raises:
+        ExportError: no adapter, no base reference, a non-empty ``out``; nothing is written then.
+    """
+    from safetensors.torch import save_file
+
+    from ..models.adapter import peft_state_dict
+    from .model_card import read_eval_rows, write_model_card
+    from .remote_code import MODELING_FILE, modeling_source, remote_class_name
+    from .writer import DTYPES, _check_out, _commit, _dtype_name, _version, _write_config, _write_stop_tokens, \
+        nemodiff_record
+
+    if dlm.adapter is None:
+        raise ExportError("export_adapter: the model has no drafter adapter (adapter=lora)")
+    if not (base_path or base_hub_id):
+        raise ExportError("export_adapter: no base reference (a base path or a Hub id) to record")
+    out = Path(out)
+    name = _dtype_name(dtype)
+    _check_out(out, overwrite)
+    rows = read_eval_rows(Path(eval_json)) if eval_json is not None else None
+    record = nemodiff_record(dlm, metadata, name)
+    record["adapter"] = _adapter_record(dlm, base_path, base_hub_id)
+    record["base_model"] = base_hub_id or base_path
+    model_type = getattr(dlm.hf.config, "model_type", None)
+    source = modeling_source(model_type, _version()) if remote_code else None
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_hub_id or base_path,
+        "r": dlm.adapter.rank, "lora_alpha": dlm.adapter.alpha, "lora_dropout": dlm.adapter.dropout,
+        "target_modules": list(dlm.adapter.target_modules), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        "nemodiff": record}
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        tensors = {k: v.detach().to(device="cpu", dtype=DTYPES[name]).contiguous()
+                   for k, v in peft_state_dict(dlm.adapter).items()}
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        dlm.hf.config.save_pretrained(tmp)
+        if getattr(dlm.hf, "generation_config", None) is not None:
+            dlm.hf.generation_config.save_pretrained(tmp)
+        auto_map = None
+        if source is not None:
+            (tmp / MODELING_FILE).write_text(source)
+            auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{remote_class_name(model_type)}"}
+        _write_config(tmp, record, name, auto_map)
+        if dlm.tokenizer is not None:
+            dlm.tokenizer.save_pretrained(str(tmp))
+        _write_stop_tokens(tmp, dlm)
+        write_model_card(tmp, rows=rows, metadata=record)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.debug("exported adapter %s", out)
+    return out
+
+
+def export_merged(dlm, out: str | Path, **kwargs) -> Path:
+    """A full export with the adapter folded into a COPY of the weights (diffusion-only use; see the
+    module docstring); ``dlm`` is left as it is. ``kwargs`` as :func:`nemodiff_train.export.export_dlm`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models.adapter import attach_adapter, find_adapter, load_peft_state_dict, merge_adapter, peft_state_dict
+    from ..models.hf import DLMModel
+    from .checkpoint import _no_init
+    from .writer import export_dlm
+
+    a = dlm.adapter
+    if a is None:
+        raise ExportError("merge=true: the model has no drafter adapter to merge")
+    with _no_init():
+        hf = AutoModelForCausalLM.from_config(dlm.hf.config, dtype=torch.float32,
+                                              attn_implementation=dlm.hf.config._attn_implementation)
+    hf.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in dlm.hf.state_dict().items()})
+    hf.generation_config = copy.deepcopy(dlm.hf.generation_config)
+    attach_adapter(hf, a.mask_token_id, rank=a.rank, alpha=a.alpha, dropout=0.0, target_modules=a.target_modules)
+    load_peft_state_dict(find_adapter(hf), peft_state_dict(a))
+    merge_adapter(hf)
+    meta = dict(kwargs.pop("metadata", None) or {})
+    meta["merged_adapter"] = {"lossless_against_base": False, "note": "adapter folded into every token's weights: "
+                              "for diffusion decoding; use the adapter export for lossless self-speculation"}
+    return export_dlm(DLMModel(hf, dlm.settings, dlm.tokenizer), out, metadata=meta, **kwargs)
+
+
+def _pick_base(candidates: list[str | None]) -> Path:
+    from ..assets.resolve import resolve_model_path
+
+    errors = []
+    for c in [c for c in candidates if c]:
+        try:
+            return resolve_model_path(str(c))
+        except FileNotFoundError as e:
+            errors.append(str(e))
+    raise ExportError("the adapter's base model is not available: " + ("; ".join(errors) or "no base recorded")
+                      + " (pass base=<path or Hub id>)")
+
+
+def load_adapter_export(path: str | Path, *, base: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", attn_implementation: str | None = None):
+    """Base (``base``, else the recorded path, else the recorded Hub id) + the adapter of an export.
+
+    Returns:
+        a :class:`~nemodiff_train.models.hf.DLMModel` with the adapter attached, the export's
+        tokenizer and generation config, and the export's ``nemodiff`` record on its config.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ..models.adapter import load_peft_state_dict
+    from ..models.hf import _has_tokenizer, load_dlm
+
+    path = Path(path)
+    try:
+        peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
+        record = dict(peft_config["nemodiff"])
+        adapter = record["adapter"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"{path / ADAPTER_CONFIG} is not a nemodiff adapter export ({type(e).__name__}: {e})") from None
+    base_dir = _pick_base([base] if base else [adapter.get("base_path"), adapter.get("base_hub_id")])
+    settings = {k: record[k] for k in ("train_block_size", "inference_block_size", "attention_pattern") if k in record}
+    dlm = load_dlm(base_dir, mask_token=int(record["mask_token_id"]), untie_head=False, dtype=dtype,
+                   attn_implementation=attn_implementation, device=device, settings=settings)
+    dlm.add_adapter(rank=int(adapter["r"]), alpha=float(adapter["lora_alpha"]), dropout=0.0,
+                    target_modules=tuple(adapter["target_modules"]))
+    try:
+        load_peft_state_dict(dlm.adapter, load_file(str(path / ADAPTER_WEIGHTS)))
+    except ValueError as e:
+        raise ExportError(f"{path / ADAPTER_WEIGHTS} does not fit the base {base_dir}: {e}") from None
+    dlm.adapter.to(device=device, dtype=dtype)
+    if _has_tokenizer(path):
+        dlm.tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "generation_config.json").is_file():
+        dlm.hf.generation_config = GenerationConfig.from_pretrained(path)
+    dlm.hf.config.nemodiff = record
+    return dlm.eval()
+
+
+def load_adapter_run(src, run_cfg: dict):
+    """The base + the adapter of a torch run's checkpoint (``src``: a run or checkpoint
+    :class:`~nemodiff_train.export.checkpoint.Source`).
+
+    Returns:
+        ``(dlm, base_path, base_hub_id)``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ..models.hf import _has_tokenizer, load_dlm
+    from ..runs.dcp import SafeFileSystemReader
+
+    model_cfg, diff, a = run_cfg.get("model") or {}, run_cfg.get("diffusion") or {}, run_cfg.get("adapter") or {}
+    source_file = src.hf_dir / "SOURCE"
+    recorded = source_file.read_text().strip() if source_file.is_file() else None
+    base_dir = _pick_base([recorded, model_cfg.get("path")])
+    hub_id = model_cfg.get("hub_id") or (model_cfg.get("path") if str(model_cfg.get("path", "")).count("/") == 1
+                                         and not Path(str(model_cfg.get("path"))).exists() else None)
+    nemodiff = json.loads((src.hf_dir / "config.json").read_text()).get("nemodiff") or {}
+    mask = nemodiff.get("mask_token_id", model_cfg.get("mask_token_id"))
+    dlm = load_dlm(base_dir, mask_token=int(mask) if mask is not None else model_cfg.get("mask_token"),
+                   untie_head=False,
+                   settings={"train_block_size": diff.get("block_size", 64),
+                             "inference_block_size": diff.get("inference_block_size", 32),
+                             "attention_pattern": diff.get("pattern", "two_stream")})
+    dlm.add_adapter(rank=int(a.get("rank", 16)), alpha=float(a.get("alpha", 32.0)), dropout=0.0,
+                    target_modules=tuple(a.get("target_modules") or ()))
+    state = dlm.adapter.state_dict()
+    try:
+        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(src.ckpt_dir)), no_dist=True)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        raise ExportError(f"checkpoint {src.ckpt_dir}: cannot load the adapter weights "
+                          f"({type(e).__name__}: {lines[-1] if lines else ''})") from None
+    dlm.adapter.load_state_dict(state)
+    if _has_tokenizer(src.hf_dir):
+        dlm.tokenizer = AutoTokenizer.from_pretrained(src.hf_dir)
+    if (src.hf_dir / "generation_config.json").is_file():
+        dlm.hf.generation_config = GenerationConfig.from_pretrained(src.hf_dir)
+    dlm.hf.config.nemodiff = nemodiff
+    return dlm.eval(), str(Path(base_dir).resolve()), hub_id
