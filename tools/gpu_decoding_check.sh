@@ -49,7 +49,8 @@ if [ -d .device/wheels ] && ! python3 -c "import hydra" 2>/dev/null; then
 fi
 
 # 1. static cache == eager dynamic path on CUDA (fp32 and bf16, all modes), graph capture and reuse
-part static_cache_tests 120 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu/test_static_cache_gpu.py
+part static_cache_tests 120 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu/test_static_cache_gpu.py \
+  tests/gpu/test_adapter_gpu.py
 
 # 2. the Qwen3-8B shape: every mode at batch 1, ar/diffusion at batch 8, HF generate (static, compiled).
 # One prompt per pass at batch 1 (a whole batch at 8), 1 warm-up (graph capture, HF's compilation), 3 passes.

@@ -133,10 +133,15 @@ class ShapeCounter:
     def cache_length(self, cache):
         return self.lm.cache_length(cache)
 
-    def forward(self, cache, input_ids, position_ids, attention_mask, write_cache):
+    @property
+    def has_adapter(self) -> bool:
+        return bool(getattr(self.lm, "has_adapter", False))
+
+    def forward(self, cache, input_ids, position_ids, attention_mask, write_cache, **kwargs):
         b, q = input_ids.shape
         self.counts[(b, q, self.lm.cache_length(cache) == 0)] += 1
-        return self.lm.forward(cache, input_ids, position_ids, attention_mask, write_cache)
+        # kwargs: the drafter adapter's per-token gate, passed through so the counted pass is the real one
+        return self.lm.forward(cache, input_ids, position_ids, attention_mask, write_cache, **kwargs)
 
     def keep_cache(self, cache, positions):
         return self.lm.keep_cache(cache, positions)
