@@ -80,10 +80,9 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
     from safetensors.torch import save_file
 
     from ..models.adapter import peft_state_dict
-    from .model_card import read_eval_rows, write_model_card
-    from .remote_code import MODELING_FILE, modeling_source, remote_class_name
-    from .writer import DTYPES, _check_out, _commit, _dtype_name, _version, _write_config, _write_stop_tokens, \
-        nemodiff_record
+    from .model_card import read_eval_rows
+    from .remote_code import modeling_source
+    from .writer import DTYPES, _check_out, _commit, _dtype_name, _version, nemodiff_record, write_model_files
 
     if dlm.adapter is None:
         raise ExportError("export_adapter: the model has no drafter adapter (adapter=lora)")
@@ -115,15 +114,7 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
         dlm.hf.config.save_pretrained(tmp)
         if getattr(dlm.hf, "generation_config", None) is not None:
             dlm.hf.generation_config.save_pretrained(tmp)
-        auto_map = None
-        if source is not None:
-            (tmp / MODELING_FILE).write_text(source)
-            auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{remote_class_name(model_type)}"}
-        _write_config(tmp, record, name, auto_map)
-        if dlm.tokenizer is not None:
-            dlm.tokenizer.save_pretrained(str(tmp))
-        _write_stop_tokens(tmp, dlm)
-        write_model_card(tmp, rows=rows, metadata=record)
+        write_model_files(tmp, dlm, record, name, source, model_type, rows)
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

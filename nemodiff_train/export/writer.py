@@ -145,6 +145,24 @@ def _save_weights(hf, folder: Path, dtype: torch.dtype, max_shard_size: str | in
         hf.config.dtype = config_dtype  # save_pretrained records the model's dtype on its config
 
 
+def write_model_files(tmp: Path, dlm, record: dict, name: str, source: str | None, model_type: str | None,
+                      rows) -> None:
+    """What every export writes beside its weights: the remote code (when ``source``), ``config.json``
+    with the nemodiff record, the tokenizer, the stop tokens and the model card."""
+    from .model_card import write_model_card
+    from .remote_code import MODELING_FILE, remote_class_name
+
+    auto_map = None
+    if source is not None:
+        (tmp / MODELING_FILE).write_text(source)
+        auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{remote_class_name(model_type)}"}
+    _write_config(tmp, record, name, auto_map)
+    if dlm.tokenizer is not None:
+        dlm.tokenizer.save_pretrained(str(tmp))
+    _write_stop_tokens(tmp, dlm)
+    write_model_card(tmp, rows=rows, metadata=record)
+
+
 def _write_config(folder: Path, record: dict, dtype: str, auto_map: dict | None) -> None:
     file = folder / "config.json"
     cfg = json.loads(file.read_text())
@@ -251,8 +269,8 @@ def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict |
     Raises:
         ExportError: nothing is written to ``out`` then.
     """
-    from .model_card import read_eval_rows, write_model_card
-    from .remote_code import modeling_source, remote_class_name, MODELING_FILE
+    from .model_card import read_eval_rows
+    from .remote_code import modeling_source
 
     out = Path(out)
     name = _dtype_name(dtype)
@@ -270,15 +288,7 @@ def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict |
         tmp.mkdir(parents=True)
         _save_weights(dlm.hf, tmp, DTYPES[name], max_shard_size)
         fault_point("export")  # NEMODIFF_FAULT=export:<n>: a fault with the weights half-exported
-        auto_map = None
-        if source is not None:
-            (tmp / MODELING_FILE).write_text(source)
-            auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{remote_class_name(model_type)}"}
-        _write_config(tmp, record, name, auto_map)
-        if dlm.tokenizer is not None:
-            dlm.tokenizer.save_pretrained(str(tmp))
-        _write_stop_tokens(tmp, dlm)
-        write_model_card(tmp, rows=rows, metadata=record)
+        write_model_files(tmp, dlm, record, name, source, model_type, rows)
         _verify(tmp)
         _commit(tmp, out)
     except BaseException:
