@@ -147,7 +147,8 @@ def fingerprint(cfg: DataPrepConfig) -> str:
         "max_documents": cfg.max_documents,
     }
     if cfg.kind == "sft":
-        spec.update(pack=bool(cfg.pack), truncate=bool(cfg.truncate))
+        # the packing algorithm is part of the spec: data packed by another one is another layout
+        spec.update(pack="best_fit_decreasing" if cfg.pack else False, truncate=bool(cfg.truncate))
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

@@ -26,10 +26,9 @@ Length: conversations longer than ``seq_len`` tokens are skipped as ``over-long-
 with ``truncate=True``, cut to ``seq_len`` tokens (skipped anyway if no assistant token is left).
 No EOS is appended: the template's own end-of-turn token ends the conversation.
 
-Layout: each conversation is one document. ``pack=True`` (:func:`layout_packed`) puts them one
-after another into rows of L, moving to a new row when the next one does not fit (next-fit, in
-the blend's shuffled order; conversations are never split, since a continuation without its
-prompt teaches nothing) and pads the rest of the row. ``pack=False`` (:func:`layout_padded`) puts
+Layout: each conversation is one document. ``pack=True`` (:func:`layout_packed`) fills rows of L
+best-fit-decreasing (conversations are never split, since a continuation without its prompt
+teaches nothing) and pads the rest of the row. ``pack=False`` (:func:`layout_padded`) puts
 one conversation per row. Padding: pad id, ``loss_mask`` 0, its own document id.
 """
 
@@ -149,28 +148,91 @@ class SftEncoder:
 
 
 def layout_packed(src: np.ndarray, doc: np.ndarray, lengths: np.ndarray, seq_len: int) -> Layout:
-    """Next-fit packing of whole conversations (each ``<= seq_len``) in the given order."""
+    """Best-fit-decreasing packing of whole conversations (each ``<= seq_len``) into rows of ``seq_len``.
+
+    Longest first, each conversation goes into the open row with the LEAST room that still fits it
+    (a new row when none does). Next-fit in the blend's order left 43 % of the demo's SFT tokens as
+    padding (two 140-token problems never share a 256-token row, and a row is closed at the first
+    misfit); best-fit-decreasing fills rows to within a few percent, so each step trains on more
+    conversations for the same compute. Row order carries no meaning: training visits rows in a
+    seeded permutation (:mod:`.order`). Ties keep the input order, so the layout is deterministic.
+
+    Args:
+        src, doc: ``[n]`` source index and document index of each conversation.
+        lengths: ``[n]`` token counts.
+    Returns:
+        a :class:`Layout` sorted by ``(row, col)``; within a row, conversations in placement order.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
+    if n and lengths.max() > seq_len:
+        raise ValueError(f"conversation of {int(lengths.max())} tokens does not fit seq_len={seq_len}")
+    rooms = _RoomIndex(seq_len)
     row = np.empty(n, dtype=np.int64)
     col = np.empty(n, dtype=np.int64)
-    r, used = 0, 0
-    for i, length in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
-        if length > seq_len:
-            raise ValueError(f"conversation of {length} tokens does not fit seq_len={seq_len}")
-        if used + length > seq_len:
-            r, used = r + 1, 0
-        row[i], col[i] = r, used
-        used += length
+    used: list[int] = []  # tokens placed in each row so far
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        length = int(lengths[i])
+        r = rooms.take_smallest_fitting(length)
+        if r is None:
+            r = len(used)
+            used.append(0)
+        row[i], col[i] = r, used[r]
+        used[r] += length
+        if used[r] < seq_len:
+            rooms.add(r, seq_len - used[r])
+    order = np.lexsort((col, row))
     zeros = np.zeros(n, dtype=np.int64)
     return Layout(
-        rows=r + 1 if n else 0,
-        row=row,
-        col=col,
-        src=np.asarray(src, dtype=np.int64),
-        doc=np.asarray(doc, dtype=np.int64),
+        rows=len(used),
+        row=row[order],
+        col=col[order],
+        src=np.asarray(src, dtype=np.int64)[order],
+        doc=np.asarray(doc, dtype=np.int64)[order],
         start=zeros,
-        length=np.asarray(lengths, dtype=np.int64),
+        length=lengths[order],
     )
+
+
+class _RoomIndex:
+    """Open rows by free room (``1..seq_len`` tokens): find and remove a row with the least room ``>= need``.
+
+    A segment tree over room sizes counts the open rows per size, so a query is O(log seq_len); each
+    size keeps its rows in a LIFO list (which row of a given size is taken does not change the fill).
+    """
+
+    def __init__(self, seq_len: int):
+        self.size = 1 << max(1, int(seq_len)).bit_length()  # leaves 0..size-1 cover rooms 0..seq_len
+        self.count = [0] * (2 * self.size)
+        self.rows: dict[int, list[int]] = {}
+
+    def _bump(self, room: int, delta: int) -> None:
+        node = room + self.size
+        while node:
+            self.count[node] += delta
+            node //= 2
+
+    def add(self, row: int, room: int) -> None:
+        self.rows.setdefault(room, []).append(row)
+        self._bump(room, 1)
+
+    def take_smallest_fitting(self, need: int) -> int | None:
+        """Remove and return a row whose room is the smallest that is ``>= need`` (None: no row fits)."""
+        room = self._first_at_least(1, 0, self.size - 1, need)
+        if room is None:
+            return None
+        row = self.rows[room].pop()
+        self._bump(room, -1)
+        return row
+
+    def _first_at_least(self, node: int, lo: int, hi: int, need: int) -> int | None:
+        if hi < need or self.count[node] == 0:
+            return None
+        if lo == hi:
+            return lo
+        mid = (lo + hi) // 2
+        left = self._first_at_least(2 * node, lo, mid, need)
+        return left if left is not None else self._first_at_least(2 * node + 1, mid + 1, hi, need)
 
 
 def layout_padded(src: np.ndarray, doc: np.ndarray, lengths: np.ndarray, seq_len: int) -> Layout:

@@ -123,13 +123,36 @@ def test_template_that_rewrites_earlier_turns_is_a_mismatch(toks):
 
 
 @pytest.mark.unit
-def test_layout_packed_next_fit():
-    # in order, never looking back: [4 3] [5] [8] [1] (the 1 does not go back into row 0 or 1)
+def test_layout_packed_best_fit_decreasing():
+    # longest first, each into the fullest row that still fits: [8] [5 3] [4 1] (next-fit needed 4 rows)
     lay = layout_packed(np.zeros(5), np.arange(5), np.array([4, 3, 5, 8, 1]), 8)
-    assert lay.rows == 4
-    assert lay.row.tolist() == [0, 0, 1, 2, 3] and lay.col.tolist() == [0, 4, 0, 0, 0]
+    assert lay.rows == 3
+    assert lay.doc.tolist() == [3, 2, 1, 0, 4]
+    assert lay.row.tolist() == [0, 1, 1, 2, 2] and lay.col.tolist() == [0, 0, 5, 0, 4]
+    assert lay.length.tolist() == [8, 5, 3, 4, 1]
     with pytest.raises(ValueError, match="does not fit"):
         layout_packed(np.zeros(1), np.arange(1), np.array([9]), 8)
+
+
+@pytest.mark.unit
+def test_layout_packed_places_every_conversation_once_without_overlap():
+    rng = np.random.default_rng(0)
+    for seq_len in (8, 64, 256):
+        lengths = rng.integers(1, seq_len + 1, 500)
+        src = rng.integers(0, 3, 500)
+        lay = layout_packed(src, np.arange(500), lengths, seq_len)
+        assert sorted(lay.doc.tolist()) == list(range(500))
+        assert (lay.src == src[lay.doc]).all() and (lay.length == lengths[lay.doc]).all()
+        keys = lay.row * (seq_len + 1) + lay.col
+        assert (np.diff(keys) > 0).all()  # sorted by (row, col)
+        for r in range(lay.rows):  # contiguous from column 0, never past the row
+            mine = lay.row == r
+            ends = np.cumsum(lay.length[mine])
+            assert lay.col[mine].tolist() == [0, *ends[:-1].tolist()] and ends[-1] <= seq_len
+        # best fit never opens a row while an open one could take the conversation: at most one row
+        # is at most half full, so rows < 2 * tokens / seq_len + 1
+        assert lay.rows <= 2 * lengths.sum() / seq_len + 1
+        assert lay.rows >= int(np.ceil(lengths.sum() / seq_len))
 
 
 def _write_chats(path, n=24):
