@@ -146,3 +146,33 @@ def test_adapter_export_through_transformers_trust_remote_code(assets, adapter_r
         ours = [generate(lm, [p], mode, DecodeConfig(max_new_tokens=12, block_size=4))[0].tokens for p in prompts]
         assert outputs == ours, mode
     assert got["modes"]["linear_spec"] == got["base"] and got["modes"]["quadratic_spec"] == got["base"]
+
+
+def test_check_against_base_tool_compares_with_plain_generate(assets, adapter_run, tmp_path):
+    """tools/check_against_base.py: the adapter's self-speculation outputs from nemodiff-eval equal plain
+    transformers generate() of the untouched base (exit 0); one altered output token is caught (exit 1)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.integration.test_train_cli import _env
+
+    root = Path(__file__).resolve().parents[2]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "reference": "x"}) + "\n" for p in ("abc", "hello there")))
+    out = tmp_path / "eval"
+    ev = subprocess.run([sys.executable, "-m", "nemodiff_train.cli.evaluate", f"model={adapter_run}", f"task={rows}",
+                         "modes=[ar,linear_spec,quadratic_spec]", "max_new_tokens=10", "block_size=4",
+                         "sweep.threshold=[]", "chat_template=false", f"out={out}"],
+                        capture_output=True, text=True, env=_env(), timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    tool = [sys.executable, str(root / "tools" / "check_against_base.py"), str(out), "--base", str(assets / "model")]
+    ok = subprocess.run(tool, capture_output=True, text=True, env=_env(), timeout=600)
+    assert ok.returncode == 0 and "4 of 4 samples" in ok.stdout, ok.stdout + ok.stderr[-3000:]
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    victim = next(s for s in samples if s["mode"] == "quadratic_spec")
+    victim["output_ids"][-1] += 1
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    bad = subprocess.run(tool, capture_output=True, text=True, env=_env(), timeout=600)
+    assert bad.returncode == 1 and "MISMATCH" in bad.stdout and "3 of 4 samples" in bad.stdout, bad.stdout
