@@ -30,6 +30,7 @@ DEMO = "bash scripts/demo.sh"
 TRAIN = "nemodiff-train recipe=demo_cpu run.dir=runs/x diffusion.block_size=32 optim.lr=1e-5"
 ADAPTER_DEMO = "nemodiff-train recipe=demo_cpu_adapter run.dir=runs/demo_adapter"
 ADAPTER_FIGURES = "python tools/adapter_figures.py --rank 16"
+CHECK_BASE = "python tools/check_against_base.py runs/demo_adapter/eval --base nemodiff_train/assets/tiny_qwen3"
 TORCHRUN = "torchrun --nproc-per-node=2 -m nemodiff_train.cli.train recipe=tiny_cpu run.dir=runs/y engine.distributed=fsdp2"
 DATA = ("nemodiff-data pretrain --source 'data/*.jsonl:0.7' --source code.parquet:0.3 --tokenizer runs/x/hf "
         "--seq-len 4096 --out prepared/")
@@ -63,6 +64,7 @@ RUN = {
     TRAIN: f"{TRAIN} --cfg job",  # composes and validates the config (test below); the demo run trains
     ADAPTER_DEMO: f"{ADAPTER_DEMO} {TINY_DEMO}",  # the adapter demo end to end, two steps per stage
     ADAPTER_FIGURES: f"python {ROOT}/tools/adapter_figures.py --rank 16 --steps 1 --batch 1 --seq-len 16",
+    CHECK_BASE: CHECK_BASE.replace("python tools/", f"python {ROOT}/tools/").replace("nemodiff_train/", f"{ROOT}/nemodiff_train/"),
     TORCHRUN: TORCHRUN,
     DATA: DATA,
     EVAL: f"{EVAL} {SMALL_EVAL}",
@@ -257,8 +259,10 @@ def test_readme_commands_run_offline(workdir):
     _write_pretrain_files(work)
     (work / "my_rows.jsonl").write_text(json.dumps({"prompt": "def one():\n", "reference": "    return 1\n"}) + "\n")
     for command in (TORCHRUN, DATA, EVAL, EVAL_JSONL, SWEEP, HEADROOM_X, EXPORT, PUSH_DRY, LM_EVAL, HEADROOM,
-                    BUILD_VARIANT, BENCH, ADAPTER_DEMO, ADAPTER_FIGURES):
-        _sh(RUN[command], root, work)
+                    BUILD_VARIANT, BENCH, ADAPTER_DEMO, CHECK_BASE, ADAPTER_FIGURES):
+        out = _sh(RUN[command], root, work)
+        if command == CHECK_BASE:  # the adapter demo's self-speculation equals generate() of the base
+            assert "samples (linear_spec, quadratic_spec) equal transformers generate()" in out.stdout
     assert (work / "runs/demo_adapter/hf/adapter_config.json").is_file()  # the adapter export
     assert (work / "runs/demo_adapter/eval_summary.json").is_file()
     assert (work / "runs/y/hf/config.json").is_file()
