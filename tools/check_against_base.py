@@ -5,7 +5,8 @@ adapter (docs/adapters.md) the AR mode is the untouched base, so ``linear_spec``
 must reproduce what the ORIGINAL checkpoint writes with nothing of this toolkit involved. This tool
 loads the base with ``AutoModelForCausalLM`` alone, greedy-decodes every prompt of ``samples.jsonl``
 (written by ``nemodiff-eval``) with ``generate()``, and compares token for token, up to and including
-the first stop token and within the evaluation's ``max_new_tokens``.
+the first stop token and within the evaluation's ``max_new_tokens``. Only the settings come from this
+package (the export's mask token, the evaluator's stop tokens); the decoding is transformers' alone.
 
     python tools/check_against_base.py runs/demo_adapter/eval --base nemodiff_train/assets/tiny_qwen3
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from nemodiff_train.eval.loading import resolve_model_dir
+
     rows = json.loads((args.eval_dir / "eval.json").read_text())
     settings = {(r["task"], r["mode"]): r for r in rows if r.get("sweep") is None}
     samples = [json.loads(line) for line in (args.eval_dir / "samples.jsonl").read_text().splitlines()]
@@ -38,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if not samples:
         print(f"no {args.modes} samples at the main setting in {args.eval_dir}", file=sys.stderr)
         return 1
-    model_dir = Path(json.loads((args.eval_dir / "eval_config.json").read_text())["model"])
-    if not (model_dir / "config.json").is_file():
-        model_dir = model_dir / "hf"  # a training run directory: its export
+    model_dir = resolve_model_dir(json.loads((args.eval_dir / "eval_config.json").read_text())["model"])
     mask_id, eos = _mask_and_stop_ids(model_dir)
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     references: dict[tuple[str, tuple[int, ...]], list[int]] = {}
@@ -78,21 +79,19 @@ def _cut(tokens: list[int], eos: tuple[int, ...], limit: int) -> list[int]:
 
 
 def _mask_and_stop_ids(model_dir: Path) -> tuple[int, tuple[int, ...]]:
-    """The evaluated export's mask token (its ``nemodiff`` record) and stop tokens (generation_config.json)."""
-    record = {}
-    for name in ("adapter_config.json", "config.json"):
-        path = model_dir / name
-        if path.is_file():
-            record = json.loads(path.read_text()).get("nemodiff") or {}
-            if "mask_token_id" in record:
-                break
+    """The evaluated export's mask token (its ``nemodiff`` record) and the stop tokens the evaluator used."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from nemodiff_train.eval.stop_tokens import stop_token_ids
+
+    record = json.loads((model_dir / "config.json").read_text()).get("nemodiff") or {}
     if "mask_token_id" not in record:
-        raise SystemExit(f"{model_dir} records no nemodiff.mask_token_id: not an export of this toolkit")
-    stops = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
-    stops = [stops] if isinstance(stops, int) else list(stops or [])
+        raise SystemExit(f"{model_dir}/config.json records no nemodiff.mask_token_id: not an export of this toolkit")
+    generation = GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file() else None
+    stops = stop_token_ids(AutoTokenizer.from_pretrained(model_dir), generation)
     if not stops:
-        raise SystemExit(f"{model_dir}/generation_config.json names no eos_token_id")
-    return int(record["mask_token_id"]), tuple(int(t) for t in stops)
+        raise SystemExit(f"{model_dir} names no stop token (tokenizer eos, generation_config.json)")
+    return int(record["mask_token_id"]), stops
 
 
 if __name__ == "__main__":

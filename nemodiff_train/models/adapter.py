@@ -55,12 +55,10 @@ class LoRAPair(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = float(alpha) / float(rank)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # no parameters either way
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return self.lora_B(self.lora_A(x)) * self.scaling
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
 def _key(path: str) -> str:
@@ -90,21 +88,8 @@ class DrafterAdapter(nn.Module):
         for pair, m in zip(self.lora.values(), targets.values()):
             pair.to(device=m.weight.device, dtype=m.weight.dtype)
         self.mask_embedding = nn.Parameter(embedding_row.detach().clone().reshape(1, -1))
-        self.gate = None
+        self.gate: torch.Tensor | None = None
         self._handles: list = []
-
-    @property
-    def gate(self) -> torch.Tensor | None:
-        return self._gate
-
-    @gate.setter
-    def gate(self, value: torch.Tensor | None) -> None:
-        self._gate = value
-        # A gate on for every token (draft and denoise passes) lets the hooks add the delta without a
-        # per-token select. Known on the host only for CPU tensors: reading a CUDA gate's values would
-        # synchronise the device and break CUDA-graph capture, where one captured graph serves draft and
-        # verify passes with the gate as an input buffer (models/static_cache.py).
-        self.gate_on_everywhere = value is not None and value.device.type == "cpu" and bool(value.all())
 
     def pair(self, path: str) -> LoRAPair:
         return self.lora[_key(path)]
@@ -125,18 +110,15 @@ def _check_gate(gate: torch.Tensor, lead: torch.Size, where: str) -> None:
 
 
 def _linear_hook(adapter: DrafterAdapter, path: str):
-    pair = adapter.pair(path)  # the same module object for the adapter's life (weights load in place)
-
     def hook(module, args, output):
         gate = adapter.gate
         if gate is None:
             return output
         x = args[0]
         _check_gate(gate, x.shape[:-1], path)
+        pair = adapter.pair(path)
         # under autocast the matmuls cast by themselves; otherwise match the adapter's dtype
         delta = pair(x if torch.is_autocast_enabled(x.device.type) else x.to(pair.lora_A.weight.dtype))
-        if adapter.gate_on_everywhere:
-            return output + delta.to(output.dtype)  # the same values as the select below, one op fewer
         return torch.where(gate[..., None], output + delta.to(output.dtype), output)
     return hook
 
