@@ -44,6 +44,13 @@ class TwoStreamForward:
         hidden: ``[m, 2L, d]`` final hidden states, noisy stream (the diffusion view, positions
             ``0..L-1``) first, then the clean stream (the AR view, ``L..2L-1``).
         chunk_size: rows per head call that bound the ``[n, V]`` logits (use it for full-vocabulary terms).
+
+    The two views predict the same token at shifted positions: ``noisy_hidden[:, i]`` (where
+    ``mb.noise.masked``) and ``clean_hidden[:, i - 1]`` both predict ``x0[:, i]``. So with
+    ``sel = mb.noise.masked[:, 1:]`` (restricted further to targets in the same document as the
+    position before them, as :func:`~nemodiff_train.core.losses.ar_targets` does), a KL between the
+    views compares ``logits(noisy_hidden[:, 1:][sel])`` with ``logits(clean_hidden[:, :-1][sel])``,
+    row for row. A term with a frozen teacher runs the teacher on ``mb`` itself, under ``torch.no_grad()``.
     """
 
     dlm: DLMModel

@@ -152,7 +152,18 @@ class StageRun:
     ``loss_fn`` (:class:`~.loss.JointObjective`) all-reduces every term's count with the joint
     denominator before the forward (:meth:`forward_backward`), adds ``weight · sum / global count`` to
     what each micro-batch backpropagates, and logs ``<name>_loss``. Pass terms to :func:`train`
-    (``loss_terms``) or :class:`Run`.
+    (``loss_terms``, or ``TrainOptions.loss_terms`` through the orchestration) or :class:`Run`. A
+    subclass may instead override :meth:`forward_backward` (it returns the step's detached
+    :class:`~.loss.StepParts`, which :meth:`log_step` reduces with ``loss_fn.metrics``).
+
+    Attributes:
+        shared: the :class:`Run` (``dlm``, ``par``, ``state``, ``stop``, ``validator``, ``work``).
+        cfg, env, sink, loss_fn: the run's config, process group, metrics sink and objective.
+        index, stage, first, last: the stage, its index, and the global steps before its first step
+            and at its end.
+        train_ds, val_ds, order, sample_offset: its prepared data, global data order, and the
+            number of samples earlier stages consumed (seeds the noise).
+        optim: its AdamW (fresh per stage; restored from a checkpoint inside the same stage).
     """
 
     def __init__(self, run: Run, index: int):
