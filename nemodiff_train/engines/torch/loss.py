@@ -176,6 +176,12 @@ class JointObjective:
         self.weights = weights
         self.terms = list(terms)
 
+    @classmethod
+    def from_config(cls, cfg, terms: Sequence[LossTerm] = ()) -> "JointObjective":
+        """The run's objective: ``diffusion.alpha`` / ``diffusion.beta`` and the extra ``terms``
+        (build config-selected terms here when the config grows keys for them)."""
+        return cls(LossWeights(cfg.diffusion.alpha, cfg.diffusion.beta), terms)
+
     def local_denominators(self, micro: Sequence[MicroBatch]) -> list[float]:
         """This rank's ``[N_mask + β·N_AR, count of term 1, ...]`` for the step (before any forward)."""
         joint = sum(mb.masked_count + self.weights.beta * mb.ar_count for mb in micro)

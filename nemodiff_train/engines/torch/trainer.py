@@ -38,7 +38,6 @@ import torch
 from ... import runs
 from ...config.load import as_dict, save_config
 from ...config.schema import Config
-from ...core.losses import LossWeights
 from ...data.order import GlobalOrder
 from ...faults import fault_point
 from ...models.hf import DLMModel
@@ -113,7 +112,7 @@ class Run:
         self._announce(notes)
         d = cfg.diffusion
         self.par = parallelize(TwoStreamLoss(self.dlm, d.block_size, d.loss_chunk_size, loss_terms), cfg, self.env)
-        self.loss_fn = JointObjective(LossWeights(d.alpha, d.beta), loss_terms)
+        self.loss_fn = JointObjective.from_config(cfg, loss_terms)
         self.validator = Validator(cfg, self.env, self.par, self.work, hooks)
 
     @property
