@@ -49,6 +49,11 @@ def _teacher(cfg, stage_index: int, tokenizer, teacher_model):
     from .tokenizer import load_tokenizer
 
     d = cfg.stages[stage_index].data.distill
+    if d.teacher == "current" and teacher_model is None:
+        raise DistillError(
+            f"stages.{stage_index}.data.distill.teacher=current: the current model answers, and only the torch "
+            "trainer holds it (it passes it at the stage's start); this caller has none. Use teacher=base, or the "
+            "torch engine.")
     tok = load_tokenizer(str(tokenizer))
     if d.teacher == "base":
         from .distill_teacher import base_generation_config, base_teacher_identity, load_base_teacher
@@ -56,11 +61,6 @@ def _teacher(cfg, stage_index: int, tokenizer, teacher_model):
         path = cfg.model.path
         return (lambda: load_base_teacher(path, d.device)), base_teacher_identity(path), \
             stop_token_ids(tok, base_generation_config(path))
-    if teacher_model is None:
-        raise DistillError(
-            f"stages.{stage_index}.data.distill.teacher=current: the current model answers, and only the torch "
-            "trainer holds it (it passes it at the stage's start); this caller has none. Use teacher=base, or the "
-            "torch engine.")
     hf = getattr(getattr(teacher_model, "module", teacher_model), "hf", teacher_model)
     start = sum(s.steps for s in cfg.stages[:stage_index])
     identity = {"kind": "current", "model_path": cfg.model.path, "adapter": cfg.adapter.name, "run_seed": cfg.run.seed,

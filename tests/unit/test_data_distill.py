@@ -7,9 +7,6 @@ template (the prompt the teacher saw), and an uninterrupted generation (what a k
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,6 @@ from nemodiff_train.data.tokenizer import load_tokenizer
 from tests.helpers.tiny_run import make_model_dir
 
 pytestmark = pytest.mark.unit
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _never(*_a):
@@ -67,10 +63,10 @@ def test_greedy_answers_equal_transformers_generate(embedded, tmp_path):
     model, tok, stops = embedded
     src = SourceSpec(str(embedded_data_file("arithmetic_sft_train.jsonl.gz")))
     s = generate_distill_set(src, model, str(embedded_model_dir()), stops,
-                             DistillSettings(max_new_tokens=104, batch_size=3, max_prompts=5), tmp_path / "set",
+                             DistillSettings(max_new_tokens=104, batch_size=2, max_prompts=3), tmp_path / "set",
                              teacher_identity=base_teacher_identity("embedded"), log=None)
     rows = [json.loads(line) for line in s.files[0].read_text().splitlines()]
-    assert s.meta["sources"][0]["prompts"] == 5 and len(rows) == 5  # two chunks (3 + 2), every answer ended
+    assert s.meta["sources"][0]["prompts"] == 3 and len(rows) == 3  # two chunks (2 + 1), every answer ended
     for row in rows:
         ids = _prompt_ids(tok, row["messages"][:-1])
         ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -185,45 +181,36 @@ def test_a_complete_set_is_reused_and_another_spec_refused(tiny, tmp_path):
                              tmp_path / "set", **args)
 
 
-_GENERATE = """
-import sys
-from nemodiff_train.data.distill import DistillSettings, generate_distill_set
-from nemodiff_train.data.distill_teacher import base_teacher_identity, load_base_teacher
-from nemodiff_train.data.sources import SourceSpec
-model_dir, prompts, out = sys.argv[1:4]
-generate_distill_set(SourceSpec(prompts), lambda: load_base_teacher(model_dir), model_dir, tuple(range(0, 320, 3)),
-                     DistillSettings(prompt_field="prompt", max_new_tokens=6, temperature=0.9, top_p=0.95, seed=7,
-                                     batch_size=3), out, teacher_identity=base_teacher_identity(model_dir), log=None)
-"""
+_DISTILL_STAGE = ["recipe=tiny_cpu", "stages.0.kind=distill", "stages.0.data.kind=distill"]
 
 
-def _generate(model_dir, prompts, out, fault=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("NEMODIFF_FAULT", None)
-    if fault:
-        env["NEMODIFF_FAULT"] = fault
-    return subprocess.run([sys.executable, "-c", _GENERATE, str(model_dir), str(prompts), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+def test_a_distill_stage_composes_with_its_defaults():
+    from nemodiff_train.config import compose
+
+    d = compose(_DISTILL_STAGE).stages[0].data.distill
+    assert (d.teacher, d.prompt_field, d.temperature, d.device) == ("base", None, 0.0, "cpu")
 
 
-def test_a_generation_killed_mid_way_resumes_to_the_uninterrupted_set(tiny, tmp_path):
-    d = tiny[0]
-    f = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"print the data item {i}"} for i in range(8)])
-    ref = _generate(d, f, tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    # atomic writes: 1 spec.json, 2 chunk 0, 3 chunk 1 -> SIGKILL with chunk 1 written but not committed
-    killed = _generate(d, f, tmp_path / "run", fault="distill:3")
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    chunks = tmp_path / "run" / "chunks" / "src0"
-    assert (chunks / "chunk_000000.json").is_file() and (chunks / ".chunk_000001.json.tmp").is_file()
-    assert not (chunks / "chunk_000001.json").exists() and not (tmp_path / "run" / "meta.json").exists()
-    resumed = _generate(d, f, tmp_path / "run")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    rows = (tmp_path / "run" / "rows" / "src0.jsonl").read_text()
-    assert rows == (tmp_path / "ref" / "rows" / "src0.jsonl").read_text()
-    meta, ref_meta = (json.loads((tmp_path / x / "meta.json").read_text()) for x in ("run", "ref"))
-    for m in (meta, ref_meta):
-        m["sources"][0].pop("seconds")
-    assert meta == ref_meta
-    kept, cut = meta["sources"][0]["kept"], meta["sources"][0]["cut_by_max_new_tokens"]
-    assert kept + cut == 8 and kept > 0 and len(rows.splitlines()) == kept
+@pytest.mark.parametrize("overrides, key", [
+    (["stages.0.data.distill.teacher=teacher"], "stages.0.data.distill.teacher"),
+    (["stages.0.data.distill.temperature=-0.5"], "stages.0.data.distill.temperature"),
+    (["stages.0.data.distill.device=tpu"], "stages.0.data.distill.device"),
+    (["stages.0.data.distill.teacher=current", "engine=megatron"], "stages.0.data.distill.teacher"),
+    (["+stages.0.data.distill.teacher_path=x"], "teacher_path"),
+    (["stages.0.data.kind=sft"], "stages.0.data.kind"),
+])
+def test_bad_distill_config_names_the_key(overrides, key):
+    from nemodiff_train.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose(_DISTILL_STAGE + overrides)
+
+
+def test_teacher_current_without_a_model_says_who_must_pass_it(tmp_path):
+    from nemodiff_train.config import compose
+    from nemodiff_train.data.stage import prepare_stage
+
+    cfg = compose(_DISTILL_STAGE + ["stages.0.data.distill.teacher=current",
+                                    "stages.0.data.sources=[embedded:arithmetic_sft_val.jsonl.gz]"])
+    with pytest.raises(DistillError, match="teacher=current: the current model answers"):
+        prepare_stage(cfg, 0, tmp_path, tokenizer=embedded_model_dir())
