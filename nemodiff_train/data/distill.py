@@ -371,9 +371,16 @@ class _Lazy:
         return self._lm
 
     def restore(self) -> None:
+        """Back to the caller's mode; a teacher built here is dropped (and its GPU memory returned)."""
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
+        if self._factory is not None and self._model is not None:
+            self._model = self._lm = None
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def parameter_identity(self) -> dict:
         """``{"kind": "parameters", "sha256"}`` over the teacher's parameter names, shapes and values."""

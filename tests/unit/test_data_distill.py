@@ -214,3 +214,37 @@ def test_teacher_current_without_a_model_says_who_must_pass_it(tmp_path):
                                     "stages.0.data.sources=[embedded:arithmetic_sft_val.jsonl.gz]"])
     with pytest.raises(DistillError, match="teacher=current: the current model answers"):
         prepare_stage(cfg, 0, tmp_path, tokenizer=embedded_model_dir())
+
+
+def test_teacher_current_answers_in_ar_mode_restores_training_mode_and_is_reused(embedded, tmp_path):
+    """The trainer's call: prepare_stage(..., teacher_model=dlm). The DLM's AR mode (mask banned) is the
+    base here (nothing trained yet), so its greedy answers equal the base teacher's."""
+    from nemodiff_train.config import compose
+    from nemodiff_train.data.stage import prepare_stage
+    from nemodiff_train.models.hf import load_dlm
+
+    base, tok, _ = embedded
+    f = _write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "Mia has 3 bags with 4 apples in each. How many apples does Mia have?"}]},
+        {"messages": [{"role": "user", "content": "Tom has 9 pens and gives away 2. How many pens does Tom have now?"}]}])
+    cfg = compose(_DISTILL_STAGE + ["stages.0.data.distill.teacher=current", f"stages.0.data.sources=[{f}]",
+                                    "stages.0.data.val_sources=[]", "stages.0.data.val_fraction=0",
+                                    "stages.0.data.seq_len=192", "stages.0.data.max_documents=null",
+                                    "stages.0.data.distill.max_new_tokens=104"])
+    dlm = load_dlm(embedded_model_dir(), mask_token="<|mask|>")
+    dlm.hf.train()
+    out = prepare_stage(cfg, 0, tmp_path / "run", tokenizer=embedded_model_dir(), teacher_model=dlm)
+    assert dlm.hf.training
+    meta = json.loads((out.parent / f"{out.name}.distill" / "meta.json").read_text())
+    assert meta["teacher"] == {"kind": "current", "model_path": "embedded", "adapter": "none", "run_seed": 0,
+                               "stage_index": 0, "start_step": 0}
+    rows = [json.loads(x) for x in (out.parent / f"{out.name}.distill" / "rows" / "src0.jsonl").read_text().splitlines()]
+    for row in rows:
+        ids = _prompt_ids(tok, row["messages"][:-1])
+        ref = base.generate(torch.tensor([ids]), max_new_tokens=104, do_sample=False, eos_token_id=[0, 2], pad_token_id=0)
+        assert row["response_tokens"] + [row["stop_token"]] == ref[0, len(ids):].tolist()
+    # a resumed run calls again with its (since trained) model: the set and the prepared data are reused
+    with torch.no_grad():
+        dlm.hf.get_input_embeddings().weight.add_(1.0)
+    assert prepare_stage(cfg, 0, tmp_path / "run", tokenizer=embedded_model_dir(), teacher_model=dlm) == out
+    assert [json.loads(x) for x in (out.parent / f"{out.name}.distill" / "rows" / "src0.jsonl").read_text().splitlines()] == rows
