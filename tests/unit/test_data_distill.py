@@ -159,26 +159,22 @@ def test_bad_settings_are_refused(kw, match):
 def test_a_complete_set_is_reused_and_another_spec_refused(tiny, tmp_path):
     d, model, _ = tiny
     f = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"item {i}"} for i in range(3)])
-    stops = (0, 3)
-    args = dict(teacher_identity={"kind": "base", "weights_sha256": "a"}, log=None)
-    first = generate_distill_set(SourceSpec(str(f)), model, str(d), stops, DistillSettings(prompt_field="prompt", max_new_tokens=3),
-                                 tmp_path / "set", **args)
-    again = generate_distill_set(SourceSpec(str(f)), _never, str(d), stops, DistillSettings(prompt_field="prompt", max_new_tokens=3),
-                                 tmp_path / "set", **args)
+
+    def generate(teacher, stops=(0, 3), identity=None, **settings):
+        return generate_distill_set(SourceSpec(str(f)), teacher, str(d), stops,
+                                    DistillSettings(**{"prompt_field": "prompt", "max_new_tokens": 3, **settings}),
+                                    tmp_path / "set", teacher_identity=identity or {"kind": "base", "sha": "a"}, log=None)
+
+    first = generate(model)
+    again = generate(_never)  # complete and unchanged: the teacher is not even built
     assert again.fingerprint == first.fingerprint and again.meta == first.meta
-    changes = [dict(settings=DistillSettings(prompt_field="prompt", max_new_tokens=3, temperature=0.7)),
-               dict(settings=DistillSettings(prompt_field="prompt", max_new_tokens=4)),
-               dict(stops=(0,)), dict(identity={"kind": "base", "weights_sha256": "b"})]
-    for change in changes:
+    for change in [dict(temperature=0.7), dict(max_new_tokens=4), dict(batch_size=2), dict(stops=(0,)),
+                   dict(identity={"kind": "base", "sha": "b"})]:
         with pytest.raises(DistillError, match="generated from a different spec"):
-            generate_distill_set(SourceSpec(str(f)), _never, str(d), change.get("stops", stops),
-                                 change.get("settings", DistillSettings(prompt_field="prompt", max_new_tokens=3)),
-                                 tmp_path / "set", teacher_identity=change.get("identity", args["teacher_identity"]),
-                                 log=None)
+            generate(_never, **change)
     _write_jsonl(f, [{"prompt": f"item {i}"} for i in range(4)])  # the prompts changed in place
     with pytest.raises(DistillError, match="generated from a different spec"):
-        generate_distill_set(SourceSpec(str(f)), _never, str(d), stops, DistillSettings(prompt_field="prompt", max_new_tokens=3),
-                             tmp_path / "set", **args)
+        generate(_never)
 
 
 _DISTILL_STAGE = ["recipe=tiny_cpu", "stages.0.kind=distill", "stages.0.data.kind=distill"]
