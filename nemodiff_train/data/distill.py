@@ -184,7 +184,6 @@ def _check_existing(out: Path, fp: str) -> dict | None:
     return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
 
 
-
 # ------------------------------------------------------------------------------------ generation
 
 
@@ -250,9 +249,10 @@ def _answer(batch: _Batch, lm, tok, stop_ids: tuple[int, ...], settings: Distill
 
 
 def _source_summary(label: str, chunks: list[dict], rows_file: str) -> dict:
+    """Source totals from the chunk records (their rows already dropped: see :func:`_generate_source`)."""
     skipped = Counter(s[1] for c in chunks for s in c["skipped"])
     return {"name": label, "rows_file": rows_file, "prompts": sum(len(c["wheres"]) for c in chunks),
-            "kept": sum(len(c["rows"]) for c in chunks), "cut_by_max_new_tokens": sum(len(c["cut"]) for c in chunks),
+            "kept": sum(c["kept"] for c in chunks), "cut_by_max_new_tokens": sum(len(c["cut"]) for c in chunks),
             "cut_examples": [w for c in chunks for w in c["cut"]][:20],
             "generated_tokens": sum(c["generated_tokens"] for c in chunks),
             "retokenized_exactly": sum(c["retokenized_exactly"] for c in chunks),
@@ -283,10 +283,11 @@ def _generate_source(i: int, spec: SourceSpec, teacher: Callable[[], Any], tok, 
             _atomic_json(path, chunk)
             log(f"distill {spec.label}: chunk {batch.index} ({len(wheres)} prompts, {chunk['generated_tokens']} tokens, "
                 f"{chunk['generated_tokens'] / max(chunk['seconds'], 1e-9):.0f} tokens/s, {len(chunk['cut'])} cut)")
-        chunks.append(chunk)
+        chunks.append({**chunk, "rows": None, "kept": len(chunk["rows"]), "path": path})  # rows stay on disk
     rows_path = out / "rows" / f"src{i}.jsonl"
     rows_path.parent.mkdir(exist_ok=True)
-    _atomic_json(rows_path, [row for c in chunks for row in c["rows"]], lines=True)
+    rows = (row for c in chunks for row in json.loads(c["path"].read_text(encoding="utf-8"))["rows"])
+    _atomic_json(rows_path, rows, lines=True)
     return _source_summary(spec.label, chunks, str(rows_path.relative_to(out)))
 
 
