@@ -210,11 +210,10 @@ def load_adapter_run(src, run_cfg: dict):
     Returns:
         ``(dlm, base_path, base_hub_id)``.
     """
-    import torch.distributed.checkpoint as dcp
     from transformers import AutoTokenizer, GenerationConfig
 
     from ..models.hf import _has_tokenizer, load_dlm
-    from ..runs.dcp import SafeFileSystemReader
+    from ..runs.dcp import load_dcp
 
     model_cfg, diff, a = run_cfg.get("model") or {}, run_cfg.get("diffusion") or {}, run_cfg.get("adapter") or {}
     source_file = src.hf_dir / "SOURCE"
@@ -233,7 +232,7 @@ def load_adapter_run(src, run_cfg: dict):
                     target_modules=tuple(a.get("target_modules") or ()))
     state = dlm.adapter.state_dict()
     try:
-        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(src.ckpt_dir)), no_dist=True)
+        load_dcp({"model": state}, src.ckpt_dir, no_dist=True)  # tensors only under model.
     except Exception as e:
         lines = str(e).strip().splitlines()
         raise ExportError(f"checkpoint {src.ckpt_dir}: cannot load the adapter weights "

@@ -25,9 +25,9 @@ world size is allowed: DCP reshards the model and optimizer, and the data order 
 the world size (``batches.py``); each rank's RNG streams are restored when the world size matches,
 otherwise ranks without a saved stream keep the seed's.
 
-Loading unpickles nothing untrusted: DCP's own ``.metadata`` is a pickle, so it is read with an
-unpickler restricted to DCP's metadata classes (:class:`SafeFileSystemReader`), and tensors are read
-with ``weights_only`` semantics by DCP.
+Loading unpickles nothing untrusted (:func:`nemodiff_train.runs.dcp.load_dcp`): DCP's ``.metadata``
+pickle is read with an unpickler admitting DCP's metadata classes only, byte entries (optimizer
+settings) with ``torch.load(weights_only=True)``, and tensors with ``weights_only`` semantics by DCP.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import torch.distributed.checkpoint as dcp
 from ...faults import fault_point
 from ...runs import (CHECKPOINTS_DIR, COMPLETE, DCP_METADATA, MANIFEST, RNG_DIR, TRAINER_STATE, checkpoint_dir,
                      list_checkpoints, step_dirs, step_of)
-from ...runs.dcp import CheckpointError, SafeFileSystemReader
+from ...runs.dcp import CheckpointError, SafeFileSystemReader, load_dcp
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def load_checkpoint(ckpt: Path, state: dict[str, Any]) -> dict:
     trainer_state = read_trainer_state(ckpt)
     try:
         with _quiet_single_process():
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)))
+            load_dcp(state, ckpt)  # restricted .metadata, weights_only byte entries
     except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, KeyError)
         lines = str(e).strip().splitlines()
         raise CheckpointError(f"{ckpt}: cannot load checkpoint into this model/optimizer: "
@@ -475,7 +475,7 @@ def load_model_weights(ckpt: Path, hf_model: torch.nn.Module) -> None:
     state = hf_model.state_dict()  # DCP loads in place into these tensors
     try:
         with _quiet_single_process():
-            dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)))
+            load_dcp({"model": state}, ckpt)
     except Exception as e:
         raise CheckpointError(f"{ckpt}: model weights do not fit this architecture: {e}") from None
     hf_model.load_state_dict(state)
