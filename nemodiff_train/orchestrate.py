@@ -132,8 +132,9 @@ def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32
     import tempfile
 
     run_dir, out = Path(checkpoint), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:  # fail before the long conversion
-        raise ExportError(f"output directory {out} is not empty (pass overwrite=true to replace it)")
+    from .export.writer import _check_out
+
+    _check_out(out, overwrite)  # fail before the long conversion (and replace only an earlier export)
     from .engines.megatron.export import bridge_unavailable, convert_run
 
     problem = bridge_unavailable()

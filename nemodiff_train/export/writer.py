@@ -64,16 +64,34 @@ def _shard_size(value: str | int) -> str | int:
     raise ExportError(f"max_shard_size {value!r} is not a size (e.g. 500MB, 5GB, or a number of bytes)")
 
 
+def is_earlier_export(path: Path) -> bool:
+    """``path`` holds an export of this toolkit: a ``config.json`` with a ``nemodiff`` record, or an
+    adapter export (``adapter_config.json`` with one). Only such a directory may be replaced."""
+    for name in ("config.json", "adapter_config.json"):
+        try:
+            record = json.loads((Path(path) / name).read_text()).get("nemodiff")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(record, dict) and record:
+            return True
+    return False
+
+
 def _check_out(out: Path, overwrite: bool, protect: list[Path] = ()) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"out {out} exists and is not empty; pass overwrite=true to replace it")
     resolved = out.resolve()
     for p in protect:
         p = Path(p).resolve()
         if p == resolved or resolved in p.parents:
             raise ExportError(f"out {out} would replace the checkpoint it exports from ({p}); choose another directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"out {out} exists and is not empty; pass overwrite=true to replace it")
+        if not is_earlier_export(out):  # overwrite replaces what we wrote, never `out=.` or `out=$HOME`
+            raise ExportError(f"out {out.resolve()} is not an earlier nemodiff export (no config.json with a "
+                              "'nemodiff' record, no adapter export): overwrite=true replaces only those; "
+                              "choose an empty or new directory (nothing was changed)")
 
 
 def _version() -> str:

@@ -64,5 +64,33 @@ def test_export_refuses_a_non_empty_directory_unless_told(baseline, tmp_path):
     with pytest.raises(ExportError, match="exists and is not empty; pass overwrite=true"):
         export_checkpoint(baseline, out)
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
-    export_checkpoint(baseline, out, overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "precious.txt").exists()
+    export_checkpoint(baseline, tmp_path / "earlier")
+    (tmp_path / "earlier" / "stale.txt").write_text("from the earlier export")
+    export_checkpoint(baseline, tmp_path / "earlier", overwrite=True)  # an earlier export is replaced
+    assert (tmp_path / "earlier" / "config.json").is_file() and not (tmp_path / "earlier" / "stale.txt").exists()
+
+
+@pytest.mark.parametrize("content", ["plain", "hf_model", "home_like"])
+def test_overwrite_refuses_a_directory_that_is_not_an_export(baseline, tmp_path, content):
+    """overwrite=true on a directory this toolkit did not write (a user's folder, another model's HF
+    directory, a home directory) is refused naming it, and every byte of it stays."""
+    import json
+
+    from nemodiff_train.export import export_checkpoint
+    from nemodiff_train.export.errors import ExportError
+
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    files = {"notes.txt": "keep me", "sub/data.bin": "\x00\x01"}
+    if content == "hf_model":  # a Hugging Face model directory without a nemodiff record
+        files["config.json"] = json.dumps({"model_type": "qwen3"})
+    if content == "home_like":
+        files[".bashrc"] = "export PATH=$PATH"
+        files["adapter_config.json"] = json.dumps({"peft_type": "LORA"})  # someone else's adapter
+    for rel, text in files.items():
+        (out / rel).write_text(text)
+    before = sorted((p.relative_to(out).as_posix(), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    with pytest.raises(ExportError, match=f"out {out} is not an earlier nemodiff export"):
+        export_checkpoint(baseline, out, overwrite=True)
+    after = sorted((p.relative_to(out).as_posix(), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
