@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import runs
+from ..config.secrets import redact, scrub_env_values
 from ..models.dtypes import ALIASES, DTYPES as _CANONICAL
 from ..faults import fault_point
 from .errors import ExportError
@@ -125,7 +126,7 @@ def nemodiff_record(dlm, metadata: dict | None, dtype: str) -> dict[str, Any]:
         rec["data_sources"] = _data_sources(rec.get("stages"))
     rec["nemodiff_version"] = _version()
     rec["export_dtype"] = dtype
-    return _json_safe(rec)
+    return _json_safe(scrub_env_values(redact(rec)))  # no credential key, no secret environment value
 
 
 def training_metadata(cfg, step: int | None = None, tokens: int | None = None) -> dict[str, Any]:
