@@ -333,6 +333,8 @@ def run_metadata(nemodiff: dict, run_cfg: dict) -> dict[str, Any]:
     model_cfg = run_cfg.get("model") or {}
     if not meta.get("base_model") and model_cfg:
         meta["base_model"] = model_cfg.get("hub_id") or model_cfg.get("path")
+    if not meta.get("base_model_revision") and model_cfg.get("revision"):
+        meta["base_model_revision"] = model_cfg["revision"]
     if "stages" not in meta and run_cfg.get("stages"):
         meta["stages"] = [runs.stage_record(s.get("name"), s.get("kind"), s.get("steps"),
                                             (s.get("data") or {}).get("sources"), (s.get("data") or {}).get("seq_len"),
