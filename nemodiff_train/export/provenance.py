@@ -46,7 +46,7 @@ def public_reference(value: Any) -> Any:
     snapshot = hub_snapshot(value)
     if snapshot:
         return snapshot[0]
-    name = Path(os.path.expanduser(value.rstrip("/\\"))).name or "root"
+    name = re.split(r"[\\/]", value.rstrip("/\\"))[-1] or "root"  # POSIX or Windows separators
     return f"local:{name}"
 
 

@@ -94,3 +94,27 @@ def test_overwrite_refuses_a_directory_that_is_not_an_export(baseline, tmp_path,
         export_checkpoint(baseline, out, overwrite=True)
     after = sorted((p.relative_to(out).as_posix(), p.read_bytes()) for p in out.rglob("*") if p.is_file())
     assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_no_absolute_path_of_the_machine_in_any_exported_file(assets, baseline, tmp_path):
+    """Both exports of the reference run (the trainer's own hf/ and nemodiff-export with remote code and
+    the run's eval table) are grepped, every file, for the run's, the base's and the data's absolute
+    paths: the record writes Hub ids, local:<name> or paths relative to the export instead."""
+    import json
+
+    from nemodiff_train.export import export_checkpoint
+
+    out = export_checkpoint(baseline, tmp_path / "published", remote_code=True)
+    needles = {str(p) for p in (baseline, baseline.resolve(), assets, assets.resolve(), assets / "model",
+                                 tmp_path, tmp_path.resolve())}
+    checked = 0
+    for folder in (baseline / "hf", out):
+        for f in (p for p in folder.rglob("*") if p.is_file()):
+            data = f.read_bytes()
+            checked += 1
+            for needle in needles:
+                assert needle.encode() not in data, f"{needle} is written in {f}"
+    assert checked >= 8
+    rec = json.loads((out / "config.json").read_text())["nemodiff"]
+    assert rec["base_model"] == "local:model" and rec["data_sources"] == ["local:train.jsonl"]
+    assert "local:<file or directory name>" in rec["paths"]

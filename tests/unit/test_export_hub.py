@@ -7,6 +7,7 @@ so the test sees exactly what would go over the wire: repo id, visibility, files
 
 import base64
 import json
+import re
 
 import pytest
 
@@ -36,11 +37,12 @@ class MockHub:
                 return httpx.Response(401, json={"error": f"Invalid credentials in Authorization header: {TOKEN}"})
             self.existing = json.loads(body).get("visibility") or ("private" if json.loads(body).get("private") else "public")
             return httpx.Response(200, json={"url": "https://huggingface.co/acme/dlm", "name": "acme/dlm"})
-        if request.method == "GET" and path.rstrip("/") in ("/api/models/acme/dlm", "/api/models/acme/dlm/revision/main"):
+        info = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/revision/main)?/?", path)
+        if request.method == "GET" and info:  # repo_info
             if self.existing is None:  # what the Hub answers for a missing repo
                 return httpx.Response(404, headers={"X-Error-Code": "RepoNotFound"},
                                       json={"error": "Repository not found"})
-            return httpx.Response(200, json={"id": "acme/dlm", "private": self.existing == "private",
+            return httpx.Response(200, json={"id": info.group(1), "private": self.existing == "private",
                                              "sha": "b" * 40, "siblings": []})
         if path == "/api/validate-yaml":  # the client checks a README's front matter before the commit
             return httpx.Response(200, json={"errors": [], "warnings": []})
