@@ -1,67 +1,33 @@
-"""Hostile files on the real paths: a shared run directory's DCP ``.metadata`` replaced by each case
-of the pickle corpus (tests/helpers/hostile_pickles.py), ``manifest.json`` deleted as older or
-hand-made checkpoints lack it. Export and resume must refuse each with a named error, and the marker
-file that every case would create must not exist afterwards (nothing ran).
+"""Hostile files on the real paths (tests/faults/hostile.py): a shared run directory's DCP
+``.metadata`` replaced by each case of the pickle corpus (``manifest.json`` deleted, as older or
+hand-made checkpoints lack it), and checkpoints whose byte entries are pickled calls. Export and
+resume refuse each with a named error, and the marker file every case would create never appears.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from nemodiff_train import runs
-from tests.helpers.hostile_pickles import build_corpus, registered_extensions
+from tests.helpers.hostile_pickles import build_corpus
 
 from .harness import ROOT, base_args, env, launch, metrics
+from .hostile import byte_entry_run, metadata_corpus, poisoned_run
 
 pytestmark = pytest.mark.faults
 
 
-def poisoned_run(baseline: Path, dest: Path, data: bytes) -> Path:
-    """A copy of the reference run whose every checkpoint has ``data`` as ``.metadata`` and no manifest."""
-    shutil.copytree(baseline, dest, ignore=shutil.ignore_patterns("hf", "eval"))
-    for ckpt in runs.step_dirs(dest):
-        (ckpt / runs.DCP_METADATA).write_bytes(data)
-        (ckpt / runs.MANIFEST).unlink()
-    return dest
-
-
 def test_every_hostile_metadata_is_refused_by_export_and_resume(baseline, tmp_path):
-    """The library calls of nemodiff-export (export_checkpoint) and of the trainer's resume
-    (select_resume, which verifies by reading .metadata), for all cases."""
-    from nemodiff_train.engines.torch.checkpointing import CheckpointError, select_resume
-    from nemodiff_train.export import export_checkpoint
-    from nemodiff_train.export.errors import ExportError
-
-    marker = tmp_path / "ran"
-    cases = build_corpus(marker)
-    assert len(cases) >= 30
-    run = poisoned_run(baseline, tmp_path / "run", cases[0].data)
-    metadata_files = [c / runs.DCP_METADATA for c in runs.step_dirs(run)]
-    failures = []
-    with registered_extensions():
-        for case in cases:
-            for f in metadata_files:
-                f.write_bytes(case.data)
-            try:
-                export_checkpoint(run, tmp_path / f"out_{case.name}")
-                failures.append(f"{case.name}: exported")
-            except ExportError as e:
-                if "refusing" not in str(e) or "nothing in the file was run" not in str(e):
-                    failures.append(f"{case.name}: export error without a named refusal: {e}")
-            try:
-                select_resume(run)
-                failures.append(f"{case.name}: resumable")
-            except CheckpointError as e:
-                if str(e).count("UnsafeCheckpointError") != len(metadata_files):
-                    failures.append(f"{case.name}: resume error without a named refusal per checkpoint: {e}")
-            if marker.exists() or (tmp_path / f"out_{case.name}").exists():
-                failures.append(f"{case.name}: something ran or was written")
-    assert not failures, "\n".join(failures)
+    """The library calls behind nemodiff-export (export_checkpoint) and the trainer's resume
+    (select_resume, which verifies each checkpoint by reading its .metadata), for every case."""
+    report = metadata_corpus(baseline, tmp_path)
+    assert report["cases"] >= 30 and report["live_attacks"] >= 20
+    assert set(report["families"]) >= {"global", "dotted", "function", "opcode", "registry", "embedded"}
+    assert report["failures"] == [] and report["ran"] == 0
+    assert report["refused_export"] == report["refused_resume"] == report["cases"]
 
 
 def _dotted_case(marker: Path) -> bytes:
@@ -84,8 +50,32 @@ def test_cli_export_refuses_the_dotted_name_attack(baseline, tmp_path):
 def test_cli_resume_refuses_the_dotted_name_attack(assets, baseline, tmp_path):
     marker = tmp_path / "ran"
     run = poisoned_run(baseline, tmp_path / "run", _dotted_case(marker))
-    (run / runs.METRICS_FILE).unlink()
+    (run / "metrics.jsonl").unlink()
     r = launch(base_args(assets, run, "export.at_end=false"), run)
     assert r.returncode == 3, r.output[-3000:]
     assert r.output.count("refusing to import torch.distributed.checkpoint.metadata.os.system") >= 2, r.output[-3000:]
     assert "Traceback" not in r.output and not marker.exists() and metrics(run) == []
+
+
+@pytest.mark.parametrize("where,named", [("optim", "refusing checkpoint entry 'optim.param_groups.0.lr'"),
+                                         ("model", "refusing checkpoint entry 'model.")])
+def test_cli_resume_refuses_a_hostile_byte_entry(assets, baseline, tmp_path, where, named):
+    """Optimizer settings are DCP byte entries, which DCP's default planner reads with
+    torch.load(weights_only=False): resume reads them with weights_only=True, and none under model."""
+    marker = tmp_path / "ran"
+    run = byte_entry_run(baseline, tmp_path / "run", where, marker)
+    (run / "metrics.jsonl").unlink()
+    r = launch(base_args(assets, run, "export.at_end=false"), run)
+    assert r.returncode == 3 and named in r.output, r.output[-3000:]
+    assert "Traceback" not in r.output and not marker.exists() and metrics(run) == []
+
+
+def test_export_refuses_a_model_byte_entry(baseline, tmp_path):
+    from nemodiff_train.export import export_checkpoint
+    from nemodiff_train.export.errors import ExportError
+
+    marker = tmp_path / "ran"
+    run = byte_entry_run(baseline, tmp_path / "run", "model", marker)
+    with pytest.raises(ExportError, match="norm.weight' is not a tensor"):
+        export_checkpoint(run, tmp_path / "hf")
+    assert not marker.exists() and not (tmp_path / "hf").exists()
