@@ -284,6 +284,7 @@ class {cls}(_NemoDiffBase):
         kwargs["config"] = config
         kwargs.pop("revision", None)
         kwargs.pop("trust_remote_code", None)  # the base runs no code of its own
+        kwargs.pop("adapter_kwargs", None)  # transformers' PEFT loading: the adapter is attached below, per token
         here = str(pretrained_model_name_or_path)
         recorded = []
         if record.get("base_path"):
