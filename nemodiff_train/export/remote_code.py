@@ -275,9 +275,11 @@ class {cls}(_NemoDiffBase):
 
         base_model = kwargs.pop("base_model", None)
         revision = kwargs.get("revision")
+        hub = {{k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "proxies", "force_download")
+               if k in kwargs}}  # where this repo's own files come from
         config = kwargs.get("config")
         if config is None or isinstance(config, str):
-            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, revision=revision)
+            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, revision=revision, **hub)
         record = (getattr(config, "nemodiff", None) or {{}}).get("adapter")
         if not record:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -303,7 +305,7 @@ class {cls}(_NemoDiffBase):
         if model is None:
             raise OSError(f"{{pretrained_model_name_or_path}} is a nemodiff drafter adapter; its base model could not "
                           f"be loaded ({{'; '.join(errors) or 'none recorded'}}); pass base_model=<path or Hub id>")
-        weights = load_state_dict(cached_file(here, "adapter_model.safetensors", revision=revision))
+        weights = load_state_dict(cached_file(here, "adapter_model.safetensors", revision=revision, **hub))
         adapter = attach_adapter(model, config.nemodiff["mask_token_id"], rank=int(record["r"]),
                                  alpha=float(record["lora_alpha"]), dropout=0.0,
                                  target_modules=tuple(record["target_modules"]))

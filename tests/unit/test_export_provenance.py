@@ -18,6 +18,7 @@ from nemodiff_train.export.provenance import hub_snapshot, public_record, public
 pytestmark = pytest.mark.unit
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+ADAPTER_SHA = "fedcba9876543210fedcba9876543210fedcba98"
 
 
 @pytest.mark.parametrize("value,public", [
@@ -112,3 +113,9 @@ def test_adapter_remote_code_loads_the_base_at_its_recorded_revision(tmp_path, m
 
     for key, value in dlm.hf.state_dict().items():
         assert torch.equal(remote.state_dict()[key], value), key
+    # the adapter itself from the Hub (cache) at a revision: the revision reaches its own files too
+    shutil.copytree(out, cache / "models--acme--drafter" / "snapshots" / ADAPTER_SHA)
+    again = load_remote_class(out, cls).from_pretrained("acme/drafter", revision=ADAPTER_SHA, cache_dir=str(cache),
+                                                        local_files_only=True)
+    for key, value in dlm.hf.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
