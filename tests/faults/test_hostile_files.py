@@ -57,6 +57,7 @@ def test_cli_resume_refuses_the_dotted_name_attack(assets, baseline, tmp_path):
     assert "Traceback" not in r.output and not marker.exists() and metrics(run) == []
 
 
+@pytest.mark.slow  # two CLI resumes; the planner's refusal itself is in tests/unit/test_dcp_metadata_pickle.py
 @pytest.mark.parametrize("where,named", [("optim", "refusing checkpoint entry 'optim.param_groups.0.lr'"),
                                          ("model", "refusing checkpoint entry 'model.")])
 def test_cli_resume_refuses_a_hostile_byte_entry(assets, baseline, tmp_path, where, named):
