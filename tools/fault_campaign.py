@@ -19,6 +19,13 @@ What it does (seeded, so a report can be reproduced):
 3. **bad rows**: a directory of hostile files through data preparation; every planted bad row must
    be counted in ``meta.json`` with its reason.
 4. **config fuzzing**: ``tests/faults/test_config_fuzz.run_fuzz`` (200 mutations of the recipes).
+5. **hostile files** (``tests/faults/hostile.py``): every crafted DCP ``.metadata`` pickle of
+   ``tests/helpers/hostile_pickles.py`` through export and resume (refused = a named error, and the
+   marker file each would create is absent), a pickled call as an optimizer-setting and as a model
+   byte entry resumed through the CLI, ``overwrite=true`` onto a user's directory, and the machine's
+   absolute paths grepped in every exported file.
+
+``--only hostile`` runs family 5 alone (minutes instead of hours).
 """
 
 from __future__ import annotations
@@ -232,6 +239,30 @@ def bad_rows_campaign(assets: Path, work: Path) -> dict:
             "examples": [e.replace(str(work), "<work>") for e in meta["report"]["examples"][:5]]}
 
 
+def hostile_files_campaign(baseline: Path, assets: Path, work: Path) -> dict:
+    from tests.faults.hostile import absolute_paths, byte_entry_run, metadata_corpus, overwrite_case
+
+    for name in ("hostile_metadata", "hostile_overwrite", "hostile_paths"):
+        (work / name).mkdir(parents=True, exist_ok=True)
+    out = {"metadata": metadata_corpus(baseline, work / "hostile_metadata"), "byte_entries": {}}
+    for where in ("optim", "model"):
+        marker = work / f"byte_{where}_ran"
+        run = byte_entry_run(baseline, work / f"hostile_byte_{where}", where, marker)
+        (run / "metrics.jsonl").unlink()
+        r = launch(base_args(assets, run, "export.at_end=false"), run)
+        out["byte_entries"][where] = {"rc": r.returncode, "refused": f"refusing checkpoint entry '{where}." in r.output,
+                                      "ran": marker.exists()}
+    out["overwrite"] = overwrite_case(baseline, work / "hostile_overwrite")
+    out["absolute_paths"] = absolute_paths(baseline, assets, work / "hostile_paths")
+    md, by = out["metadata"], out["byte_entries"].values()
+    out["refused"] = (md["refused_export"] + md["refused_resume"] + sum(b["refused"] and not b["ran"] for b in by)
+                      + out["overwrite"]["refused"] * out["overwrite"]["untouched"])
+    out["cases"] = 2 * md["cases"] + len(out["byte_entries"]) + 1
+    out["all_refused"] = (out["refused"] == out["cases"] and md["ran"] == 0 and not md["failures"]
+                          and not out["absolute_paths"]["paths_found"])
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="fault_report.json")
@@ -241,6 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     p.add_argument("--machine", default="", help="free text recorded in the report (e.g. '2-core shared CPU')")
+    p.add_argument("--only", choices=["hostile"], default=None, help="run one family alone")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     started = time.time()
@@ -254,12 +286,22 @@ def main(argv=None) -> int:
         assets = make_assets(work / "assets")
         report = {"seed": args.seed, "machine": args.machine}
         save = lambda: Path(args.out).write_text(json.dumps(report, indent=1))  # noqa: E731 - partial reports
+        if args.only == "hostile":
+            report["hostile_files"] = h = hostile_files_campaign(reference_run(assets, work, 0, "ddp"), assets, work)
+            report["summary"] = {"hostile_files_refused": f"{h['refused']}/{h['cases']}",
+                                 "hostile_pickles": h["metadata"]["cases"], "wall_s": round(time.time() - started)}
+            save()
+            log(f"summary: {report['summary']}")
+            return 0 if h["all_refused"] else 1
         report["bad_rows"] = bad_rows_campaign(assets, work)
         log(f"bad rows: {report['bad_rows']['counted_total']}/{report['bad_rows']['planted_total']} reported")
         save()
-        report["corruptions"] = corruption_campaign(reference_run(assets, work, 0, "ddp"), work, args.corruptions,
-                                                    rng, assets)
+        baseline = reference_run(assets, work, 0, "ddp")
+        report["corruptions"] = corruption_campaign(baseline, work, args.corruptions, rng, assets)
         log(f"corruptions: {report['corruptions']['detected']}/{report['corruptions']['injected']}")
+        save()
+        report["hostile_files"] = hostile = hostile_files_campaign(baseline, assets, work)
+        log(f"hostile files: {hostile['refused']}/{hostile['cases']} refused")
         save()
         report["kills"] = kill_campaign(assets, work, args.kills, rng, log,
                                         on_chain=lambda k: (report.__setitem__("kills", k), save()))
@@ -276,6 +318,10 @@ def main(argv=None) -> int:
             "steps_identical": f"{k['steps_identical']}/{k['steps_compared']}",
             "corruptions_detected": f"{report['corruptions']['detected']}/{report['corruptions']['injected']}",
             "bad_rows_reported": f"{report['bad_rows']['counted_total']}/{report['bad_rows']['planted_total']}",
+            "hostile_files_refused": f"{hostile['refused']}/{hostile['cases']} "
+                                     f"({hostile['metadata']['cases']} pickles x export + resume, 2 byte entries, "
+                                     f"1 overwrite; {len(hostile['absolute_paths']['paths_found'])} absolute paths "
+                                     f"in {hostile['absolute_paths']['files_checked']} exported files)",
             "fuzz_clean": f"{fuzz['clean_error'] + fuzz['accepted']}/{fuzz['cases']} "
                           f"({fuzz['clean_error']} clean errors naming the key, {fuzz['accepted']} accepted)",
             "wall_s": round(time.time() - started),
@@ -284,7 +330,7 @@ def main(argv=None) -> int:
         log(f"summary: {report['summary']}")
         ok = (k["kills_survived"] == k["kills_injected"] and k["steps_identical"] == k["steps_compared"]
               and report["corruptions"]["detected"] == report["corruptions"]["injected"] and not fuzz["broken"]
-              and report["bad_rows"]["all_reported"])
+              and report["bad_rows"]["all_reported"] and hostile["all_refused"])
         return 0 if ok else 1
     finally:
         if not args.work:

@@ -13,8 +13,9 @@ __all__ = ["EMBEDDED", "resolve_model_path", "resolve_data_source"]
 EMBEDDED = "embedded"
 
 
-def resolve_model_path(path: str) -> Path:
-    """``embedded`` → the shipped tiny model; a local directory as is; ``org/name`` → Hub snapshot."""
+def resolve_model_path(path: str, revision: str | None = None) -> Path:
+    """``embedded`` → the shipped tiny model; a local directory as is; ``org/name`` → Hub snapshot
+    (at ``revision``, a branch, tag or commit, when given: a pinned download)."""
     if path == EMBEDDED:
         from . import embedded_model_dir
 
@@ -26,9 +27,10 @@ def resolve_model_path(path: str) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+            return Path(snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
         except Exception as e:  # offline, gated, missing: say which model and why
-            raise FileNotFoundError(f"model.path={path!r}: not a local directory and the Hub download failed "
+            at = f" at revision {revision!r}" if revision else ""
+            raise FileNotFoundError(f"model.path={path!r}: not a local directory and the Hub download{at} failed "
                                     f"({type(e).__name__}: {e}). Download it first or point model.path at a directory.") from None
     raise FileNotFoundError(f"model.path={path!r} is not a directory")
 

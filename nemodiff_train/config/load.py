@@ -34,6 +34,7 @@ def to_config(cfg: DictConfig | dict) -> Config:
     raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
     _reject_unknown_keys(OmegaConf.to_container(raw, resolve=False), Config, "")
+    _refuse_secret_env(OmegaConf.to_container(raw, resolve=False))
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, raw)
@@ -45,6 +46,17 @@ def to_config(cfg: DictConfig | dict) -> Config:
         raise ConfigError(f"invalid value for config key {key!r}: {msg}") from None
     validate(result)
     return result
+
+
+def _refuse_secret_env(node: Any) -> None:
+    """A recipe may not pull a secret from the environment: it would be saved in config.yaml, the W&B
+    config and the export's nemodiff record (:mod:`.secrets`)."""
+    from .secrets import secret_env_interpolations
+
+    for key, var in secret_env_interpolations(node):
+        raise ConfigError(f"config key {key!r} reads the secret environment variable {var!r} (${{oc.env:{var}}}): "
+                          "secrets never go into a config, which is saved with the run; the tools that need "
+                          "them (huggingface_hub, wandb) read HF_TOKEN / WANDB_API_KEY from the environment")
 
 
 def _find_bad_key(schema: type, node: Any, prefix: str) -> tuple[str, str] | None:
@@ -286,7 +298,10 @@ def compose(overrides: list[str] | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    from .secrets import scrub_env_values
+
+    tree = scrub_env_values(OmegaConf.to_container(OmegaConf.structured(cfg)))  # no secret env value
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(tree)))
 
 
 def load_saved_config(path: Path) -> Config:

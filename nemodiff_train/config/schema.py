@@ -35,6 +35,7 @@ class ModelConfig:
 
     path: str = "embedded"  # an HF directory; "embedded" = the tiny model shipped in the package
     hub_id: Optional[str] = None  # documentation of where real recipes' weights come from
+    revision: Optional[str] = None  # Hub branch, tag or commit of a Hub model.path (a pinned download; recorded)
     mask_token_id: Optional[int] = None  # a reserved id (NLD: 100); None = use/add mask_token
     mask_token: str = "<|mask|>"
     untie_head: bool = True

@@ -128,6 +128,8 @@ class DataPrepConfig:
 def _spec_dict(s: SourceSpec) -> dict:
     d = asdict(s)
     d.pop("streaming")  # how it is read, not what is read
+    if d.get("revision") is None:  # unpinned: the fingerprint of data prepared before revisions existed
+        d.pop("revision", None)
     return d
 
 

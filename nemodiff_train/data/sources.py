@@ -81,6 +81,7 @@ class SourceSpec:
         config: Hub data set configuration name (``load_dataset(name, config)``).
         streaming: stream a Hub data set instead of downloading it first (local files are
             always streamed). Does not change the output, so it is not part of the fingerprint.
+        revision: Hub data set revision (a branch, tag or commit): pins what is downloaded.
     """
 
     path_or_name: str
@@ -91,6 +92,7 @@ class SourceSpec:
     name: str | None = None
     config: str | None = None
     streaming: bool = False
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         self.path_or_name = str(self.path_or_name)
@@ -145,7 +147,8 @@ class SourceSpec:
         return cls(text, **kwargs)
 
 
-_SPEC_KEYS = {"path_or_name", "weight", "split", "text_field", "messages_field", "name", "config", "streaming"}
+_SPEC_KEYS = {"path_or_name", "weight", "split", "text_field", "messages_field", "name", "config", "streaming",
+              "revision"}
 
 
 @dataclass
@@ -328,7 +331,8 @@ def _iter_datasets(
     is_hub = not load_kwargs
     try:
         if is_hub:
-            ds = datasets.load_dataset(builder_or_name, spec.config, split=spec.split, streaming=spec.streaming)
+            ds = datasets.load_dataset(builder_or_name, spec.config, split=spec.split, streaming=spec.streaming,
+                                       revision=spec.revision)
         else:
             ds = datasets.load_dataset(builder_or_name, split="train", streaming=True, **load_kwargs)
         it = iter(ds)

@@ -57,22 +57,26 @@ def is_adapter_run(run_cfg: dict) -> bool:
     return ((run_cfg.get("adapter") or {}).get("name") or "none") == "lora"
 
 
-def _adapter_record(dlm, base_path: str | None, base_hub_id: str | None) -> dict[str, Any]:
+def _adapter_record(dlm, base_path: str | None, base_hub_id: str | None, base_revision: str | None) -> dict[str, Any]:
     a = dlm.adapter
-    return {"kind": "lora", "base_path": base_path, "base_hub_id": base_hub_id, "r": a.rank, "lora_alpha": a.alpha,
+    return {"kind": "lora", "base_path": base_path, "base_hub_id": base_hub_id, "base_revision": base_revision,
+            "r": a.rank, "lora_alpha": a.alpha,
             "lora_dropout": a.dropout, "target_modules": list(a.target_modules), "module_paths": list(a.paths),
             "mask_embedding_key": "nemodiff.mask_embedding", "switching": SWITCHING,
             "trainable_parameters": a.trainable_parameters()}
 
 
 def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: str | None = None,
-                   metadata: dict | None = None, dtype: str = "float32", remote_code: bool = True,
+                   base_revision: str | None = None, metadata: dict | None = None, dtype: str = "float32", remote_code: bool = True,
                    overwrite: bool = False, eval_json: str | Path | None = None) -> Path:
     """Write ``dlm``'s drafter adapter as an adapter export (see the module docstring).
 
     Args:
         dlm: a :class:`~nemodiff_train.models.hf.DLMModel` with an adapter attached.
-        base_path, base_hub_id: where the base comes from (a directory, a Hub id); at least one.
+        base_path, base_hub_id: where the base comes from (a directory, a Hub id); at least one. The
+            directory is recorded relative to ``out`` (a Hub cache snapshot as its Hub id and commit),
+            never as an absolute path (:mod:`.provenance`).
+        base_revision: the Hub revision of ``base_hub_id`` the adapter was trained on (pins the download).
         remote_code: add ``modeling_nemodiff.py`` and the ``auto_map`` that loads base + adapter.
     Raises:
         ExportError: no adapter, no base reference, a non-empty ``out``; nothing is written then.
@@ -81,6 +85,7 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
 
     from ..models.adapter import peft_state_dict
     from .model_card import read_eval_rows
+    from .provenance import hub_snapshot, public_reference, relative_base_path
     from .remote_code import modeling_source
     from .writer import DTYPES, _check_out, _commit, _dtype_name, _version, nemodiff_record, write_model_files
 
@@ -93,12 +98,19 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
     _check_out(out, overwrite)
     rows = read_eval_rows(Path(eval_json)) if eval_json is not None else None
     record = nemodiff_record(dlm, metadata, name)
-    record["adapter"] = _adapter_record(dlm, base_path, base_hub_id)
-    record["base_model"] = base_hub_id or base_path
+    snapshot = hub_snapshot(str(base_path)) if base_path else None
+    if snapshot:  # a base downloaded from the Hub: its id and commit say more than a cache path
+        base_hub_id, base_revision, base_path = base_hub_id or snapshot[0], base_revision or snapshot[1], None
+    relative = relative_base_path(base_path, out)
+    record["adapter"] = _adapter_record(dlm, relative, base_hub_id, base_revision)
+    record["base_model"] = base_hub_id or public_reference(str(Path(base_path).resolve()))
+    if base_revision:
+        record["base_model_revision"] = base_revision
     model_type = getattr(dlm.hf.config, "model_type", None)
     source = modeling_source(model_type, _version()) if remote_code else None
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_hub_id or base_path,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_hub_id or relative,
+        "revision": base_revision,
         "r": dlm.adapter.rank, "lora_alpha": dlm.adapter.alpha, "lora_dropout": dlm.adapter.dropout,
         "target_modules": list(dlm.adapter.target_modules), "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
@@ -150,13 +162,25 @@ def export_merged(dlm, out: str | Path, **kwargs) -> Path:
     return export_dlm(DLMModel(hf, dlm.settings, dlm.tokenizer), out, metadata=meta, **kwargs)
 
 
-def _pick_base(candidates: list[str | None]) -> Path:
+def recorded_base(export_dir: Path, adapter: dict) -> list[tuple[str, str | None]]:
+    """Where an adapter export's base is: ``[(path or Hub id, revision)]`` in the order to try (the
+    recorded directory, relative to ``export_dir``, then the Hub id at its recorded revision)."""
+    out = []
+    if adapter.get("base_path"):
+        path = Path(str(adapter["base_path"])).expanduser()
+        out.append((str(path if path.is_absolute() else (Path(export_dir) / path).resolve()), None))
+    if adapter.get("base_hub_id"):
+        out.append((str(adapter["base_hub_id"]), adapter.get("base_revision")))
+    return out
+
+
+def _pick_base(candidates: list[tuple[str | None, str | None]]) -> Path:
     from ..assets.resolve import resolve_model_path
 
     errors = []
-    for c in [c for c in candidates if c]:
+    for c, revision in [(c, r) for c, r in candidates if c]:
         try:
-            return resolve_model_path(str(c))
+            return resolve_model_path(str(c), revision=revision)
         except FileNotFoundError as e:
             errors.append(str(e))
     raise ExportError("the adapter's base model is not available: " + ("; ".join(errors) or "no base recorded")
@@ -184,7 +208,7 @@ def load_adapter_export(path: str | Path, *, base: str | None = None, dtype: tor
         adapter = record["adapter"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportError(f"{path / ADAPTER_CONFIG} is not a nemodiff adapter export ({type(e).__name__}: {e})") from None
-    base_dir = _pick_base([base] if base else [adapter.get("base_path"), adapter.get("base_hub_id")])
+    base_dir = _pick_base([(base, None)] if base else recorded_base(path, adapter))
     settings = {k: record[k] for k in ("train_block_size", "inference_block_size", "attention_pattern") if k in record}
     dlm = load_dlm(base_dir, mask_token=int(record["mask_token_id"]), untie_head=False, dtype=dtype,
                    attn_implementation=attn_implementation, device=device, settings=settings)
@@ -208,18 +232,17 @@ def load_adapter_run(src, run_cfg: dict):
     :class:`~nemodiff_train.export.checkpoint.Source`).
 
     Returns:
-        ``(dlm, base_path, base_hub_id)``.
+        ``(dlm, base_path, base_hub_id, base_revision)``.
     """
-    import torch.distributed.checkpoint as dcp
     from transformers import AutoTokenizer, GenerationConfig
 
     from ..models.hf import _has_tokenizer, load_dlm
-    from ..runs.dcp import SafeFileSystemReader
+    from ..runs.dcp import load_dcp
 
     model_cfg, diff, a = run_cfg.get("model") or {}, run_cfg.get("diffusion") or {}, run_cfg.get("adapter") or {}
     source_file = src.hf_dir / "SOURCE"
     recorded = source_file.read_text().strip() if source_file.is_file() else None
-    base_dir = _pick_base([recorded, model_cfg.get("path")])
+    base_dir = _pick_base([(recorded, None), (model_cfg.get("path"), model_cfg.get("revision"))])
     hub_id = model_cfg.get("hub_id") or (model_cfg.get("path") if str(model_cfg.get("path", "")).count("/") == 1
                                          and not Path(str(model_cfg.get("path"))).exists() else None)
     nemodiff = json.loads((src.hf_dir / "config.json").read_text()).get("nemodiff") or {}
@@ -233,7 +256,7 @@ def load_adapter_run(src, run_cfg: dict):
                     target_modules=tuple(a.get("target_modules") or ()))
     state = dlm.adapter.state_dict()
     try:
-        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(src.ckpt_dir)), no_dist=True)
+        load_dcp({"model": state}, src.ckpt_dir, no_dist=True)  # tensors only under model.
     except Exception as e:
         lines = str(e).strip().splitlines()
         raise ExportError(f"checkpoint {src.ckpt_dir}: cannot load the adapter weights "
@@ -244,4 +267,4 @@ def load_adapter_run(src, run_cfg: dict):
     if (src.hf_dir / "generation_config.json").is_file():
         dlm.hf.generation_config = GenerationConfig.from_pretrained(src.hf_dir)
     dlm.hf.config.nemodiff = nemodiff
-    return dlm.eval(), str(Path(base_dir).resolve()), hub_id
+    return dlm.eval(), str(Path(base_dir).resolve()), hub_id, model_cfg.get("revision")

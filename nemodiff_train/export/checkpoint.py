@@ -99,13 +99,15 @@ def _hf_base(run_dir: Path | None, ckpt: Path) -> Path:
 
 def read_dcp_metadata(ckpt: Path):
     """The DCP ``Metadata`` of a checkpoint (tensor sizes and where each one is stored)."""
-    from ..runs.dcp import SafeFileSystemReader  # .metadata is a pickle: restricted classes
+    from ..runs.dcp import SafeFileSystemReader, UnsafeCheckpointError  # .metadata is a pickle: exact classes
 
     file = ckpt / DCP_METADATA
     if not file.is_file():
         raise ExportError(f"checkpoint file {file} is missing: {ckpt} is not a readable DCP checkpoint")
     try:
         return SafeFileSystemReader(str(ckpt)).read_metadata()
+    except UnsafeCheckpointError as e:  # a hostile file: say so, not "unreadable"
+        raise ExportError(f"checkpoint {ckpt}: {e}") from None
     except Exception as e:  # pickle / EOF / attribute errors of a garbled file
         raise ExportError(f"checkpoint file {file} is unreadable ({type(e).__name__}: {e})") from None
 
@@ -184,10 +186,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _load_weights(ckpt: Path, md, model: torch.nn.Module, keys: list[str]) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from ..runs.dcp import SafeFileSystemReader
+    from ..runs.dcp import UnsafeCheckpointError, load_dcp
 
     sd = model.state_dict()
     wanted = {k: sd[k] for k in keys}
@@ -195,7 +196,9 @@ def _load_weights(ckpt: Path, md, model: torch.nn.Module, keys: list[str]) -> No
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")  # no process group: expected
             # no_dist: export runs in one process, even on rank 0 of a live process group (end of training)
-            dcp.load({"model": wanted}, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=True)
+            load_dcp({"model": wanted}, ckpt, no_dist=True)
+    except UnsafeCheckpointError as e:
+        raise ExportError(f"checkpoint {ckpt}: {e}") from None
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException; also RuntimeError...
         e = _first_line(e)
         raise ExportError(_diagnose_unreadable(ckpt, md) or
@@ -330,6 +333,8 @@ def run_metadata(nemodiff: dict, run_cfg: dict) -> dict[str, Any]:
     model_cfg = run_cfg.get("model") or {}
     if not meta.get("base_model") and model_cfg:
         meta["base_model"] = model_cfg.get("hub_id") or model_cfg.get("path")
+    if not meta.get("base_model_revision") and model_cfg.get("revision"):
+        meta["base_model_revision"] = model_cfg["revision"]
     if "stages" not in meta and run_cfg.get("stages"):
         meta["stages"] = [runs.stage_record(s.get("name"), s.get("kind"), s.get("steps"),
                                             (s.get("data") or {}).get("sources"), (s.get("data") or {}).get("seq_len"),

@@ -45,6 +45,26 @@ def _print_plan(plan: dict, dry_run: bool) -> None:
         print(f"  {size:>14,d}  {path}")
 
 
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _create_or_check(api, repo: str, private: bool) -> None:
+    """Create ``repo`` with the asked visibility, or check an existing one: a push asked to be private
+    never goes to an existing public repo (create_repo(exist_ok=True) would keep it public)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo, repo_type="model")
+    except RepositoryNotFoundError:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        info = api.repo_info(repo, repo_type="model")  # created meanwhile by someone else: check it too
+    if private and not getattr(info, "private", False):
+        raise ExportError(f"push_to_hub: {repo} exists and is public, but private=true was asked: nothing was "
+                          "uploaded. Make the repo private on the Hub, push to another repo, or pass private=false "
+                          "to publish")
+
+
 def push_to_hub(folder: str | Path, repo: str, private: bool = True, dry_run: bool = False,
                 token: str | None = None, commit_message: str | None = None) -> dict[str, Any]:
     """Create (if needed) the model repo ``repo`` and upload ``folder`` to it.
@@ -52,7 +72,8 @@ def push_to_hub(folder: str | Path, repo: str, private: bool = True, dry_run: bo
     Args:
         folder: an export directory (must hold ``config.json``).
         repo: ``owner/name``.
-        private: visibility when the repo is created (an existing repo keeps its visibility).
+        private: visibility when the repo is created; an existing public repo is refused when ``True``
+            (nothing is uploaded), an existing private one is used as it is.
         dry_run: only print and return the plan; nothing is sent.
         token: a Hub token; default ``HF_TOKEN`` or the stored login. Never printed.
     Returns:
@@ -73,9 +94,11 @@ def push_to_hub(folder: str | Path, repo: str, private: bool = True, dry_run: bo
     token = token or os.environ.get("HF_TOKEN") or None
     try:
         api = HfApi(token=token)
-        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        _create_or_check(api, repo, private)
         commit = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
                                    commit_message=commit_message or "Upload nemodiff DLM export")
+    except ExportError as e:
+        raise ExportError(_scrub(str(e), token)) from None
     except Exception as e:  # never let the token reach a message or log
         message = f"{type(e).__name__}: {e}"
         if token:

@@ -136,8 +136,9 @@ The weights are a standard `{meta.get('architecture', 'causal LM')}` checkpoint;
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tok = AutoTokenizer.from_pretrained("{repo}")
-model = AutoModelForCausalLM.from_pretrained("{repo}")
+revision = "main"   # or a commit hash: pins exactly what is downloaded
+tok = AutoTokenizer.from_pretrained("{repo}", revision=revision)
+model = AutoModelForCausalLM.from_pretrained("{repo}", revision=revision)
 ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=64, do_sample=False)[0]))
 ```
@@ -169,7 +170,7 @@ or measure every mode: `nemodiff-eval model=<dir> modes=[ar,diffusion,linear_spe
 `modeling_nemodiff.py` carries the same four decoders (inlined from nemodiff at export time):
 
 ```python
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained("{repo}", revision=revision, trust_remote_code=True)
 out = model.generate(ids, mode="diffusion", max_new_tokens=64, block_size={block}, threshold=0.9)
 out = model.generate(ids, mode="linear_spec", max_new_tokens=64)   # equals greedy AR output
 ```

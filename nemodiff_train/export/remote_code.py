@@ -218,8 +218,9 @@ On CUDA the decoders run over a preallocated static KV cache with CUDA-graph rep
 nemodiff_train/models/static_cache.py); ``static_cache=False`` selects the dynamic cache and
 ``cuda_graphs=False`` plain eager forwards.
 
-A drafter-adapter export (``adapter_config.json`` beside this file) loads its untouched base (the path or
-Hub id it records, or ``from_pretrained(..., base_model=...)``) plus the adapter (inlined from
+A drafter-adapter export (``adapter_config.json`` beside this file) loads its untouched base (the path
+relative to this export or the Hub id at the revision it records, or ``from_pretrained(...,
+base_model=...)``; never with ``trust_remote_code``) plus the adapter (inlined from
 nemodiff_train/models/adapter.py); the decoders switch it on for draft / denoise tokens only.
 """
 
@@ -262,33 +263,49 @@ class {cls}(_NemoDiffBase):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """A drafter-adapter export (config.json ``nemodiff.adapter``): load the untouched base it names
-        (``base_model=<path or Hub id>``, else the recorded path, else the recorded Hub id) and attach the
-        adapter, switched per token by ``generate(mode=...)`` (plain ``generate`` is the base). Anything
-        else loads as the base class does."""
+        (``base_model=<path or Hub id>``, else the recorded path relative to this export, else the
+        recorded Hub id at its recorded revision) and attach the adapter, switched per token by
+        ``generate(mode=...)`` (plain ``generate`` is the base). ``revision`` selects this repo's
+        revision (config and adapter weights); the base is pinned by the record and loads as plain
+        transformers (``trust_remote_code`` is not passed on to it). Anything else loads as the base
+        class does."""
         from transformers import AutoConfig
         from transformers.modeling_utils import load_state_dict
         from transformers.utils import cached_file
 
         base_model = kwargs.pop("base_model", None)
+        revision = kwargs.get("revision")
+        hub = {{k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "proxies", "force_download")
+               if k in kwargs}}  # where this repo's own files come from
         config = kwargs.get("config")
         if config is None or isinstance(config, str):
-            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path)
+            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, revision=revision, **hub)
         record = (getattr(config, "nemodiff", None) or {{}}).get("adapter")
         if not record:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         kwargs["config"] = config
-        bases = [base_model] if base_model else [b for b in (record.get("base_path"), record.get("base_hub_id")) if b]
+        kwargs.pop("revision", None)
+        kwargs.pop("trust_remote_code", None)  # the base runs no code of its own
+        kwargs.pop("adapter_kwargs", None)  # transformers' PEFT loading: the adapter is attached below, per token
+        here = str(pretrained_model_name_or_path)
+        recorded = []
+        if record.get("base_path"):
+            path = record["base_path"]  # relative to this export (older exports: absolute)
+            recorded.append((path if path.startswith("/") else here.rstrip("/") + "/" + path, None))
+        if record.get("base_hub_id"):
+            recorded.append((record["base_hub_id"], record.get("base_revision")))
+        bases = [(base_model, None)] if base_model else recorded
         model, errors = None, []
-        for base in bases:
+        for base, base_revision in bases:
             try:
-                model = super().from_pretrained(base, *args, **kwargs)
+                model = super().from_pretrained(base, *args, revision=base_revision, **kwargs)
                 break
             except (OSError, ValueError) as e:
                 errors.append(f"{{base}}: {{type(e).__name__}}: {{e}}")
         if model is None:
             raise OSError(f"{{pretrained_model_name_or_path}} is a nemodiff drafter adapter; its base model could not "
                           f"be loaded ({{'; '.join(errors) or 'none recorded'}}); pass base_model=<path or Hub id>")
-        weights = load_state_dict(cached_file(str(pretrained_model_name_or_path), "adapter_model.safetensors"))
+        weights = load_state_dict(cached_file(here, "adapter_model.safetensors", revision=revision, **hub))
         adapter = attach_adapter(model, config.nemodiff["mask_token_id"], rank=int(record["r"]),
                                  alpha=float(record["lora_alpha"]), dropout=0.0,
                                  target_modules=tuple(record["target_modules"]))

@@ -30,9 +30,11 @@ from typing import Any
 import torch
 
 from .. import runs
+from ..config.secrets import redact, scrub_env_values
 from ..models.dtypes import ALIASES, DTYPES as _CANONICAL
 from ..faults import fault_point
 from .errors import ExportError
+from .provenance import public_record
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +66,34 @@ def _shard_size(value: str | int) -> str | int:
     raise ExportError(f"max_shard_size {value!r} is not a size (e.g. 500MB, 5GB, or a number of bytes)")
 
 
+def is_earlier_export(path: Path) -> bool:
+    """``path`` holds an export of this toolkit: a ``config.json`` with a ``nemodiff`` record, or an
+    adapter export (``adapter_config.json`` with one). Only such a directory may be replaced."""
+    for name in ("config.json", "adapter_config.json"):
+        try:
+            record = json.loads((Path(path) / name).read_text()).get("nemodiff")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(record, dict) and record:
+            return True
+    return False
+
+
 def _check_out(out: Path, overwrite: bool, protect: list[Path] = ()) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"out {out} exists and is not empty; pass overwrite=true to replace it")
     resolved = out.resolve()
     for p in protect:
         p = Path(p).resolve()
         if p == resolved or resolved in p.parents:
             raise ExportError(f"out {out} would replace the checkpoint it exports from ({p}); choose another directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"out {out} exists and is not empty; pass overwrite=true to replace it")
+        if not is_earlier_export(out):  # overwrite replaces what we wrote, never `out=.` or `out=$HOME`
+            raise ExportError(f"out {out.resolve()} is not an earlier nemodiff export (no config.json with a "
+                              "'nemodiff' record, no adapter export): overwrite=true replaces only those; "
+                              "choose an empty or new directory (nothing was changed)")
 
 
 def _version() -> str:
@@ -107,7 +127,8 @@ def nemodiff_record(dlm, metadata: dict | None, dtype: str) -> dict[str, Any]:
         rec["data_sources"] = _data_sources(rec.get("stages"))
     rec["nemodiff_version"] = _version()
     rec["export_dtype"] = dtype
-    return _json_safe(rec)
+    # published: no absolute local path (.provenance), no credential key, no secret environment value
+    return _json_safe(scrub_env_values(redact(public_record(rec))))
 
 
 def training_metadata(cfg, step: int | None = None, tokens: int | None = None) -> dict[str, Any]:
@@ -349,7 +370,7 @@ def _export_adapter_source(src, out: Path, *, dtype, metadata, remote_code, eval
                            merge, protect) -> Path | None:
     """Export a drafter-adapter run or adapter export (None when ``src`` is neither)."""
     from .adapter import export_adapter, export_merged, is_adapter_export, is_adapter_run, load_adapter_export, \
-        load_adapter_run
+        load_adapter_run, recorded_base
     from .checkpoint import _run_config, checkpoint_metadata
 
     if src.kind == "hf":
@@ -357,17 +378,19 @@ def _export_adapter_source(src, out: Path, *, dtype, metadata, remote_code, eval
             return None
         dlm = load_adapter_export(src.hf_dir)
         record = dict(dlm.hf.config.nemodiff)
-        base_path, hub_id = record["adapter"].get("base_path"), record["adapter"].get("base_hub_id")
+        base_path = next((p for p, rev in recorded_base(src.hf_dir, record["adapter"]) if rev is None), None)
+        hub_id, revision = record["adapter"].get("base_hub_id"), record["adapter"].get("base_revision")
         meta = {k: v for k, v in record.items() if k != "adapter"}
     else:
         run_cfg = _run_config(src.run_dir)
         if not is_adapter_run(run_cfg):
             return None
-        dlm, base_path, hub_id = load_adapter_run(src, run_cfg)
+        dlm, base_path, hub_id, revision = load_adapter_run(src, run_cfg)
         meta = checkpoint_metadata(src, dict(dlm.hf.config.nemodiff or {}), run_cfg)
     meta.update(metadata or {})
     if merge:
         return export_merged(dlm, out, dtype=dtype, metadata=meta, remote_code=remote_code, eval_json=eval_json,
                              overwrite=overwrite, max_shard_size=max_shard_size, _protect=protect)
-    return export_adapter(dlm, out, base_path=base_path, base_hub_id=hub_id, metadata=meta, dtype=dtype,
+    return export_adapter(dlm, out, base_path=base_path, base_hub_id=hub_id, base_revision=revision, metadata=meta,
+                          dtype=dtype,
                           remote_code=remote_code, overwrite=overwrite, eval_json=eval_json)

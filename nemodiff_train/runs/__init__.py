@@ -135,6 +135,6 @@ def run_record(cfg, mask_token_id: int, **extra: Any) -> dict[str, Any]:
     return {"mask_token_id": int(mask_token_id), "train_block_size": d.block_size,
             "inference_block_size": d.inference_block_size, "attention_pattern": d.pattern, "alpha": d.alpha,
             "beta": d.beta, "noise_schedule": d.schedule, "recipe": cfg.recipe,
-            "base_model": cfg.model.hub_id or cfg.model.path, **extra,
+            "base_model": cfg.model.hub_id or cfg.model.path, "base_model_revision": cfg.model.revision, **extra,
             "stages": [stage_record(s.name, s.kind, s.steps, s.data.sources, s.data.seq_len, s.global_batch_size)
                        for s in cfg.stages]}

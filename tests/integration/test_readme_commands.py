@@ -118,6 +118,8 @@ ELSEWHERE = {
                                 "the CUDA tests; skipped without CUDA"),
     "tools/fault_campaign.py --kills 20 --corruptions 12": ("tools/fault_campaign.py", "--kills",
                                                            "a long randomised campaign (minutes to hours), not a test"),
+    "tools/fault_campaign.py --only hostile": ("tests/faults/test_hostile_files.py", "metadata_corpus(",
+                                               "the family's cases run in the faults tier (tests/faults/hostile.py)"),
 }
 
 # Slurm commands (sbatch) are exercised by the Slurm tier on a real local Slurm; here only their scripts'

@@ -2,6 +2,7 @@
 package and by the generated remote code with the same outputs; merge=true; a Hub push of the adapter alone."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +51,11 @@ def test_adapter_export_files_and_reload(drafter, tmp_path):
     assert cfg["base_model_name_or_path"] == "acme/tiny-base"
     assert cfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     rec = cfg["nemodiff"]
-    assert rec["mask_token_id"] == MASK and rec["adapter"]["base_path"] == str(base)
+    assert rec["mask_token_id"] == MASK and (out / rec["adapter"]["base_path"]).resolve() == base.resolve()
+    assert not Path(rec["adapter"]["base_path"]).is_absolute()  # relative to the export: no machine path
+    for f in (p for p in out.rglob("*") if p.is_file()):  # no absolute path of this machine in any file
+        data = f.read_bytes()
+        assert str(base).encode() not in data and str(tmp_path).encode() not in data, f
     assert json.loads((out / "config.json").read_text())["nemodiff"]["adapter"]["r"] == 4
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in weights

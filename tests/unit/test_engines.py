@@ -51,8 +51,11 @@ def test_megatron_export_refuses_a_non_empty_out_before_converting(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(ExportError, match="output directory .*out is not empty"):
-        orchestrate.export_any(_megatron_run(tmp_path), out)
+    run = _megatron_run(tmp_path)
+    with pytest.raises(ExportError, match="out .*out exists and is not empty"):
+        orchestrate.export_any(run, out)
+    with pytest.raises(ExportError, match="is not an earlier nemodiff export"):  # overwrite: only our own exports
+        orchestrate.export_any(run, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "x"
 
 

@@ -94,8 +94,14 @@ def test_refuses_a_non_empty_out_unless_overwrite(tmp_path):
     with pytest.raises(ExportError, match="not empty.*overwrite"):
         export_dlm(dlm, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(ExportError, match="not an earlier nemodiff export"):
+        export_dlm(dlm, out, overwrite=True)  # overwrite replaces only an earlier export
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    export_dlm(dlm, out)
+    (out / "stale.txt").write_text("old")
     export_dlm(dlm, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if "out" in p.name) == ["out"]  # no tmp/old left
     (tmp_path / "empty").mkdir()
     export_dlm(dlm, tmp_path / "empty")  # an empty directory is fine

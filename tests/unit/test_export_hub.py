@@ -7,6 +7,7 @@ so the test sees exactly what would go over the wire: repo id, visibility, files
 
 import base64
 import json
+import re
 
 import pytest
 
@@ -18,9 +19,10 @@ TOKEN = "hf_TESTsecretTOKEN1234567890"
 
 
 class MockHub:
-    def __init__(self, fail_create: bool = False):
+    def __init__(self, fail_create: bool = False, existing: str | None = None):
         self.requests = []
         self.fail_create = fail_create
+        self.existing = existing  # None: no such repo yet; "public" / "private": its visibility
 
     def handler(self, request):
         import huggingface_hub.utils._http as hf_http
@@ -33,7 +35,15 @@ class MockHub:
         if path == "/api/repos/create":
             if self.fail_create:  # a server error that echoes the credentials back
                 return httpx.Response(401, json={"error": f"Invalid credentials in Authorization header: {TOKEN}"})
+            self.existing = json.loads(body).get("visibility") or ("private" if json.loads(body).get("private") else "public")
             return httpx.Response(200, json={"url": "https://huggingface.co/acme/dlm", "name": "acme/dlm"})
+        info = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/revision/main)?/?", path)
+        if request.method == "GET" and info:  # repo_info
+            if self.existing is None:  # what the Hub answers for a missing repo
+                return httpx.Response(404, headers={"X-Error-Code": "RepoNotFound"},
+                                      json={"error": "Repository not found"})
+            return httpx.Response(200, json={"id": info.group(1), "private": self.existing == "private",
+                                             "sha": "b" * 40, "siblings": []})
         if path == "/api/validate-yaml":  # the client checks a README's front matter before the commit
             return httpx.Response(200, json={"errors": [], "warnings": []})
         if "/preupload/" in path:
@@ -86,7 +96,7 @@ def test_upload_sends_files_repo_and_privacy_and_never_prints_the_token(hub, fol
     assert (sent["organization"], sent["name"], sent["visibility"]) == ("acme", "dlm", "private")
     assert sent.get("type", "model") == "model"
     assert all(r["auth"] == f"Bearer {TOKEN}" for r in hub.requests)
-    assert all("/api/models/acme/dlm/" in r["path"] for r in hub.requests
+    assert all(r["path"].startswith("/api/models/acme/dlm") for r in hub.requests
                if r["path"] not in ("/api/repos/create", "/api/validate-yaml"))
     files = hub.committed_files()
     assert files == {"config.json": b'{"model_type": "qwen3"}', "model.safetensors": b"\0" * 1234,
@@ -136,3 +146,22 @@ def test_bad_inputs(hub, folder, tmp_path):
     with pytest.raises(ExportError, match="no config.json"):
         push_to_hub(tmp_path, "acme/dlm", dry_run=True)
     assert hub.requests == []
+
+
+def test_private_push_to_an_existing_public_repo_is_refused(hub, folder, capsys):
+    """create_repo(exist_ok=True) keeps an existing repo's visibility: a push asked to be private must
+    not silently publish. Nothing is created or committed, and the error names the repo."""
+    hub.existing = "public"
+    with pytest.raises(ExportError, match="acme/dlm exists and is public, but private=true was asked: nothing was "
+                                          "uploaded"):
+        push_to_hub(folder, "acme/dlm", private=True, token=TOKEN)
+    assert not [r for r in hub.requests if r["method"] != "GET"]  # no create, no preupload, no commit
+    assert TOKEN not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("existing,private", [("private", True), ("public", False), ("private", False)])
+def test_pushes_to_an_existing_repo_that_fit_the_request(hub, folder, existing, private):
+    hub.existing = existing
+    push_to_hub(folder, "acme/dlm", private=private, token=TOKEN)
+    assert not [r for r in hub.requests if r["path"] == "/api/repos/create"]  # it exists: not re-created
+    assert "config.json" in hub.committed_files()

@@ -42,7 +42,8 @@ def test_card_front_matter_and_sections():
     assert fm["library_name"] == "transformers" and fm["base_model"] == "acme/tiny-base"
     assert {"diffusion-lm", "nemodiff"} <= set(fm["tags"])
     for needle in ("tiny_cpu", "embedded:pretrain_train.jsonl.gz", "Training steps: 6", "768",
-                   "AutoModelForCausalLM.from_pretrained(\"acme/tiny-dlm\")", "trust_remote_code=True",
+                   "AutoModelForCausalLM.from_pretrained(\"acme/tiny-dlm\", revision=revision)", "trust_remote_code=True",
+                   "revision = \"main\"",
                    "mode=\"diffusion\"", "from nemodiff_train.decoding import", "prefill forward excluded"):
         assert needle in text, needle
     # a local or embedded base is not a Hub id: no base_model key (the Hub would reject it)

@@ -139,7 +139,7 @@ def init_dir(cfg: Config, run_dir: str | Path) -> Path:
     from ...assets.resolve import resolve_model_path
 
     init = runs.megatron_init_dir(run_dir)
-    return init if (init / DONE).is_file() else resolve_model_path(cfg.model.path)
+    return init if (init / DONE).is_file() else resolve_model_path(cfg.model.path, cfg.model.revision)
 
 
 def finished_iteration(save_dir: Path) -> int | None:

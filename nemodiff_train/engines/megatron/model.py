@@ -111,7 +111,7 @@ def mask_token_id_of(cfg: Config, hf_dir: Path) -> int:
 
 def prepare_init_checkpoint(cfg: Config, run_dir: Path, is_main: bool, barrier=None, src: Path | None = None) -> Path:
     """The HF directory the first stage loads (see the module docstring). Collective when ``barrier`` is given."""
-    src = src or resolve_model_path(cfg.model.path)
+    src = src or resolve_model_path(cfg.model.path, cfg.model.revision)
     if cfg.engine.init_from == "random":
         return _random_init_source(cfg, src)
     out = runs.megatron_init_dir(run_dir)

@@ -2,7 +2,8 @@
 when the output is not a terminal), and W&B when configured.
 
 Only rank 0 writes. Secrets never reach any sink: the config holds none (W&B reads its API key
-from the environment itself) and :func:`redact` scrubs token-like keys from anything logged.
+from the environment itself) and :func:`redact` hides credential keys and secret environment values
+in what is logged, keeping settings such as ``mask_token_id`` and ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 import uuid
@@ -18,20 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...config.secrets import redact as _redact_keys, scrub_env_values
 from ...runs import METRICS_FILE
 
 __all__ = ["MetricsSink", "WandbRun", "LossEMA", "redact"]
 
-_SECRET_KEY = re.compile(r"(token|api[_-]?key|secret|password)", re.IGNORECASE)
 
 
 def redact(obj: Any) -> Any:
-    """Replace the values of secret-looking keys (``*token*``, ``*api_key*``...) by ``"***"``."""
-    if isinstance(obj, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+    """``obj`` with secrets hidden: the values of credential keys (``hf_token``, ``*_api_key``, ``password``,
+    ...; not ``mask_token_id`` or ``max_new_tokens``) and any secret environment variable's value
+    become ``***`` (:mod:`nemodiff_train.config.secrets`)."""
+    return _redact_keys(scrub_env_values(obj))
 
 
 SMOOTHING = 0.8

@@ -28,7 +28,7 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     m = cfg.model
     mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
     attn = m.attn_implementation  # None: load_dlm picks what the architecture supports (flex on CUDA, sdpa, eager)
-    path = Path(work.run("model", lambda: str(resolve_model_path(m.path)), per_node=True))
+    path = Path(work.run("model", lambda: str(resolve_model_path(m.path, m.revision)), per_node=True))
     shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
     # a frozen base keeps its head as it is (tied or not): an untied copy would only cost memory

@@ -31,7 +31,8 @@ The modules, one concern each:
   world size matches, otherwise ranks without a saved stream keep the seed's.
 
 Loading unpickles nothing untrusted: DCP's own ``.metadata`` is a pickle, so it is read with an
-unpickler restricted to DCP's metadata classes (:class:`SafeFileSystemReader`), and tensors are read
+unpickler admitting exact DCP metadata classes only, byte entries (optimizer settings) with
+``torch.load(weights_only=True)`` (:func:`nemodiff_train.runs.dcp.load_dcp`), and tensors are read
 with ``weights_only`` semantics by DCP.
 """
 

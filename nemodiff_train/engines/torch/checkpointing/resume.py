@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ....runs import CHECKPOINTS_DIR, list_checkpoints, step_dirs, step_of
-from ....runs.dcp import CheckpointError, SafeFileSystemReader
+from ....runs.dcp import CheckpointError, load_dcp
 from ...ranks import rank
 from .manifest import read_trainer_state, verify_checkpoint
 
@@ -107,7 +107,7 @@ def load_checkpoint(ckpt: Path, state: dict[str, Any]) -> dict:
     trainer_state = read_trainer_state(ckpt)
     try:
         with quiet_single_process():
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)))
+            load_dcp(state, ckpt)  # restricted .metadata, weights_only byte entries
     except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, KeyError)
         lines = str(e).strip().splitlines()
         raise CheckpointError(f"{ckpt}: cannot load checkpoint into this model/optimizer: "
@@ -121,7 +121,7 @@ def load_model_weights(ckpt: Path, hf_model: torch.nn.Module) -> None:
     state = hf_model.state_dict()  # DCP loads in place into these tensors
     try:
         with quiet_single_process():
-            dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)))
+            load_dcp({"model": state}, ckpt)
     except Exception as e:
         raise CheckpointError(f"{ckpt}: model weights do not fit this architecture: {e}") from None
     hf_model.load_state_dict(state)
