@@ -72,6 +72,12 @@ class DiffusionConfig:
     alpha: float = 0.3  # diffusion loss weight
     beta: float = 1.0  # AR loss weight
     loss_chunk_size: int = 2048
+    # Soft-target terms (docs/distill.md, "Loss terms"; 0 = off). Weights on sums divided by the same
+    # N_mask + beta * N_AR as the joint loss.
+    drafter_kl: float = 0.0  # KL(detached AR view || diffusion view) on masked positions: trains acceptance
+    certainty: float = 0.0  # entropy of the diffusion view on masked positions it already gets right
+    certainty_temperature: float = 1.0
+    teacher_kl: float = 0.0  # KL(frozen base || clean stream) on supervised AR targets (one teacher forward)
 
 
 @dataclass

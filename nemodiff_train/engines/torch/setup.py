@@ -13,7 +13,7 @@ from ...models.hf import DLMModel, load_dlm
 from .distributed import DistEnv
 from .main_work import MainWork
 
-__all__ = ["build_model", "prepare_stage_data"]
+__all__ = ["build_model", "build_teacher", "prepare_stage_data"]
 
 
 def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLMModel:
@@ -42,6 +42,26 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     dlm.hf.train()
     work.run("hf_base", lambda: _save_base(dlm, cfg, run_dir / runs.HF_BASE_DIR, source=path))
     return dlm
+
+
+def build_teacher(cfg: Config, env: DistEnv, work: MainWork) -> DLMModel | None:
+    """The frozen teacher of ``diffusion.teacher_kl`` (the untouched base at ``model.path``), or None.
+
+    A second full copy of the base on every rank, in the compute dtype, never sharded or wrapped: it only
+    runs one causal forward per micro-batch without gradient (docs/distill.md, "Cost").
+    """
+    if cfg.diffusion.teacher_kl <= 0:
+        return None
+    m = cfg.model
+    path = Path(work.run("model", lambda: str(resolve_model_path(m.path)), per_node=True))
+    mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" and env.device.type == "cuda" else torch.float32
+    teacher = load_dlm(path, mask_token=mask, untie_head=False, dtype=dtype, attn_implementation=m.attn_implementation,
+                       device=env.device, settings={"train_block_size": cfg.diffusion.block_size})
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _add_adapter(dlm: DLMModel, cfg: Config, path: Path) -> None:

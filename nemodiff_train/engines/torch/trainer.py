@@ -39,6 +39,7 @@ from torch import nn
 
 from ...config.load import as_dict, save_config
 from ...config.schema import Config, StageConfig
+from ...core.distill_losses import DistillWeights
 from ...core.losses import MASK_RATE_EDGES, LossParts, LossWeights
 from ...models.hf import DLMModel
 from ...models.step import VALIDATION_SEED_OFFSET, joint_step
@@ -53,7 +54,7 @@ from .lr_schedule import lr_at
 from .main_work import MainWork
 from .metrics import MetricsSink
 from .parallelize import Parallelized, parallelize
-from .setup import build_model, prepare_stage_data
+from .setup import build_model, build_teacher, prepare_stage_data
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,20 @@ __all__ = ["train", "TwoStreamLoss", "trained_module"]
 class TwoStreamLoss(nn.Module):
     """``forward(micro_batch) -> LossParts``: the unit DDP/FSDP wrap (their hooks need a forward)."""
 
-    def __init__(self, dlm: DLMModel, block_size: int, chunk_size: int):
+    def __init__(self, dlm: DLMModel, block_size: int, chunk_size: int, distill: DistillWeights | None = None,
+                 teacher: DLMModel | None = None):
         super().__init__()
         self.dlm = dlm
         self.block_size = block_size
         self.chunk_size = chunk_size
+        self.distill = distill
+        self._teacher = (teacher,)  # a tuple: the frozen teacher is no submodule (DDP/FSDP must not wrap it)
 
     def forward(self, mb: MicroBatch, diagnostics: bool = False):
         """:func:`~nemodiff_train.models.step.joint_step`; with ``diagnostics`` also its masked-token
         stats (a flag, not a second method, so that FSDP's forward hooks gather the parameters)."""
-        return joint_step(self.dlm, mb, self.block_size, self.chunk_size, diagnostics=diagnostics)
+        return joint_step(self.dlm, mb, self.block_size, self.chunk_size, diagnostics=diagnostics,
+                          distill=self.distill, teacher=self._teacher[0])
 
 
 class _StopFlag:
@@ -141,9 +146,17 @@ def _make_optimizer(dlm: DLMModel, cfg: Config, stage: StageConfig) -> torch.opt
 
 
 def _reduce_parts(parts: LossParts, device) -> LossParts:
-    flat = torch.stack([parts.diffusion_sum, parts.diffusion_count, parts.ar_sum, parts.ar_count]).float().to(device)
+    flat, names = parts.flat()
+    flat = flat.to(device)
     all_reduce_sum(flat)
-    return LossParts(*flat.unbind())
+    return LossParts.from_flat(flat, names)
+
+
+def loss_weights(cfg: Config) -> LossWeights:
+    """α, β and the soft-target terms' weights of ``cfg.diffusion``."""
+    d = cfg.diffusion
+    return LossWeights(d.alpha, d.beta, DistillWeights(d.drafter_kl, d.certainty, d.certainty_temperature,
+                                                       d.teacher_kl))
 
 
 def validation_split(n: int, world: int, rank: int, micro: int) -> list[list[int | None]]:
@@ -189,8 +202,9 @@ def _validate(par: Parallelized, val_ds, cfg: Config, stage: StageConfig, env: D
     module.train()
     total = _reduce_parts(total, env.device)
     all_reduce_sum(stats)
-    w = LossWeights(d.alpha, d.beta)
-    return {"val_ar_loss": (total.ar_sum / total.ar_count.clamp_min(1)).item(),
+    w = loss_weights(cfg)
+    return {**{f"val_{k}": v for k, v in total.term_means().items()},
+            "val_ar_loss": (total.ar_sum / total.ar_count.clamp_min(1)).item(),
             "val_diffusion_loss": (total.diffusion_sum / total.diffusion_count.clamp_min(1)).item(),
             "val_loss": (total.numerator(w) / total.denominator(w)).item(),
             **_mask_rate_metrics(stats)}
@@ -258,7 +272,7 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     work = MainWork(env, run_dir, cfg.engine.main_work_timeout_s)
     dlm = build_model(cfg, run_dir, env, work)
     mask_id = dlm.settings.mask_token_id
-    weights = LossWeights(cfg.diffusion.alpha, cfg.diffusion.beta)
+    weights = loss_weights(cfg)
 
     progress = _Progress()
     # the newest checkpoint that verifies against this model; all failing is an error, never step 0
@@ -279,7 +293,9 @@ def train(cfg: Config, run_dir: Path, validation_hooks: Sequence[ValidationHook]
     if ckpt:
         sink.message(f"resuming from {ckpt} (step {progress.step})")
 
-    par = parallelize(TwoStreamLoss(dlm, cfg.diffusion.block_size, cfg.diffusion.loss_chunk_size), cfg, env)
+    teacher = build_teacher(cfg, env, work)
+    par = parallelize(TwoStreamLoss(dlm, cfg.diffusion.block_size, cfg.diffusion.loss_chunk_size, weights.distill,
+                                    teacher), cfg, env)
     stopped = False
     hook_memo: dict[int, dict] = {}  # step -> the validation hooks' row (see _validation_row)
     for stage_index, (stage, (first, last)) in enumerate(zip(cfg.stages, _stage_bounds(cfg))):
@@ -364,7 +380,7 @@ def _run_stage(cfg, stage, stage_index, first, last, env, dlm, par: Parallelized
                       "diffusion_loss": (total.diffusion_sum / total.diffusion_count.clamp_min(1)).item(),
                       "masked_tokens": int(total.diffusion_count.item()), "lr": lr,
                       "grad_norm": float(grad_norm), "tokens": progress.tokens,
-                      "tokens_per_s": tokens_since / max(now - t_last, 1e-9)}
+                      "tokens_per_s": tokens_since / max(now - t_last, 1e-9), **total.term_means()}
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {progress.step}: {record}")
             sink.log(record)
