@@ -184,6 +184,7 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     need(e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     need(e.limit is None or e.limit >= 1, "eval.limit", "must be >= 1 (or null)")
+    need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(e.block_size is None or e.block_size > 0, "eval.block_size", "must be > 0 (or null)")
     need(0 < e.threshold <= 1, "eval.threshold", "must be in (0, 1]")
     d = cfg.diffusion

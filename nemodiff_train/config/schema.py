@@ -224,6 +224,8 @@ class EvalAtEndConfig:
     max_new_tokens: int = 64
     block_size: Optional[int] = None
     threshold: float = 0.9
+    batch_size: int = 1  # prompts per decoder call (nemodiff-eval batch_size)
+    compare_base: bool = False  # also decode the untouched base (model.path) in AR mode: the table's `base` row
     sweep: EvalSweepConfig = field(default_factory=EvalSweepConfig)
     probe: EvalProbeConfig = field(default_factory=EvalProbeConfig)
 
