@@ -8,6 +8,7 @@ Set ``NEMODIFF_FAULT=<point>:<n>[:<action>][@<rank>]`` and the process fails the
 * ``prune``: a save after the new checkpoint was renamed into place, before old ones are pruned;
 * ``export``: an export after its weights were written, before the directory is renamed into place;
 * ``data``: data preparation after each ingested batch of rows (mid data-preparation).
+* ``distill``: a distill set's generation after each atomic file write, before its rename (mid-chunk).
 
 Actions: ``kill`` (default: ``SIGKILL`` to itself, nothing is flushed or cleaned up), ``term`` and
 ``usr1`` (send that signal to itself, as a scheduler's preemption would), ``enospc`` (raise

@@ -1,7 +1,9 @@
 """What ``nemodiff-train`` runs, above both engines: train (an engine) → export → evaluate → push.
 
 The engines only train (data preparation included, since it needs the tokenizer each engine writes
-first); each returns a :class:`~nemodiff_train.engines.TrainOutcome`. When the run's last stage has
+first); each is an :class:`~nemodiff_train.engines.Engine`, picked from the registry by
+``engine.name`` (no branch here on an engine's name), and returns a
+:class:`~nemodiff_train.engines.TrainOutcome`. When the run's last stage has
 trained to its end, this module does the rest on the one rank that does long work while the others
 wait without a pending collective (``outcome.on_main``):
 
@@ -9,7 +11,7 @@ wait without a pending collective (``outcome.on_main``):
   (:mod:`nemodiff_train.export`) for both engines. A Megatron run's latest checkpoint is first
   converted by its engine (AutoBridge) into a temporary HF directory; a requeued Megatron job whose
   export is already of the latest checkpoint exports nothing;
-* torch engine: then ``eval.at_end`` → :func:`evaluate_at_end` (``eval/``, ``eval_summary.json``,
+* an engine that ``evaluates_at_end`` (torch): then ``eval.at_end`` → :func:`evaluate_at_end` (``eval/``, ``eval_summary.json``,
   the model card refreshed); then ``export.push_to_hub``.
 
 :func:`export_any` is also ``nemodiff-export``'s source dispatch.
@@ -20,44 +22,39 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config.schema import Config
-from .engines import TrainOutcome
+from .engines import Engine, ExportSourceError, TrainOptions, TrainOutcome, engine_of_run, get_engine
 
 __all__ = ["train", "finish", "evaluate_at_end", "export_any"]
 
 
-def train(cfg: Config, run_dir: Path, *, validation_hooks: Sequence = (), engine_options: dict | None = None) -> Path:
-    """Train ``cfg`` with its engine into ``run_dir``, then :func:`finish`; returns the run directory.
+def train(cfg: Config, run_dir: Path, options: TrainOptions | None = None) -> Path:
+    """Train ``cfg`` with its engine (``engine.name``, :func:`~nemodiff_train.engines.get_engine`) into
+    ``run_dir``, then :func:`finish`; returns the run directory.
 
     Args:
-        validation_hooks: torch engine only: measurements at each validation (e.g. the decode probe).
-        engine_options: extra keyword arguments of the engine's entry point (test hooks, e.g. the
-            Megatron engine's ``callbacks``).
+        options: what the caller hands the engine beside the config (validation hooks, extra loss
+            terms, test callbacks: :class:`~nemodiff_train.engines.TrainOptions`).
     """
-    if cfg.engine.name == "megatron":
-        from .engines.megatron.train import run as megatron_run
-
-        outcome = megatron_run(cfg, **(engine_options or {}))  # run.dir is required: shared by every job
-    else:
-        from .engines.torch.trainer import train as torch_train
-
-        outcome = torch_train(cfg, run_dir, validation_hooks=validation_hooks, **(engine_options or {}))
+    engine = get_engine(cfg.engine.name)
+    outcome = engine.train(cfg, run_dir, options or TrainOptions())
     try:
-        finish(cfg, outcome)
+        finish(cfg, outcome, engine)
     finally:
         outcome.close()
     return outcome.run_dir
 
 
-def finish(cfg: Config, outcome: TrainOutcome) -> None:
+def finish(cfg: Config, outcome: TrainOutcome, engine: Engine | None = None) -> None:
     """The work after training (see the module docstring); nothing when the run stopped early."""
+    engine = engine or get_engine(cfg.engine.name)
     if outcome.finished and cfg.export.at_end:
-        outcome.on_main("finish", lambda: _finish(cfg, outcome))
+        outcome.on_main("finish", lambda: _finish(cfg, outcome, engine))
 
 
-def _finish(cfg: Config, outcome: TrainOutcome) -> None:
+def _finish(cfg: Config, outcome: TrainOutcome, engine: Engine) -> None:
     """Export, then (torch engine) evaluate and push the final checkpoint (``export.at_end``,
     ``eval.at_end``, ``export.push_to_hub`` with ``export.private``)."""
     from . import runs
@@ -65,11 +62,8 @@ def _finish(cfg: Config, outcome: TrainOutcome) -> None:
 
     run_dir = outcome.run_dir
     out = run_dir / runs.EXPORT_DIR
-    if cfg.engine.name == "megatron":
-        from .engines.megatron.export import export_is_current
-
-        if export_is_current(cfg, run_dir):  # a requeued job after the end
-            return
+    if engine.export_is_current(cfg, run_dir):  # a requeued job after the end
+        return
     export_any(run_dir, out, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True)
     outcome.message(f"exported {out}")
     if cfg.export.merge:  # adapter runs only (validated): a diffusion-only full copy beside the adapter
@@ -77,7 +71,7 @@ def _finish(cfg: Config, outcome: TrainOutcome) -> None:
         export_any(run_dir, merged, dtype=cfg.export.dtype, remote_code=cfg.export.remote_code, overwrite=True,
                    merge=True)
         outcome.message(f"exported {merged} (adapter merged: diffusion-only)")
-    if cfg.engine.name == "megatron":  # eval.at_end / push_to_hub are refused for it at validation
+    if not engine.evaluates_at_end:  # eval.at_end / push_to_hub are refused for it at validation
         return
     if cfg.eval.at_end:
         evaluate_at_end(cfg, run_dir, outcome.message)
@@ -120,35 +114,17 @@ def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32
                max_shard_size: str | int = "5GB", merge: bool = False) -> Path:
     """``nemodiff-export``: any source (torch run, checkpoint, HF directory, Megatron run) → ``out``.
 
-    A Megatron run directory (:func:`nemodiff_train.runs.is_megatron_run`) is first converted by the
-    Megatron engine (AutoBridge, float32) into a temporary directory beside ``out``, so it gets the
-    same layout, ``nemodiff`` record, remote code and model card as a torch run. Other arguments as
-    :func:`nemodiff_train.export.export_checkpoint`.
+    The engine whose run ``checkpoint`` is (:func:`~nemodiff_train.engines.engine_of_run`) hands the
+    exporter its source: a Megatron run is first converted (AutoBridge, float32) into a temporary
+    directory beside ``out``, so it gets the same layout, ``nemodiff`` record, remote code and model
+    card as a torch run. Other arguments as :func:`nemodiff_train.export.export_checkpoint`.
     """
-    from . import runs
     from .export import ExportError, export_checkpoint
 
-    if not runs.is_megatron_run(checkpoint):
-        return export_checkpoint(checkpoint, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,
-                                 overwrite=overwrite, max_shard_size=max_shard_size, merge=merge)
-    import tempfile
-
-    run_dir, out = Path(checkpoint), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:  # fail before the long conversion
-        raise ExportError(f"output directory {out} is not empty (pass overwrite=true to replace it)")
-    from .engines.megatron.export import bridge_unavailable, convert_run
-
-    problem = bridge_unavailable()
-    if problem:
-        raise ExportError(f"{run_dir} is a Megatron run: {problem}")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if eval_json is None and (run_dir / runs.EVAL_DIR / runs.EVAL_JSON).is_file():
-        eval_json = run_dir / runs.EVAL_DIR / runs.EVAL_JSON
-    with tempfile.TemporaryDirectory(prefix=".megatron-hf-", dir=out.parent) as tmp:
-        try:
-            hf = convert_run(run_dir, Path(tmp) / "hf", dtype="float32")
-        except FileNotFoundError as e:
-            raise ExportError(f"{run_dir} is a Megatron run, but: {e}") from None
-        return export_checkpoint(hf, out, dtype=dtype, remote_code=remote_code, eval_json=eval_json,
-                                 overwrite=overwrite, max_shard_size=max_shard_size)
+    try:
+        with engine_of_run(checkpoint).export_source(Path(checkpoint), Path(out), overwrite=overwrite) as source:
+            return export_checkpoint(source.path, out, dtype=dtype, remote_code=remote_code,
+                                     eval_json=eval_json if eval_json is not None else source.eval_json,
+                                     overwrite=overwrite, max_shard_size=max_shard_size, merge=merge)
+    except ExportSourceError as e:
+        raise ExportError(str(e)) from None

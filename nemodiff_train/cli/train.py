@@ -111,6 +111,7 @@ def run(cfg_dict: DictConfig) -> Path:
     preflight(cfg)
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.recipe)
     from ..models.attention import UnsupportedModelError
+    from ..engines import TrainOptions
     from ..orchestrate import train
 
     if cfg.engine.name == "megatron":
@@ -118,7 +119,7 @@ def run(cfg_dict: DictConfig) -> Path:
     hooks = _validation_hooks(cfg)
     new_dir = not run_dir.exists()
     try:
-        return train(cfg, run_dir, validation_hooks=hooks)
+        return train(cfg, run_dir, TrainOptions(validation_hooks=hooks))
     except (OSError, UnsupportedModelError) as e:  # OSError: missing/unreadable weights (FileNotFoundError too)
         # before the model loads, the run directory holds only config.yaml (hf_base/ follows the load)
         never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {runs.CONFIG_FILE}

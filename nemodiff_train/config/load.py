@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from .schema import Config
+from .schema import STAGE_KINDS, Config
 
 __all__ = ["ConfigError", "CONF_DIR", "RECIPES_DIR", "to_config", "validate", "compose", "save_config",
            "load_saved_config", "list_recipes"]
@@ -144,7 +144,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 
 def _validate_soft_targets(cfg: Config, need) -> None:
-    """The soft-target terms (docs/distill.md): non-negative, and only where they can act."""
+    """The soft-target terms (docs/method.md): non-negative, and only where they can act."""
     d = cfg.diffusion
     for name in ("drafter_kl", "certainty", "teacher_kl"):
         need(getattr(d, name) >= 0, f"diffusion.{name}", "must be >= 0 (0 = off)")
@@ -200,7 +200,9 @@ def validate(cfg: Config) -> None:
     need(len(cfg.stages) > 0, "stages", "at least one stage is required")
     for i, st in enumerate(cfg.stages):
         key = f"stages.{i}"
-        need(st.kind in ("pretrain", "sft"), f"{key}.kind", f"{st.kind!r} is not one of ['pretrain', 'sft']")
+        need(st.kind in STAGE_KINDS, f"{key}.kind", f"{st.kind!r} is not one of {list(STAGE_KINDS)}")
+        for sub, msg in st.data.distill.problems(cfg.engine.name) if st.kind == "distill" else []:
+            need(False, f"{key}.data.distill.{sub}", msg)
         need(st.steps > 0, f"{key}.steps", "must be > 0")
         need(st.micro_batch_size > 0, f"{key}.micro_batch_size", "must be > 0")
         need(st.global_batch_size > 0, f"{key}.global_batch_size", "must be > 0")

@@ -14,8 +14,10 @@ from typing import Any, Optional
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DiffusionConfig", "DataConfig", "StageConfig", "OptimConfig",
     "ScheduleConfig", "EngineConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig", "ExportConfig",
-    "EvalAtEndConfig", "AdapterConfig",
+    "EvalAtEndConfig", "AdapterConfig", "DistillConfig", "STAGE_KINDS",
 ]
+
+STAGE_KINDS = ("pretrain", "sft", "distill")
 
 
 @dataclass
@@ -72,19 +74,51 @@ class DiffusionConfig:
     alpha: float = 0.3  # diffusion loss weight
     beta: float = 1.0  # AR loss weight
     loss_chunk_size: int = 2048
-    # Soft-target terms (docs/distill.md, "Loss terms"; 0 = off). Weights on sums divided by the same
-    # N_mask + beta * N_AR as the joint loss.
+    # Soft-target terms (docs/method.md, "Soft-target terms"; 0 = off): each a per-position mean over the
+    # optimizer step, added to the joint loss with this weight.
     drafter_kl: float = 0.0  # KL(detached AR view || diffusion view) on masked positions: trains acceptance
-    certainty: float = 0.0  # entropy of the diffusion view on masked positions it already gets right
+    certainty: float = 0.0  # entropy of the diffusion view where it is already right (per masked position)
     certainty_temperature: float = 1.0
     teacher_kl: float = 0.0  # KL(frozen base || clean stream) on supervised AR targets (one teacher forward)
+
+
+@dataclass
+class DistillConfig:
+    """A ``distill`` stage's teacher and decoding (docs/distill.md): its answers to the prompts become SFT rows."""
+
+    teacher: str = "base"  # base (the untouched model.path) | current (the model being trained, AR mode)
+    prompt_field: Optional[str] = None  # a prompt column; null = messages_field's turns up to the last user turn
+    max_new_tokens: int = 256  # answers that reach this without a stop token are left out (counted)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0  # prompt n samples with seed + n
+    batch_size: int = 32  # prompts per decoder batch (and per resumable chunk)
+    max_prompts: Optional[int] = None  # per source; null = all
+    device: str = "cpu"  # where teacher=base runs (float32): cpu | cuda
+
+    def problems(self, engine: str = "torch") -> list[tuple[str, str]]:
+        """``(key, message)`` of every impossible value (keys relative to ``data.distill``) under ``engine``."""
+        checks = [
+            (self.teacher in ("base", "current"), "teacher", f"{self.teacher!r} is not one of ['base', 'current']"),
+            (self.teacher != "current" or engine == "torch", "teacher",
+             "current (the model being trained answers) needs engine=torch; use teacher=base with engine=megatron"),
+            (self.prompt_field is None or bool(self.prompt_field), "prompt_field", "must be a field name or null"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.seed >= 0, "seed", "must be >= 0"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1 (or null)"),
+            (self.device in ("cpu", "cuda"), "device", f"{self.device!r} is not one of ['cpu', 'cuda']"),
+        ]
+        return [(key, msg) for ok, key, msg in checks if not ok]
 
 
 @dataclass
 class DataConfig:
     """One stage's data: raw sources, prepared (tokenized, packed, memory-mapped) on first use."""
 
-    kind: str = "pretrain"  # pretrain | sft
+    kind: str = "pretrain"  # pretrain | sft | distill
     sources: list[str] = field(default_factory=list)  # path-or-hub-name[:weight]
     val_sources: list[str] = field(default_factory=list)
     text_field: str = "text"
@@ -96,6 +130,7 @@ class DataConfig:
     prepared_dir: Optional[str] = None  # default: <run.dir>/data/<stage name>
     max_documents: Optional[int] = None
     max_bad_fraction: Optional[float] = None  # stop when a source has more bad rows than this (None: skip them)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # kind=distill: the teacher answers the prompts
 
 
 @dataclass
@@ -103,7 +138,7 @@ class StageConfig:
     """A training stage; stages run one after the other on the same model (global step counts on)."""
 
     name: str = "pretrain"
-    kind: str = "pretrain"  # pretrain (joint AR + diffusion CPT) | sft
+    kind: str = "pretrain"  # pretrain (joint AR + diffusion CPT) | sft | distill (SFT on a teacher's answers)
     steps: int = 100
     data: DataConfig = field(default_factory=DataConfig)
     lr: Optional[float] = None  # overrides optim.lr for this stage

@@ -15,16 +15,14 @@ ever exists; at most one ``chunk × V`` float32 block per chunk at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .distill_losses import DistillWeights, masked_view_sums, teacher_kl_sum
-
-__all__ = ["LossParts", "LossWeights", "Teacher", "DistillWeights", "weighted_ce_sum", "joint_loss_parts", "ar_targets", "masked_token_stats",
+__all__ = ["LossParts", "LossWeights", "weighted_ce_sum", "joint_loss_parts", "ar_targets", "masked_token_stats",
            "MASK_RATE_EDGES"]
 
 # Masking-rate buckets of the validation diagnostics: [0, .25), [.25, .5), [.5, .75), [.75, 1].
@@ -33,12 +31,10 @@ MASK_RATE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @dataclass(frozen=True)
 class LossWeights:
-    """α (diffusion weight, NLD ``dlm_loss_weight``), β (AR weight) and the optional soft-target terms'
-    weights (:class:`~nemodiff_train.core.distill_losses.DistillWeights`, all 0 by default)."""
+    """α (diffusion weight, NLD ``dlm_loss_weight``) and β (AR weight)."""
 
     alpha: float = 0.3
     beta: float = 1.0
-    distill: DistillWeights = field(default_factory=DistillWeights)
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
@@ -54,71 +50,25 @@ class LossParts:
         diffusion_count: N_mask.
         ar_sum: Σ CE over supervised next-token targets.
         ar_count: N_AR.
-        extra_sums, extra_counts: the soft-target terms that were computed (``drafter_kl``,
-            ``certainty``, ``teacher_kl``; :mod:`.distill_losses`), each a sum and the number of
-            positions it covers. They enter the numerator with their weight; the denominator stays
-            ``N_mask + β·N_AR`` (the counts are for logging a per-position mean).
     """
 
     diffusion_sum: torch.Tensor
     diffusion_count: torch.Tensor
     ar_sum: torch.Tensor
     ar_count: torch.Tensor
-    extra_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    extra_counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def numerator(self, w: LossWeights) -> torch.Tensor:
-        total = w.alpha * self.diffusion_sum + w.beta * self.ar_sum
-        for name, value in self.extra_sums.items():  # nothing added when no term is on: bit for bit
-            total = total + w.distill.weight(name) * value
-        return total
+        return w.alpha * self.diffusion_sum + w.beta * self.ar_sum
 
     def denominator(self, w: LossWeights) -> torch.Tensor:
         return self.diffusion_count + w.beta * self.ar_count
 
     def __add__(self, other: "LossParts") -> "LossParts":
-        def merged(a: dict, b: dict) -> dict:
-            return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
-
         return LossParts(self.diffusion_sum + other.diffusion_sum, self.diffusion_count + other.diffusion_count,
-                         self.ar_sum + other.ar_sum, self.ar_count + other.ar_count,
-                         merged(self.extra_sums, other.extra_sums), merged(self.extra_counts, other.extra_counts))
+                         self.ar_sum + other.ar_sum, self.ar_count + other.ar_count)
 
     def detached(self) -> "LossParts":
-        return LossParts(*(t.detach() for t in (self.diffusion_sum, self.diffusion_count, self.ar_sum, self.ar_count)),
-                         {k: v.detach() for k, v in self.extra_sums.items()},
-                         {k: v.detach() for k, v in self.extra_counts.items()})
-
-    def flat(self) -> tuple[torch.Tensor, list[str]]:
-        """All sums and counts as one float32 vector (one all-reduce) and the extra terms' names, in order;
-        :meth:`from_flat` inverts it."""
-        names = sorted(self.extra_sums)
-        values = [self.diffusion_sum, self.diffusion_count, self.ar_sum, self.ar_count]
-        values += [self.extra_sums[n] for n in names] + [self.extra_counts[n] for n in names]
-        return torch.stack([v.float() for v in values]), names
-
-    @staticmethod
-    def from_flat(flat: torch.Tensor, names: list[str]) -> "LossParts":
-        k = len(names)
-        return LossParts(*flat[:4].unbind(), dict(zip(names, flat[4:4 + k].unbind())),
-                         dict(zip(names, flat[4 + k:4 + 2 * k].unbind())))
-
-    def term_means(self) -> dict[str, float]:
-        """Per-position mean of every extra term (for metrics: ``drafter_kl``, ``certainty``, ``teacher_kl``)."""
-        return {n: float(s / self.extra_counts[n].clamp_min(1)) for n, s in self.extra_sums.items()}
-
-
-@dataclass
-class Teacher:
-    """A frozen teacher's view of the clean stream (the teacher KL's target).
-
-    Attributes:
-        hidden: ``[b, L, d_t]`` final hidden states of the teacher's causal forward over x_0 (no gradient).
-        head: the teacher's output head, ``[n, d_t]`` → ``[n, V]`` (the model's vocabulary).
-    """
-
-    hidden: torch.Tensor
-    head: Callable[[torch.Tensor], torch.Tensor]
+        return LossParts(*(t.detach() for t in (self.diffusion_sum, self.diffusion_count, self.ar_sum, self.ar_count)))
 
 
 def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
@@ -175,8 +125,7 @@ def ar_targets(x0: torch.Tensor, loss_mask: torch.Tensor, doc_ids: torch.Tensor 
 
 def joint_loss_parts(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
                      masked: torch.Tensor, mask_prob: torch.Tensor, loss_mask: torch.Tensor,
-                     doc_ids: torch.Tensor | None = None, chunk_size: int = 2048,
-                     distill: DistillWeights | None = None, teacher: Teacher | None = None) -> LossParts:
+                     doc_ids: torch.Tensor | None = None, chunk_size: int = 2048) -> LossParts:
     """Loss parts of one two-stream forward.
 
     Args:
@@ -187,43 +136,18 @@ def joint_loss_parts(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.
         mask_prob: ``[b, L]`` masking probability p (diffusion weight 1/p).
         loss_mask: ``[b, L]`` supervised tokens (AR targets use the mask of the *target* token).
         doc_ids: optional ``[b, L]`` for packed rows.
-        distill: weights of the optional soft-target terms (:mod:`.distill_losses`); None or all 0 =
-            the plain joint loss, computed exactly as without them.
-        teacher: the frozen teacher's ``[b, L, d_t]`` causal hidden states and head, needed when
-            ``distill.teacher_kl > 0``.
     Returns:
-        :class:`LossParts` (with ``extra_sums`` / ``extra_counts`` for the terms that are on).
+        :class:`LossParts`.
     """
     length = x0.shape[1]
     if hidden.shape[1] != 2 * length:
         raise ValueError(f"hidden has {hidden.shape[1]} positions, expected 2L = {2 * length}")
     noisy_h, clean_h = hidden[:, :length], hidden[:, length:]
+    diff_sum = weighted_ce_sum(noisy_h[masked], x0[masked], 1.0 / mask_prob[masked].float(), head, chunk_size)
     targets, supervised = ar_targets(x0, loss_mask, doc_ids)
-    extra_sums: dict[str, torch.Tensor] = {}
-    extra_counts: dict[str, torch.Tensor] = {}
-    if distill is not None and distill.on_masked_positions:
-        # position i's AR prediction is the clean stream's output at i - 1, when that target counts
-        has_ar = torch.zeros_like(masked)
-        has_ar[:, 1:] = supervised[:, :-1]
-        prev_h = torch.cat([clean_h[:, :1], clean_h[:, :-1]], dim=1)  # [b, L, d]: row i holds position i - 1
-        view = masked_view_sums(noisy_h[masked], x0[masked], 1.0 / mask_prob[masked].float(), prev_h[masked],
-                                has_ar[masked].float(), head, distill, chunk_size)
-        diff_sum = view.ce_sum
-        if distill.drafter_kl > 0:
-            extra_sums["drafter_kl"], extra_counts["drafter_kl"] = view.drafter_kl_sum, view.drafter_kl_count
-        if distill.certainty > 0:
-            extra_sums["certainty"], extra_counts["certainty"] = view.certainty_sum, view.certainty_count
-    else:
-        diff_sum = weighted_ce_sum(noisy_h[masked], x0[masked], 1.0 / mask_prob[masked].float(), head, chunk_size)
     ar_sum = weighted_ce_sum(clean_h[supervised], targets[supervised],
                              torch.ones(int(supervised.sum()), device=hidden.device), head, chunk_size)
-    if distill is not None and distill.teacher_kl > 0:
-        if teacher is None:
-            raise ValueError("distill.teacher_kl > 0 needs the teacher's hidden states (teacher=...)")
-        extra_sums["teacher_kl"] = teacher_kl_sum(clean_h[supervised], teacher.hidden[supervised], head,
-                                                  teacher.head, chunk_size)
-        extra_counts["teacher_kl"] = supervised.sum().float()
-    return LossParts(diff_sum, masked.sum().float(), ar_sum, supervised.sum().float(), extra_sums, extra_counts)
+    return LossParts(diff_sum, masked.sum().float(), ar_sum, supervised.sum().float())
 
 
 def parts_from_token_ce(noisy_ce: torch.Tensor, clean_ce: torch.Tensor, masked: torch.Tensor,

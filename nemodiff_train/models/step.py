@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.distill_losses import DistillWeights
-from ..core.losses import LossParts, Teacher, ar_targets, joint_loss_parts, masked_token_stats
+from ..core.losses import LossParts, ar_targets, joint_loss_parts, masked_token_stats
 from ..core.noising import NoisedBatch, apply_noise
 
 __all__ = ["MicroBatch", "collate", "joint_step", "VALIDATION_SEED_OFFSET"]
@@ -64,8 +63,7 @@ def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_toke
     return MicroBatch(x0, docs, loss_mask, noise, int(noise.masked.sum()), ar_count)
 
 
-def joint_step(dlm, mb: MicroBatch, block_size: int, chunk_size: int = 2048, diagnostics: bool = False,
-               distill: DistillWeights | None = None, teacher=None):
+def joint_step(dlm, mb: MicroBatch, block_size: int, chunk_size: int = 2048, diagnostics: bool = False):
     """The joint loss of one micro-batch: one two-stream forward, then the chunked cross entropies.
 
     Args:
@@ -75,21 +73,12 @@ def joint_step(dlm, mb: MicroBatch, block_size: int, chunk_size: int = 2048, dia
         chunk_size: rows of hidden states per cross-entropy chunk (bounds the ``[n, V]`` logits).
         diagnostics: also return :func:`~nemodiff_train.core.losses.masked_token_stats` of the same
             forward (validation).
-        distill: weights of the optional soft-target terms (None: the plain joint loss).
-        teacher: a frozen :class:`~nemodiff_train.models.hf.DLMModel` (the untouched base), needed when
-            ``distill.teacher_kl > 0``: one causal forward over x_0 without gradient.
     Returns:
         :class:`LossParts` (sums carry the graph), or ``(LossParts, stats)`` with ``diagnostics``.
     """
     hidden = dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, block_size)
-    target = None
-    if distill is not None and distill.teacher_kl > 0:
-        if teacher is None:
-            raise ValueError("diffusion.teacher_kl > 0 needs a teacher model")
-        with torch.no_grad():
-            target = Teacher(teacher.causal_hidden(mb.x0, mb.doc_ids), teacher.head)
     parts: LossParts = joint_loss_parts(hidden, dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask,
-                                        mb.doc_ids, chunk_size, distill=distill, teacher=target)
+                                        mb.doc_ids, chunk_size)
     if not diagnostics:
         return parts
     return parts, masked_token_stats(hidden, mb.x0, mb.noise.masked, mb.noise.mask_prob, dlm.head,

@@ -72,8 +72,8 @@ def _train_cli(model_dir: Path, run_dir: Path, data: Path) -> Path:
 def _train_in_process(model_dir: Path, work: Path) -> Path:
     """Two optimizer steps of the engine's loss module on packed rows (two documents each), then the export."""
     from nemodiff_train.core.losses import LossWeights
-    from nemodiff_train.engines.torch.batches import collate
-    from nemodiff_train.engines.torch.trainer import TwoStreamLoss
+    from nemodiff_train.models.step import collate
+    from nemodiff_train.engines.torch.loss import TwoStreamLoss
     from nemodiff_train.export import export_checkpoint
     from nemodiff_train.models.hf import load_dlm
 

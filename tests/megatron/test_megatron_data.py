@@ -54,7 +54,7 @@ def test_conversion_keeps_tokens_documents_and_loss_masks(tmp_path):
 
 def test_samples_follow_the_torch_engine_order_and_carry_their_index(tmp_path):
     from nemodiff_train.engines.megatron.data import TwoStreamDataset, convert_prepared
-    from nemodiff_train.engines.torch.batches import GlobalOrder
+    from nemodiff_train.data.order import GlobalOrder
 
     src = make_prepared(tmp_path / "prep")
     prefixes = convert_prepared(src, tmp_path / "idx")

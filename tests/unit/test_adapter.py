@@ -196,7 +196,8 @@ def test_two_stream_training_trains_only_the_drafter(tmp_path):
     """The trainer's optimizer and loss on a tiny DLM with adapter=lora: every base tensor is bit-identical
     after training, the diffusion loss falls, and the AR term (clean half, adapter off) does not move."""
     from nemodiff_train.config.load import compose
-    from nemodiff_train.engines.torch.trainer import TwoStreamLoss, _make_optimizer, trained_module
+    from nemodiff_train.engines.torch.loss import TwoStreamLoss
+    from nemodiff_train.engines.torch.state import make_optimizer, trained_module
     from nemodiff_train.models.hf import load_dlm
     from nemodiff_train.models.step import collate
     from tests.helpers.tiny_models import save_tiny_model
@@ -206,7 +207,7 @@ def test_two_stream_training_trains_only_the_drafter(tmp_path):
     before = {k: v.clone() for k, v in dlm.hf.state_dict().items()}
     dlm.add_adapter(rank=4, alpha=8.0)
     cfg = compose(["recipe=tiny_cpu", "adapter=lora", "optim.lr=3e-2", "stages.0.lr=3e-2", "optim.weight_decay=0"])
-    optim = _make_optimizer(dlm, cfg, cfg.stages[0])
+    optim = make_optimizer(dlm, cfg, cfg.stages[0])
     assert trained_module(dlm) is dlm.adapter
     assert sum(p.numel() for g in optim.param_groups for p in g["params"]) == dlm.adapter.trainable_parameters()
     loss_module = TwoStreamLoss(dlm, block_size=4, chunk_size=64)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nemodiff_train.core.distill_losses import DistillWeights
-from nemodiff_train.core.losses import LossParts, LossWeights, Teacher, ar_targets, joint_loss_parts
+from nemodiff_train.core.distill_losses import DistillWeights, Teacher, joint_and_soft_target_parts
+from nemodiff_train.core.losses import ar_targets, joint_loss_parts
 
 pytestmark = pytest.mark.unit
 
@@ -65,27 +63,27 @@ def _reference(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, teacher,
 def test_terms_equal_the_dense_reference(chunk_size):
     hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, teacher = _case()
     w = DistillWeights(drafter_kl=0.5, certainty=0.25, certainty_temperature=0.7, teacher_kl=2.0)
-    parts = joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, chunk_size,
-                             distill=w, teacher=teacher)
+    parts, terms = joint_and_soft_target_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, w, teacher,
+                                               chunk_size)
     kl, n_kl, cert, n_cert, tkl, n_t = _reference(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, teacher, 0.7)
     assert n_kl > 0 and n_cert > 0 and n_t > 0
-    torch.testing.assert_close(parts.extra_sums["drafter_kl"], kl)
-    torch.testing.assert_close(parts.extra_sums["certainty"], cert)
-    torch.testing.assert_close(parts.extra_sums["teacher_kl"], tkl)
-    assert [int(parts.extra_counts[k]) for k in ("drafter_kl", "certainty", "teacher_kl")] == [n_kl, n_cert, n_t]
+    torch.testing.assert_close(terms["drafter_kl"][0], kl)
+    torch.testing.assert_close(terms["certainty"][0], cert)
+    torch.testing.assert_close(terms["teacher_kl"][0], tkl)
+    # counts: positions with an AR prediction, every masked position, every AR target
+    assert int(terms["drafter_kl"][1]) == n_kl and int(terms["certainty"][1]) == int(masked.sum())
+    assert int(terms["teacher_kl"][1]) == n_t
     plain = joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, chunk_size)
-    torch.testing.assert_close(parts.diffusion_sum, plain.diffusion_sum)  # the one-pass CE is the same CE
-    lw = LossWeights(0.3, 1.0, w)
-    expected = 0.3 * plain.diffusion_sum + plain.ar_sum + 0.5 * kl + 0.25 * cert + 2.0 * tkl
-    torch.testing.assert_close(parts.numerator(lw), expected)
-    torch.testing.assert_close(parts.denominator(lw), plain.denominator(lw))  # the denominator is unchanged
+    for a, b in zip((parts.diffusion_sum, parts.diffusion_count, parts.ar_sum, parts.ar_count),
+                    (plain.diffusion_sum, plain.diffusion_count, plain.ar_sum, plain.ar_count)):
+        torch.testing.assert_close(a, b)  # the one-pass CE is the same joint loss
 
 
 def test_gradients_match_and_the_ar_view_is_only_a_target():
     hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, teacher = _case(seed=1)
     w = DistillWeights(drafter_kl=1.0)
-    parts = joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, 3, distill=w)
-    (grad,) = torch.autograd.grad(parts.extra_sums["drafter_kl"], hidden)
+    _, terms = joint_and_soft_target_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, w, None, 3)
+    (grad,) = torch.autograd.grad(terms["drafter_kl"][0], hidden)
     length = x0.shape[1]
     assert grad[:, length:].abs().max() == 0  # no gradient into the clean (AR) stream: it is the target
     assert grad[:, :length].abs().max() > 0
@@ -97,39 +95,28 @@ def test_gradients_match_and_the_ar_view_is_only_a_target():
 def test_certainty_gradient_lowers_entropy_only_where_right():
     hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, _ = _case(seed=2)
     w = DistillWeights(certainty=1.0)
-    parts = joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, distill=w)
-    (grad,) = torch.autograd.grad(parts.extra_sums["certainty"], hidden)
+    _, terms = joint_and_soft_target_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, w)
+    (grad,) = torch.autograd.grad(terms["certainty"][0], hidden)
     length = x0.shape[1]
     right = head(hidden[:, :length]).argmax(-1) == x0
     touched = grad[:, :length].abs().sum(-1) > 0
     assert torch.equal(touched, masked & right)
 
 
-def test_no_terms_is_the_plain_loss_bit_for_bit():
+def test_no_terms_is_the_plain_loss():
     hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, _ = _case(seed=3)
     plain = joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, 4)
-    zero = joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, 4, distill=DistillWeights())
-    assert zero.extra_sums == {} and torch.equal(zero.numerator(LossWeights()), plain.numerator(LossWeights()))
-
-
-def test_flat_round_trip_and_sum():
-    hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, teacher = _case(seed=4)
-    w = DistillWeights(drafter_kl=1.0, teacher_kl=1.0)
-    a = joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, distill=w, teacher=teacher).detached()
-    flat, names = a.flat()
-    back = LossParts.from_flat(flat, names)
-    assert names == ["drafter_kl", "teacher_kl"]
-    total = a + back
-    torch.testing.assert_close(total.extra_sums["teacher_kl"], 2 * a.extra_sums["teacher_kl"])
-    means = total.term_means()
-    assert set(means) == {"drafter_kl", "teacher_kl"} and all(math.isfinite(v) and v >= 0 for v in means.values())
+    parts, terms = joint_and_soft_target_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids,
+                                               DistillWeights(), None, 4)
+    assert terms == {} and torch.equal(parts.diffusion_sum, plain.diffusion_sum)
+    assert DistillWeights(drafter_kl=1.0, teacher_kl=0.5).terms() == {"drafter_kl": 1.0, "teacher_kl": 0.5}
 
 
 def test_teacher_kl_needs_a_teacher_and_weights_are_checked():
     hidden, head, x0, masked, mask_prob, loss_mask, doc_ids, _ = _case()
     with pytest.raises(ValueError, match="teacher"):
-        joint_loss_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids,
-                         distill=DistillWeights(teacher_kl=1.0))
+        joint_and_soft_target_parts(hidden, head, x0, masked, mask_prob, loss_mask, doc_ids,
+                                    DistillWeights(teacher_kl=1.0))
     with pytest.raises(ValueError, match="drafter_kl"):
         DistillWeights(drafter_kl=-1.0)
     with pytest.raises(ValueError, match="certainty_temperature"):

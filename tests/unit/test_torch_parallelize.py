@@ -10,7 +10,8 @@ from nemodiff_train.config.schema import Config
 from nemodiff_train.engines.torch.distributed import DistEnv
 from nemodiff_train.engines.torch.main_work import MainWork, MainWorkError
 from nemodiff_train.engines.torch.parallelize import parallelize, precision_plan
-from nemodiff_train.engines.torch.trainer import TwoStreamLoss, validation_split
+from nemodiff_train.engines.torch.loss import TwoStreamLoss
+from nemodiff_train.engines.torch.validation import validation_split
 
 pytestmark = pytest.mark.unit
 

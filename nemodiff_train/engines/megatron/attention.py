@@ -114,9 +114,11 @@ class TwoStreamCoreAttention(torch.nn.Module):
 
     _cache: "_Prepared | None" = None  # shared by every layer of the process
 
-    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None, **unused):
+    def __init__(self, config, layer_number: int, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, **megatron_kwargs):
+        """Megatron's ``core_attention`` constructor, called with keywords by ``build_module``; the
+        ones not named here (``attn_mask_type``, ``attention_type``, ``cp_comm_type``,
+        ``pg_collection``) do not apply: the mask is ours and context parallelism is refused."""
         super().__init__()
         settings = getattr(config, SETTINGS_ATTR, None)
         if not settings:

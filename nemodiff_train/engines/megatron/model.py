@@ -17,6 +17,7 @@ Flow (docs/method.md, "Parameterisation"):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -272,6 +273,13 @@ _FUSIONS = ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activ
             "apply_rope_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion")
 
 
+_RECOMPUTE: dict[str | None, dict[str, Any]] = {  # engine.recompute -> the provider's activation recomputation
+    None: {},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+}
+
+
 def provider_overrides(cfg: Config, hf, stage_index: int, *, cpu: bool = False, local_attention: bool = False,
                        multimodal: bool = False) -> dict[str, Any]:
     """Every provider value this engine sets, by attribute name (:func:`build_provider` applies them).
@@ -323,10 +331,7 @@ def provider_overrides(cfg: Config, hf, stage_index: int, *, cpu: bool = False, 
     }
     if local_attention:
         values["attention_backend"] = AttnBackend.auto
-    if e.recompute == "full":
-        values.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif e.recompute == "selective":
-        values.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    values.update(copy.deepcopy(_RECOMPUTE[e.recompute]))
     if not use_te:  # fused kernels that need Transformer Engine / apex / Megatron's CUDA extensions
         values["transformer_impl"] = "local"
         values.update({name: False for name in _FUSIONS})

@@ -42,25 +42,18 @@ from typing import Any
 from ...config.schema import Config
 from ... import runs
 from .. import TrainOutcome
+from ..ranks import rank, world_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "build_job", "launch", "MegatronJob", "prepare_stage", "MetricsCallback"]
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+__all__ = ["run", "build_job", "launch", "MegatronJob", "prepare_stage", "metrics_callback"]
 
 
 def _wait_for(path: Path, what: str, timeout_s: float = 6 * 3600) -> None:
     t0 = time.time()
     while not path.is_file():
         if time.time() - t0 > timeout_s:
-            raise TimeoutError(f"rank {_rank()}: gave up waiting for {what} ({path})")
+            raise TimeoutError(f"rank {rank()}: gave up waiting for {what} ({path})")
         time.sleep(2)
 
 
@@ -80,7 +73,7 @@ def prepare_stage(cfg: Config, run_dir: Path, stage_index: int, hf_dir: Path) ->
 
     stage = cfg.stages[stage_index]
     out = runs.megatron_data_dir(run_dir, stage_index, stage.name)
-    if _rank() == 0:
+    if rank() == 0:
         convert_prepared(prepare_data(cfg, stage_index, run_dir, tokenizer=hf_dir), out)
     _wait_for(out / MARKER, "the converted data", cfg.engine.main_work_timeout_s)
     prefixes = json.loads((out / MARKER).read_text())["prefixes"]
@@ -91,7 +84,7 @@ def prepare_stage(cfg: Config, run_dir: Path, stage_index: int, hf_dir: Path) ->
     return train, valid
 
 
-def MetricsCallback(path: Path, *, step_offset: int, stage_name: str, tokens_per_step: int):
+def metrics_callback(path: Path, *, step_offset: int, stage_name: str, tokens_per_step: int):
     """A ``megatron.bridge.training.callbacks.Callback`` writing ``metrics.jsonl`` on the last rank.
 
     Records: ``step`` (global across stages), ``stage``, ``loss``, ``ar_loss``, ``diffusion_loss``,
@@ -109,7 +102,7 @@ def MetricsCallback(path: Path, *, step_offset: int, stage_name: str, tokens_per
     class _Writer(Callback):
         def __init__(self):
             self.t0 = None
-            self.enabled = _rank() == _world() - 1  # the last pipeline stage holds the reduced losses
+            self.enabled = rank() == world_size() - 1  # the last pipeline stage holds the reduced losses
 
         def _write(self, rec):
             if self.enabled:
@@ -218,10 +211,10 @@ def build_job(cfg: Config, *, forward_step=None, callbacks=()) -> MegatronJob:
             and not (save_dir / runs.MEGATRON_LATEST).is_file():
         raise FileNotFoundError(f"stage {i} ({stage.name}) starts from stage {i - 1}'s checkpoint, which is not in "
                                 f"{stage_checkpoint_dir(run_dir, cfg, i - 1)}; run engine.stage_index={i - 1} first")
-    if _rank() == 0:
+    if rank() == 0:
         save_config(cfg, run_dir / runs.CONFIG_FILE)
 
-    hf_dir = prepare_init_checkpoint(cfg, run_dir, is_main=_rank() == 0)
+    hf_dir = prepare_init_checkpoint(cfg, run_dir, is_main=rank() == 0)
     train_blend, valid_blend = prepare_stage(cfg, run_dir, i, hf_dir)
     container = to_container(cfg, run_dir=run_dir, hf_dir=hf_dir, train_blend=train_blend, valid_blend=valid_blend,
                              stage_index=i, cpu=cfg.engine.device == "cpu")
@@ -230,7 +223,7 @@ def build_job(cfg: Config, *, forward_step=None, callbacks=()) -> MegatronJob:
         mask_token_id=mask_token_id_of(cfg, hf_dir), schedule=d.schedule, eps=d.eps, block_size=d.block_size,
         half_life_ratio=d.half_life_ratio, alpha=d.alpha, beta=d.beta)
     offset = sum(s.steps for s in cfg.stages[:i])
-    cbs = [MetricsCallback(run_dir / runs.METRICS_FILE, step_offset=offset, stage_name=stage.name,
+    cbs = [metrics_callback(run_dir / runs.METRICS_FILE, step_offset=offset, stage_name=stage.name,
                            tokens_per_step=stage.global_batch_size * stage.data.seq_len), *callbacks]
     return MegatronJob(cfg, run_dir, i, hf_dir, container, step, cbs, finished_iteration(save_dir))
 
@@ -269,4 +262,4 @@ def run(cfg: Config, *, forward_step=None, callbacks=()) -> TrainOutcome:
 
 
 def _on_rank0(name: str, fn):
-    return fn() if _rank() == 0 else None
+    return fn() if rank() == 0 else None

@@ -1,4 +1,5 @@
-"""Which rows each rank reads at each step (the micro-batch itself: :mod:`nemodiff_train.models.step`).
+"""Which rows each rank reads at each step (the order: :mod:`nemodiff_train.data.order`; the
+micro-batch itself: :mod:`nemodiff_train.models.step`).
 
 The global data order of a stage is a sequence of seeded per-epoch permutations of the rows; step k
 consumes positions ``[k·G, (k+1)·G)`` of it (G = global batch). Rank r takes the positions with
@@ -9,10 +10,7 @@ world size or micro-batch size, and a resumed run reads exactly what an uninterr
 
 from __future__ import annotations
 
-from ...data.order import GlobalOrder  # noqa: F401  (the trainer and existing imports use it from here)
-from ...models.step import MicroBatch, collate  # noqa: F401  (the noising of a micro-batch lives with the step)
-
-__all__ = ["GlobalOrder", "MicroBatch", "rank_positions", "collate"]
+__all__ = ["rank_positions"]
 
 
 def rank_positions(step: int, global_batch: int, rank: int, world: int, micro: int) -> list[list[int]]:

@@ -14,12 +14,13 @@ import re
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...runs import METRICS_FILE
 
-__all__ = ["MetricsSink", "LossEMA", "redact"]
+__all__ = ["MetricsSink", "WandbRun", "LossEMA", "redact"]
 
 _SECRET_KEY = re.compile(r"(token|api[_-]?key|secret|password)", re.IGNORECASE)
 
@@ -63,6 +64,15 @@ def _isatty(stream) -> bool:
         return False
 
 
+@dataclass
+class WandbRun:
+    """A W&B run to open: ``logging.wandb`` (project, mode...), the config to record (redacted), its name."""
+
+    cfg: Any
+    config_dict: dict
+    name: str = "run"
+
+
 class MetricsSink:
     """Append-only metrics of one run (rank 0 only; other ranks get a silent sink).
 
@@ -73,12 +83,12 @@ class MetricsSink:
     loss (:class:`LossEMA`) beside the last raw value.
 
     Args:
+        wandb: the W&B run to mirror the records to (``logging.wandb``), if any.
         stream: where progress goes (default ``sys.stderr``); messages go to stdout.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
-                 progress_bar: bool, wandb_cfg=None, config_dict: dict | None = None, run_name: str = "run",
-                 stream=None):
+                 progress_bar: bool, wandb: "WandbRun | None" = None, stream=None):
         self.enabled = enabled
         self._file = open(Path(run_dir) / METRICS_FILE, "a") if enabled else None
         self._stream = stream if stream is not None else sys.stderr
@@ -92,8 +102,8 @@ class MetricsSink:
         self._wandb = None
         if not enabled:
             return
-        if wandb_cfg is not None and wandb_cfg.project and wandb_cfg.mode != "disabled":
-            self._wandb = _start_wandb(Path(run_dir), wandb_cfg, redact(config_dict or {}), run_name)
+        if wandb is not None and wandb.cfg.project and wandb.cfg.mode != "disabled":
+            self._wandb = _start_wandb(Path(run_dir), wandb.cfg, redact(wandb.config_dict), wandb.name)
 
     def start_stage(self, name: str, index: int, count: int, first: int, last: int, step: int,
                     detail: str = "") -> None:

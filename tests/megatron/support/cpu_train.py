@@ -60,6 +60,7 @@ def main() -> int:
     from megatron.bridge.training.callbacks import Callback
 
     from nemodiff_train.config.load import compose
+    from nemodiff_train.engines import TrainOptions
     from nemodiff_train.orchestrate import train
 
     rows: list[dict] = []
@@ -77,7 +78,7 @@ def main() -> int:
     t0 = time.time()
     result = {"overrides": args.overrides, "steps": rows}
     try:
-        train(cfg, Path(cfg.run.dir), engine_options={"callbacks": [Recorder()]})  # the engine, then the export
+        train(cfg, Path(cfg.run.dir), TrainOptions(callbacks=[Recorder()]))  # the engine, then the export
         result["exit"] = "returned"
     except SystemExit as e:  # Megatron-Bridge exits after a signal-triggered checkpoint
         result["exit"] = f"SystemExit({e.code})"
