@@ -90,6 +90,7 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
     card and write ``<run.dir>/eval_summary.json``; returns the ``eval.json`` rows."""
     from . import runs
     from .eval.runner import EvalConfig, SweepConfig, run_evaluation
+    from .assets.resolve import resolve_model_path
     from .export import write_model_card
 
     e = cfg.eval
@@ -98,7 +99,8 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
                                      task=e.task if isinstance(e.task, str) else list(e.task),
                                      limit=e.limit, max_new_tokens=e.max_new_tokens,
                                      block_size=e.block_size or cfg.diffusion.inference_block_size,
-                                     threshold=e.threshold, seed=cfg.run.seed,
+                                     threshold=e.threshold, seed=cfg.run.seed, batch_size=e.batch_size,
+                                     base_model=str(resolve_model_path(cfg.model.path)) if e.compare_base else None,
                                      sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size),
                                                        list(e.sweep.tasks))))
     message(f"evaluation written to {out}")

@@ -155,6 +155,21 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+def _validate_soft_targets(cfg: Config, need) -> None:
+    """The soft-target terms (docs/method.md): non-negative, and only where they can act."""
+    d = cfg.diffusion
+    for name in ("drafter_kl", "certainty", "teacher_kl"):
+        need(getattr(d, name) >= 0, f"diffusion.{name}", "must be >= 0 (0 = off)")
+    need(d.certainty_temperature > 0, "diffusion.certainty_temperature", "must be > 0")
+    if d.drafter_kl > 0 or d.certainty > 0 or d.teacher_kl > 0:
+        need(cfg.engine.name == "torch", "diffusion.drafter_kl/certainty/teacher_kl",
+             "the soft-target terms are computed by the torch engine's loss; the Megatron engine's "
+             "vocab-parallel loss has only the joint terms (set them to 0 with engine=megatron)")
+    need(not (d.teacher_kl > 0 and cfg.adapter.name == "lora"), "diffusion.teacher_kl",
+         "with adapter=lora the clean stream IS the frozen base, so the teacher KL is 0 by construction; "
+         "use diffusion.drafter_kl (the drafter learns the base's AR view) instead")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values, naming the key."""
     from ..core.masks import PATTERNS
@@ -181,6 +196,7 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     need(e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     need(e.limit is None or e.limit >= 1, "eval.limit", "must be >= 1 (or null)")
+    need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(e.block_size is None or e.block_size > 0, "eval.block_size", "must be > 0 (or null)")
     need(0 < e.threshold <= 1, "eval.threshold", "must be in (0, 1]")
     d = cfg.diffusion
@@ -192,6 +208,7 @@ def validate(cfg: Config) -> None:
     need(0 < d.eps < 1, "diffusion.eps", "must be in (0, 1)")
     need(d.half_life_ratio > 0, "diffusion.half_life_ratio", "must be > 0")
     need(d.alpha >= 0 and d.beta >= 0 and d.alpha + d.beta > 0, "diffusion.alpha/beta", "must be >= 0, not both 0")
+    _validate_soft_targets(cfg, need)
     need(len(cfg.stages) > 0, "stages", "at least one stage is required")
     for i, st in enumerate(cfg.stages):
         key = f"stages.{i}"

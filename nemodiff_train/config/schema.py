@@ -75,6 +75,12 @@ class DiffusionConfig:
     alpha: float = 0.3  # diffusion loss weight
     beta: float = 1.0  # AR loss weight
     loss_chunk_size: int = 2048
+    # Soft-target terms (docs/method.md, "Soft-target terms"; 0 = off): each a per-position mean over the
+    # optimizer step, added to the joint loss with this weight.
+    drafter_kl: float = 0.0  # KL(detached AR view || diffusion view) on masked positions: trains acceptance
+    certainty: float = 0.0  # entropy of the diffusion view where it is already right (per masked position)
+    certainty_temperature: float = 1.0
+    teacher_kl: float = 0.0  # KL(frozen base || clean stream) on supervised AR targets (one teacher forward)
 
 
 @dataclass
@@ -254,6 +260,8 @@ class EvalAtEndConfig:
     max_new_tokens: int = 64
     block_size: Optional[int] = None
     threshold: float = 0.9
+    batch_size: int = 1  # prompts per decoder call (nemodiff-eval batch_size)
+    compare_base: bool = False  # also decode the untouched base (model.path) in AR mode: the table's `base` row
     sweep: EvalSweepConfig = field(default_factory=EvalSweepConfig)
     probe: EvalProbeConfig = field(default_factory=EvalProbeConfig)
 

@@ -65,7 +65,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def cells(r: dict[str, Any], label: str) -> list[str]:
         base = ar_tps.get(r["task"])
         metric = r.get("primary_metric")
-        acc = f"{r[metric]:.3f} ({metric})" if metric in r else "-"
+        ci = r.get(f"{metric}_ci95")
+        acc = (f"{r[metric]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + f" ({metric})") if metric in r else "-"
         return [r["task"], label, f"{r['tpf']:.2f}", f"{r['tokens_per_s']:.1f}",
                 f"{r['tokens_per_s'] / base:.2f}x" if base else "-", acc,
                 f"{r['lossless']:.3f}" if "lossless" in r else "-"]
@@ -84,6 +85,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                     f"tau {r0['threshold']}, temperature {r0['temperature']}, {r0['dtype']} on {r0['device']}; "
                     "modes interleaved per prompt, so tok/s ratios share the machine's load")
     text.append(TPF_NOTE)
+    if any(any(k.endswith("_ci95") for k in r) for r in rows):
+        text.append("[low, high] = 95 % interval of the accuracy over the samples (Wilson for 0/1 metrics).")
+    if any(r["mode"] == "base" for r in rows):
+        text.append("base = the untouched base model, AR decoding, same rows and settings (the conversion's cost).")
     if any("lossless" in r for r in rows):
         text.append("lossless = fraction of samples whose output equals AR greedy output token for token.")
     return "\n".join(text)
@@ -94,6 +99,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 MODE_STYLE = {  # colour, marker: one per mode, the same in every panel
+    "base": ("grey", "X"),
     "ar": ("black", "*"),
     "diffusion": ("tab:blue", "o"),
     "linear_spec": ("tab:orange", "s"),
@@ -121,7 +127,7 @@ def _panel(ax, rows: list[dict[str, Any]]) -> None:
             is_main = not p.get("sweep")
             ax.scatter([p["tpf"]], [p[metric]], color=colour, marker=marker, s=90 if is_main else 30,
                        edgecolors="black" if is_main else "none", zorder=3,
-                       label=f"{mode} ({_sweep_label(p)})" if is_main and mode != "ar" else (mode if is_main else None))
+                       label=f"{mode} ({_sweep_label(p)})" if is_main and mode not in ("ar", "base") else (mode if is_main else None))
             if len(points) > 1:  # label the sweep, alternating sides so neighbours do not stack
                 ax.annotate(_sweep_label(p), (p["tpf"], p[metric]), textcoords="offset points",
                             xytext=(6, 6 if i % 2 == 0 else -12), fontsize=7, color=colour)

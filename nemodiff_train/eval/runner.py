@@ -28,6 +28,7 @@ from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for
 from ..bench.protocol import TimedRun, run_interleaved
 from ..decoding import BATCHED_MODES, generate
 from ..decoding.config import DecodeConfig
+from .intervals import metric_intervals
 from .loading import DTYPES, load_for_eval
 from .report import print_table, write_outputs
 from .tasks import Task, get_task
@@ -88,6 +89,10 @@ class EvalConfig:
     compile: bool = False
     """With the static cache on CUDA, run the decoding forwards through torch.compile (then captured)."""
     seed: int = 0
+    base_model: str | None = None
+    """An untouched AR base (HF directory or Hub id resolved by the caller) decoded in AR mode on the same
+    rows, interleaved with the other runs: its row (``mode: base``) puts the conversion's cost in
+    accuracy beside every mode. None = no base row."""
 
     def __post_init__(self):
         if self.analysis not in ("decode", "headroom"):
@@ -129,6 +134,12 @@ class RunSpec:
     mode: str
     cfg: DecodeConfig
     sweep: str | None = None  # None (a requested mode), "threshold" or "block_size"
+    base: bool = False  # decode with the untouched base (EvalConfig.base_model), not the converted model
+
+    @property
+    def label(self) -> str:
+        """The ``mode`` of its ``eval.json`` row: the decoder's name, or ``base`` for the base's AR run."""
+        return "base" if self.base else self.mode
 
 
 @dataclass
@@ -159,6 +170,7 @@ class Evaluator:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_eval(cfg.model, cfg.dtype, cfg.device)
+        self.base_lm = load_for_eval(cfg.base_model, cfg.dtype, cfg.device)[1] if cfg.base_model else None
         self.tokenizer = self.dlm.tokenizer
         self.block_size = cfg.block_size or self.dlm.settings.inference_block_size
         self.decode_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, block_size=self.block_size,
@@ -186,6 +198,8 @@ class Evaluator:
         """The main runs (``modes`` in order) followed by the sweep points not equal to a main run
         (none for a ``task`` outside a non-empty ``sweep.tasks``)."""
         specs = [RunSpec(m, self.decode_cfg) for m in modes]
+        if self.base_lm is not None:
+            specs.append(RunSpec("ar", self.decode_cfg, base=True))
         if task is not None and self.cfg.sweep.tasks and task not in self.cfg.sweep.tasks:
             return specs
         if "diffusion" in modes:
@@ -218,11 +232,12 @@ class Evaluator:
         """Decode every prompt with every spec, spec after spec per chunk of prompts; time decoder calls only
         (:func:`nemodiff_train.bench.protocol.run_interleaved`, the protocol ``nemodiff-bench`` uses)."""
         self.use_static_cache(prompts, specs)
-        timed = [TimedRun(str(i), (lambda chunk, s=s: generate(self.lm, chunk, s.mode, s.cfg)),
+        lm_of = lambda s: self.base_lm if s.base else self.lm  # noqa: E731
+        timed = [TimedRun(str(i), (lambda chunk, s=s: generate(lm_of(s), chunk, s.mode, s.cfg)),
                           self.cfg.batch_size if s.mode in BATCHED_MODES else 1) for i, s in enumerate(specs)]
         # warm-up: lazy initialisation (kernels per shape, allocator growth) is not timed
         run_interleaved(timed, prompts, repeats=1, warmups=1, device=self.lm.device,
-                        warmup=lambda r: generate(self.lm, prompts[:r.chunk], specs[int(r.name)].mode,
+                        warmup=lambda r: generate(lm_of(specs[int(r.name)]), prompts[:r.chunk], specs[int(r.name)].mode,
                                                   replace(specs[int(r.name)].cfg, max_new_tokens=2)))
         return [ModeRun(s, t.results, t.seconds[0]) for s, t in zip(specs, timed)]
 
@@ -242,7 +257,7 @@ class Evaluator:
 
         gen, fwd, spec = run.generated_tokens, run.forwards, run.spec
         return {
-            "mode": spec.mode, "task": task.name, "sweep": spec.sweep, "samples": len(run.results),
+            "mode": spec.label, "task": task.name, "sweep": spec.sweep, "samples": len(run.results),
             "generated_tokens": gen, "forwards": fwd, "prefill_forwards": run.prefill_forwards,
             # TPF excludes prefill forwards (docs/method.md); the prefill-inclusive figure sits beside it.
             "tpf": gen / fwd if fwd else 0.0,
@@ -257,13 +272,13 @@ class Evaluator:
             "batch_size": self.cfg.batch_size if spec.mode in BATCHED_MODES else 1,
             "dtype": self.cfg.dtype, "device": str(self.lm.device),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "model": str(self.hf_dir), "seed": self.cfg.seed,
+            "model": str(self.cfg.base_model if spec.base else self.hf_dir), "seed": self.cfg.seed,
         }
 
     def sample_rows(self, task: Task, prompts: list[list[int]], run: ModeRun,
                     per_sample: list[dict[str, float]]) -> list[dict[str, Any]]:
         """``samples.jsonl`` rows of one run."""
-        return [{"task": task.name, "mode": run.spec.mode, "index": i, "prompt_ids": p, "output_ids": list(r.tokens),
+        return [{"task": task.name, "mode": run.spec.label, "index": i, "prompt_ids": p, "output_ids": list(r.tokens),
                  "forwards": r.stats.forwards, "prefill_forwards": r.stats.prefill_forwards,
                  "finished_by": r.stats.finished_by, "output_text": self.text(r.tokens), "metrics": m}
                 for i, (p, r, m) in enumerate(zip(prompts, run.results, per_sample))]
@@ -284,18 +299,19 @@ def evaluate_task(ev: Evaluator, name: str, modes: list[str]) -> tuple[list[dict
     log.info("task %s: %d samples, block %d, tau %.2f, max_new_tokens %d, %d runs interleaved", task.name,
              len(prompts), ev.block_size, cfg.threshold, cfg.max_new_tokens, len(specs))
     runs = ev.decode_interleaved(specs, prompts)
-    ar_tokens = next(([list(r.tokens) for r in run.results] for run in runs if run.spec.mode == "ar"), None)
+    ar_tokens = next(([list(r.tokens) for r in run.results] for run in runs if run.spec.label == "ar"), None)
     rows, sample_rows = [], []
     for run in runs:
         metrics, per_sample = ev.score(task, run)
         row = ev.summary(task, run, metrics, requested=run.spec.mode in cfg.modes and run.spec.sweep is None)
+        row.update(metric_intervals(per_sample, task.metric_names))
         if run.spec.mode in SPEC_MODES:
             same = [list(r.tokens) == ref for r, ref in zip(run.results, ar_tokens)]
             row["lossless"] = sum(same) / len(same)
         rows.append(row)
         if run.spec.sweep is None:
             sample_rows.extend(ev.sample_rows(task, prompts, run, per_sample))
-            log.info("%s %s: tpf %.2f, %.1f tok/s, %s", task.name, run.spec.mode, row["tpf"], row["tokens_per_s"],
+            log.info("%s %s: tpf %.2f, %.1f tok/s, %s", task.name, run.spec.label, row["tpf"], row["tokens_per_s"],
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return rows, sample_rows
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.masks import SequenceLayout, dense_mask, flex_block_mask, get_pattern
+from ..core.masks import SequenceLayout, dense_mask, document_positions, flex_block_mask, get_pattern
 from ..core.sequence import two_stream_inputs
 from .adapter import DrafterAdapter, adapter_tokens, attach_adapter
 from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
@@ -233,6 +233,22 @@ class DLMModel(nn.Module):
             self.adapter.gate = torch.cat([noisy, torch.zeros_like(noisy)], dim=1)  # [b, 2L]
         out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                             attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def causal_hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states ``[b, L, d]`` of a causal pass over ``input_ids`` ``[b, L]``, adapter off.
+
+        Packed rows (``doc_ids`` ``[b, L]``) restart positions at every document and attend within it,
+        exactly like the clean stream of :meth:`two_stream_hidden`; this is the teacher's forward of
+        the teacher-KL term (:mod:`nemodiff_train.core.distill_losses`).
+        """
+        b, length = input_ids.shape
+        docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
+        layout = SequenceLayout(length, self.settings.train_block_size, docs)
+        mask = self.attention_mask(layout, b, input_ids.device, "causal")
+        with adapter_tokens(self.hf, None):
+            out = self.backbone(input_ids=input_ids, position_ids=document_positions(docs), attention_mask=mask,
+                                use_cache=False)
         return out.last_hidden_state
 
     def causal_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -140,3 +140,41 @@ def test_lm_eval_entry_point(assets, tmp_path):
     assert decode["requests"] == 2 and decode["forwards"] > 0 and decode["loglikelihood_requests"] > 0
     assert json.loads(stats.read_text())["decode_stats"]["requests"] == 2
     assert "nemodiff linear_spec: 2 generate requests" in res.stderr
+
+
+def test_eval_cli_base_row_is_the_untouched_base_and_every_accuracy_has_an_interval(assets, tmp_path):
+    """``base_model=``: one more row, ``mode: base``, decoded from the other model (checked against plain
+    transformers generate() of that model), and a 95 % interval beside every accuracy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.tiny_models import save_tiny_model
+    from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
+
+    base = tmp_path / "base"  # another network with an untied random head: its outputs differ from the model's
+    tok = make_tiny_tokenizer(base)
+    save_tiny_model(base, seed=1, vocab_size=len(tok), tie=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id)
+    out_dir = tmp_path / "out"
+    res = _run("nemodiff_train.cli.evaluate",
+               [f"model={assets / 'model'}", f"base_model={base}", "modes=[ar,linear_spec]",
+                f"task={assets / 'cc.jsonl'}", f"out={out_dir}", "max_new_tokens=6", "block_size=4",
+                "sweep.threshold=[]"], cwd=tmp_path)
+    rows = json.loads((out_dir / "eval.json").read_text())
+    assert [r["mode"] for r in rows] == ["ar", "linear_spec", "base"]
+    assert rows[2]["model"] == str(base) and rows[1]["lossless"] == 1.0  # lossless still against the model's AR
+    for r in rows:
+        for metric in r["metric_names"]:
+            low, high = r[f"{metric}_ci95"]
+            assert 0.0 <= low <= r[metric] <= high <= 1.0
+    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    base_out = {s["index"]: s for s in samples if s["mode"] == "base"}
+    ar_out = {s["index"]: s["output_ids"] for s in samples if s["mode"] == "ar"}
+    assert len(base_out) == 3 and any(base_out[i]["output_ids"] != ar_out[i] for i in ar_out)
+    hf = AutoModelForCausalLM.from_pretrained(base).eval()
+    for s in base_out.values():  # the base row is the untouched base: plain transformers greedy decoding
+        ids = torch.tensor([s["prompt_ids"]])
+        ref = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=hf.config.eos_token_id,
+                          pad_token_id=hf.config.eos_token_id)[0, ids.shape[1]:].tolist()
+        assert s["output_ids"] == ref[:len(s["output_ids"])] and (len(ref) == len(s["output_ids"]))
+    assert "base = the untouched base model" in res.stdout and "95 % interval" in res.stdout

@@ -98,3 +98,45 @@ def test_without_terms_the_objective_is_the_joint_loss_exactly(dlm):
     assert objective.local_denominators([mb]) == [den]
     assert torch.equal(objective.backward_scalar(parts, [2 * den], world=2), parts.numerator(objective.weights) * (2 / (2 * den)))
     assert set(objective.metrics(parts.detached())) == {"loss", "ar_loss", "diffusion_loss", "masked_tokens"}
+
+
+def test_soft_target_terms_run_fused_with_counts_known_before_the_forward(dlm):
+    """diffusion.drafter_kl / certainty / teacher_kl through the engine: each term's count from
+    ``target_count`` equals the count its forward returns, and the accumulated gradient is that of the
+    global means (the teacher is a frozen copy of the base, never a submodule of the wrapped loss)."""
+    from nemodiff_train.assets import embedded_model_dir
+    from nemodiff_train.core.distill_losses import DistillWeights
+    from nemodiff_train.engines.torch.loss import SoftTargetTerm
+    from nemodiff_train.models.hf import load_dlm
+
+    teacher = load_dlm(embedded_model_dir(), dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # a teacher that differs from the student, so the teacher KL is not 0
+        teacher.hf.get_output_embeddings().weight.mul_(1.5)
+    soft = DistillWeights(drafter_kl=0.7, certainty=0.2, certainty_temperature=0.5, teacher_kl=0.4)
+    terms = [SoftTargetTerm(n, w) for n, w in soft.terms().items()]
+    module = TwoStreamLoss(dlm, 8, 64, terms, soft, teacher)
+    assert not any(p is q for p in module.parameters() for q in teacher.parameters())
+    objective = JointObjective(LossWeights(1.0, 0.3), terms)
+    micro = [_micro(dlm, 4), _micro(dlm, 5)]
+    dens = objective.local_denominators(micro)
+    total = StepParts.zeros("cpu", [t.name for t in terms])
+    for mb in micro:
+        parts = module(mb)
+        for t in terms:
+            assert parts.extra[t.name][1].item() == t.target_count(mb)
+        objective.backward_scalar(parts, dens, world=1).backward()
+        total = total + parts.detached()
+    accumulated = _grads(module)
+    assert all(total.extra[t.name][0] > 0 for t in terms)
+    whole = StepParts.zeros("cpu", [t.name for t in terms])
+    for mb in micro:
+        whole = whole + module(mb)
+    w = objective.weights
+    loss = whole.numerator(w) / whole.denominator(w)
+    for t in terms:
+        s, c = whole.extra[t.name]
+        loss = loss + t.weight * s / c
+    loss.backward()
+    for a, b in zip(accumulated, _grads(module), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in teacher.parameters())

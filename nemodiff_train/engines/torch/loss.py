@@ -25,12 +25,14 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from ...core.losses import LossParts, LossWeights, joint_loss_parts, masked_token_stats
+from ...core.distill_losses import DistillWeights, Teacher, drafter_kl_positions, joint_and_soft_target_parts
+from ...core.losses import LossParts, LossWeights, ar_targets, joint_loss_parts, masked_token_stats
 from ...models.hf import DLMModel
 from ...models.step import MicroBatch
 from .distributed import all_reduce_sum
 
-__all__ = ["TwoStreamForward", "LossTerm", "StepParts", "TwoStreamLoss", "JointObjective"]
+__all__ = ["TwoStreamForward", "LossTerm", "SoftTargetTerm", "soft_target_terms", "soft_target_weights", "StepParts", "TwoStreamLoss",
+           "JointObjective"]
 
 
 @dataclass
@@ -57,6 +59,12 @@ class TwoStreamForward:
     mb: MicroBatch
     hidden: torch.Tensor
     chunk_size: int
+    soft: DistillWeights | None = None
+    """The soft-target terms that are on (``diffusion.drafter_kl`` ...): computed in the same pass over the
+    logits as the joint loss (:func:`~nemodiff_train.core.distill_losses.joint_and_soft_target_parts`)."""
+    teacher: DLMModel | None = None
+    """The frozen base of ``diffusion.teacher_kl``."""
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def noisy_hidden(self) -> torch.Tensor:
@@ -73,10 +81,27 @@ class TwoStreamForward:
         return self.dlm.head(rows).float()
 
     def joint_parts(self) -> LossParts:
-        """The joint loss's sums and counts (the method's loss; docs/method.md)."""
-        mb = self.mb
-        return joint_loss_parts(self.hidden, self.dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob,
-                                mb.loss_mask, mb.doc_ids, self.chunk_size)
+        """The joint loss's sums and counts (the method's loss; docs/method.md), computed once."""
+        if "joint" not in self._cache:
+            mb = self.mb
+            if self.soft is None or not self.soft.any:
+                self._cache["joint"] = joint_loss_parts(self.hidden, self.dlm.head, mb.x0, mb.noise.masked,
+                                                        mb.noise.mask_prob, mb.loss_mask, mb.doc_ids, self.chunk_size)
+                self._cache["soft"] = {}
+            else:
+                teacher = None
+                if self.soft.teacher_kl > 0:
+                    with torch.no_grad():
+                        teacher = Teacher(self.teacher.causal_hidden(mb.x0, mb.doc_ids), self.teacher.head)
+                self._cache["joint"], self._cache["soft"] = joint_and_soft_target_parts(
+                    self.hidden, self.dlm.head, mb.x0, mb.noise.masked, mb.noise.mask_prob, mb.loss_mask, mb.doc_ids,
+                    self.soft, teacher, self.chunk_size)
+        return self._cache["joint"]
+
+    def soft_target_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (sum, count)}`` of the soft-target terms that are on (the same pass as :meth:`joint_parts`)."""
+        self.joint_parts()
+        return self._cache["soft"]
 
 
 class LossTerm(Protocol):
@@ -98,6 +123,40 @@ class LossTerm(Protocol):
     def __call__(self, fwd: TwoStreamForward) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum, count)`` for one micro-batch: a scalar carrying the graph, and a scalar count."""
         ...
+
+
+@dataclass
+class SoftTargetTerm:
+    """One soft-target term (docs/method.md, "Soft-target terms") as a :class:`LossTerm`: a global
+    per-position mean over the step, weighted. Its sum comes from the fused pass of
+    :meth:`TwoStreamForward.soft_target_parts`.
+
+    Counts (known before the forward): ``drafter_kl`` the masked positions with an AR prediction,
+    ``certainty`` all masked positions, ``teacher_kl`` the AR targets.
+    """
+
+    name: str
+    weight: float
+
+    def target_count(self, mb: MicroBatch) -> float:
+        if self.name == "drafter_kl":
+            supervised = ar_targets(mb.x0, mb.loss_mask, mb.doc_ids)[1]
+            return float(drafter_kl_positions(mb.noise.masked, supervised).sum())
+        return float(mb.masked_count if self.name == "certainty" else mb.ar_count)
+
+    def __call__(self, fwd: TwoStreamForward) -> tuple[torch.Tensor, torch.Tensor]:
+        return fwd.soft_target_parts()[self.name]
+
+
+def soft_target_weights(cfg) -> DistillWeights:
+    """The soft-target weights of ``cfg.diffusion``."""
+    d = cfg.diffusion
+    return DistillWeights(d.drafter_kl, d.certainty, d.certainty_temperature, d.teacher_kl)
+
+
+def soft_target_terms(cfg) -> list[SoftTargetTerm]:
+    """The :class:`SoftTargetTerm` of every soft-target weight of ``cfg.diffusion`` that is > 0."""
+    return [SoftTargetTerm(name, w) for name, w in soft_target_weights(cfg).terms().items()]
 
 
 @dataclass
@@ -139,22 +198,27 @@ class TwoStreamLoss(nn.Module):
 
     ``terms`` (:class:`LossTerm`) run inside the forward, on the same :class:`TwoStreamForward`,
     so FSDP2 has gathered the parameters they need. A term's own frozen modules (a teacher) should
-    be registered on it, not here, unless they are meant to be wrapped with the model.
+    be registered on it, not here, unless they are meant to be wrapped with the model. ``soft`` and
+    ``teacher`` switch on the soft-target terms' fused pass (:class:`SoftTargetTerm` reads it); the
+    teacher is held in a tuple so that it is no submodule (DDP / FSDP2 must not wrap the frozen base).
     """
 
-    def __init__(self, dlm: DLMModel, block_size: int, chunk_size: int, terms: Sequence[LossTerm] = ()):
+    def __init__(self, dlm: DLMModel, block_size: int, chunk_size: int, terms: Sequence[LossTerm] = (),
+                 soft: DistillWeights | None = None, teacher: DLMModel | None = None):
         super().__init__()
         self.dlm = dlm
         self.block_size = block_size
         self.chunk_size = chunk_size
         self.terms = list(terms)
+        self.soft = soft
+        self._teacher = (teacher,)
 
     def forward(self, mb: MicroBatch, diagnostics: bool = False):
         """:class:`StepParts` of ``mb``; with ``diagnostics`` also its masked-token stats
         (:func:`~nemodiff_train.core.losses.masked_token_stats`; a flag, not a second method, so
         that FSDP's forward hooks gather the parameters)."""
         hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size)
-        fwd = TwoStreamForward(self.dlm, mb, hidden, self.chunk_size)
+        fwd = TwoStreamForward(self.dlm, mb, hidden, self.chunk_size, self.soft, self._teacher[0])
         base = fwd.joint_parts()
         parts = StepParts(base.diffusion_sum, base.diffusion_count, base.ar_sum, base.ar_count,
                           {term.name: term(fwd) for term in self.terms})

@@ -13,7 +13,7 @@ from ...models.hf import DLMModel, load_dlm
 from .distributed import DistEnv
 from .main_work import MainWork
 
-__all__ = ["build_model", "prepare_stage_data"]
+__all__ = ["build_model", "build_teacher", "prepare_stage_data"]
 
 
 def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLMModel:
@@ -42,6 +42,26 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     dlm.hf.train()
     work.run("hf_base", lambda: _save_base(dlm, cfg, run_dir / runs.HF_BASE_DIR, source=path))
     return dlm
+
+
+def build_teacher(cfg: Config, env: DistEnv, work: MainWork) -> DLMModel | None:
+    """The frozen teacher of ``diffusion.teacher_kl`` (the untouched base at ``model.path``), or None.
+
+    A second full copy of the base on every rank, in the compute dtype, never sharded or wrapped: it only
+    runs one causal forward per micro-batch without gradient (docs/method.md, "Soft-target terms").
+    """
+    if cfg.diffusion.teacher_kl <= 0:
+        return None
+    m = cfg.model
+    path = Path(work.run("teacher_model", lambda: str(resolve_model_path(m.path)), per_node=True))
+    mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" and env.device.type == "cuda" else torch.float32
+    teacher = load_dlm(path, mask_token=mask, untie_head=False, dtype=dtype, attn_implementation=m.attn_implementation,
+                       device=env.device, settings={"train_block_size": cfg.diffusion.block_size})
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _add_adapter(dlm: DLMModel, cfg: Config, path: Path) -> None:
@@ -76,13 +96,28 @@ def _save_base(dlm: DLMModel, cfg: Config, out: Path, source: Path) -> None:
     (out / "SOURCE").write_text(str(source) + "\n")
 
 
-def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, work: MainWork):
-    """Tokenize + pack the stage's sources once (rank 0; idempotent), then open train/val memory maps."""
+def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, work: MainWork, dlm: DLMModel | None = None):
+    """Tokenize + pack the stage's sources once (rank 0; idempotent), then open train/val memory maps.
+
+    ``dlm``: the model being trained, with its current weights: the teacher of a ``distill`` stage with
+    ``teacher: current`` (docs/distill.md). Rank 0 generates with it alone, so its parameters must be whole
+    on rank 0: FSDP2 with several ranks is refused (DDP replicates them).
+    """
     from ...data.packed import PackedDataset
     from ...data.stage import prepare_stage, stage_dir
 
+    data = cfg.stages[stage_index].data
+    current = data.kind == "distill" and data.distill.teacher == "current"
+    if current and work.env.world_size > 1 and cfg.engine.distributed == "fsdp2":
+        from ...config.load import ConfigError
+
+        raise ConfigError(f"stages.{stage_index}.data.distill.teacher: 'current' generates on rank 0 with the whole "
+                          "model, but engine.distributed=fsdp2 shards it across ranks; use engine.distributed=ddp "
+                          "for this stage's run, or teacher: base")
+
     def _prepare() -> None:
-        prepare_stage(cfg, stage_index, run_dir, tokenizer=run_dir / runs.HF_BASE_DIR)
+        prepare_stage(cfg, stage_index, run_dir, tokenizer=run_dir / runs.HF_BASE_DIR,
+                      teacher_model=dlm if current else None)
 
     work.run(f"data_{stage_index}", _prepare)  # the other ranks wait on a file, not on a collective
     out = stage_dir(cfg, stage_index, run_dir)

@@ -46,12 +46,12 @@ from .. import TrainOutcome
 from .batches import rank_positions
 from .checkpointing import load_checkpoint, model_identity, read_trainer_state, restore_rng, resume_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, init_distributed
-from .loss import JointObjective, LossTerm, StepParts, TwoStreamLoss
+from .loss import JointObjective, LossTerm, StepParts, TwoStreamLoss, soft_target_terms, soft_target_weights
 from .lr_schedule import lr_at
 from .main_work import MainWork
 from .metrics import MetricsSink, WandbRun
 from .parallelize import Parallelized, parallelize
-from .setup import build_model, prepare_stage_data
+from .setup import build_model, build_teacher, prepare_stage_data
 from .state import Progress, TrainState, make_optimizer
 from .validation import ValidationHook, Validator
 
@@ -111,8 +111,11 @@ class Run:
                                                cfg.run.name or cfg.recipe or self.run_dir.name))
         self._announce(notes)
         d = cfg.diffusion
-        self.par = parallelize(TwoStreamLoss(self.dlm, d.block_size, d.loss_chunk_size, loss_terms), cfg, self.env)
-        self.loss_fn = JointObjective.from_config(cfg, loss_terms)
+        terms = [*soft_target_terms(cfg), *loss_terms]  # diffusion.drafter_kl / certainty / teacher_kl, then the caller's
+        teacher = build_teacher(cfg, self.env, self.work)
+        self.par = parallelize(TwoStreamLoss(self.dlm, d.block_size, d.loss_chunk_size, terms, soft_target_weights(cfg),
+                                             teacher), cfg, self.env)
+        self.loss_fn = JointObjective.from_config(cfg, terms)
         self.validator = Validator(cfg, self.env, self.par, self.work, hooks)
 
     @property
@@ -174,11 +177,12 @@ class StageRun:
         st = self.stage
         self.sink.start_stage(st.name, index, len(self.cfg.stages), self.first, self.last, self.progress.step,
                               detail=f"{st.kind}, {st.global_batch_size} rows x {st.data.seq_len} tokens per step")
-        self.train_ds, self.val_ds = prepare_stage_data(run.cfg, index, run.run_dir, run.work)
         self.optim = make_optimizer(run.dlm, run.cfg, self.stage)
         if run.ckpt is not None:
             self._resume(run.ckpt)
             run.ckpt = None
+        # after the resume: a distill stage with teacher=current generates its set with these weights
+        self.train_ds, self.val_ds = prepare_stage_data(run.cfg, index, run.run_dir, run.work, run.dlm)
         self.order = GlobalOrder(len(self.train_ds), run.cfg.run.seed, index)
         self.sample_offset = sum(s.steps * s.global_batch_size for s in run.cfg.stages[:index])
         self._t_last, self._tokens_since = time.perf_counter(), 0

@@ -115,7 +115,8 @@ class Validator:
         total = total.all_reduced(env.device)
         all_reduce_sum(stats)
         w = LossWeights(d.alpha, d.beta)
-        return {"val_ar_loss": (total.ar_sum / total.ar_count.clamp_min(1)).item(),
+        terms = {f"val_{name}_loss": (s / c.clamp_min(1)).item() for name, (s, c) in total.extra.items()}
+        return {**terms, "val_ar_loss": (total.ar_sum / total.ar_count.clamp_min(1)).item(),
                 "val_diffusion_loss": (total.diffusion_sum / total.diffusion_count.clamp_min(1)).item(),
                 "val_loss": (total.numerator(w) / total.denominator(w)).item(),
                 **mask_rate_metrics(stats)}
