@@ -41,7 +41,7 @@ import torch
 
 from .adapter import adapter_tokens
 from .arch import attn_implementation_of
-from .cached import HFCachedLM
+from .cached import HFCachedLM, gather_columns
 
 __all__ = ["StaticCachedLM", "StaticKVCache", "slot_layer_class", "required_capacity"]
 
@@ -246,17 +246,25 @@ class StaticCachedLM(HFCachedLM):
 
     @torch.inference_mode()
     def keep_cache(self, cache: StaticKVCache, positions: torch.Tensor) -> None:
+        """Keep cached columns ``positions``, ``[n]`` (every row) or ``[b, n]`` (per row), in place.
+
+        ``[n]`` is checked against the cache length on the host; ``[b, n]`` (batched self-speculation, built on
+        the device by the decoder) is not, as that check would be a host read per cycle: an out-of-range
+        column fails inside ``gather`` instead.
+        """
         self._check(cache)
         positions = positions.to(self.device)
-        n = int(positions.numel())
-        if n > cache.length or (n and int(positions.max()) >= cache.length):
+        n = int(positions.shape[-1])
+        if n > cache.length:
+            raise ValueError(f"keep_cache: {n} columns kept out of {cache.length} cached")
+        if positions.dim() == 1 and n and int(positions.max()) >= cache.length:
             raise ValueError(f"keep_cache: positions reach beyond the {cache.length} cached columns")
         for layer in cache.kv.layers:
             if not layer.is_initialized:
                 continue
-            layer.keys[:, :, :n] = layer.keys.index_select(2, positions)
-            layer.values[:, :, :n] = layer.values.index_select(2, positions)
-        cache.positions[:, :n] = cache.positions.index_select(1, positions)
+            layer.keys[:, :, :n] = gather_columns(layer.keys, positions)
+            layer.values[:, :, :n] = gather_columns(layer.values, positions)
+        cache.positions[:, :n] = gather_columns(cache.positions, positions)
         cache.length = n
 
     def cache_tensors(self, cache: StaticKVCache):
