@@ -13,17 +13,19 @@ pytestmark = pytest.mark.unit
 
 
 class SyncProbe:
-    """A CachedLM wrapper that notes the host-sync count at every cache-writing (cycle) forward."""
+    """A CachedLM wrapper that notes the host-sync count at the start of every cycle: every cache-writing
+    forward after the prefill (an AR step, a speculation verify), or, with ``every_forward``, every forward
+    after it (block diffusion, whose cycle is one denoising step or one causal re-encode)."""
 
-    def __init__(self, lm, counter):
-        self.lm, self.counter, self.at_cycle = lm, counter, []
+    def __init__(self, lm, counter, every_forward=False):
+        self.lm, self.counter, self.every_forward, self.at_cycle = lm, counter, every_forward, []
         self.mask_token_id, self.vocab_size, self.device = lm.mask_token_id, lm.vocab_size, lm.device
 
     def __getattr__(self, name):
         return getattr(self.lm, name)
 
     def forward(self, cache, input_ids, position_ids, attention_mask, write_cache, **kw):
-        if write_cache and self.lm.cache_length(cache) > 0:  # a cycle's (or AR step's) committing pass
+        if (write_cache or self.every_forward) and self.lm.cache_length(cache) > 0:
             self.at_cycle.append(self.counter.count)
         return self.lm.forward(cache, input_ids, position_ids, attention_mask, write_cache, **kw)
 
@@ -37,14 +39,14 @@ def test_counter_sees_real_reads():
     assert torch.Tensor.__dict__.get("item") is None, "the patch outlived its block"
 
 
-@pytest.mark.parametrize("mode", ["ar", "linear_spec", "quadratic_spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear_spec", "quadratic_spec"])
 def test_at_most_one_host_sync_per_cycle(mode):
     lm = tiny_lm("qwen3", tie=False, initializer_range=0.1)
     prompts = random_prompts(3, 4, min_len=2, max_len=11)
     first = generate(lm, prompts[:1], mode, DecodeConfig(max_new_tokens=24, block_size=4))[0]
     cfg = DecodeConfig(max_new_tokens=24, block_size=4, eos_token_ids=(first.tokens[9],))
     with count_host_syncs() as syncs:
-        probe = SyncProbe(lm, syncs)
+        probe = SyncProbe(lm, syncs, every_forward=mode == "diffusion")
         results = generate(probe, prompts, mode, cfg)
     cycles = probe.at_cycle
     assert len(cycles) >= 6
