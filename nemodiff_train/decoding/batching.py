@@ -3,7 +3,9 @@
 Prompts of different lengths are LEFT padded to a common length P, so all rows share the cache
 length C and new tokens append at the same column. Pad keys are masked out of every query, position
 ids count from each row's first real token, and a pad query attends to itself only (an all-False
-row would make the softmax NaN). Nothing here knows about a decoding mode.
+row would make the softmax NaN). Self-speculation keeps a different number of new columns per row after
+each cycle; :meth:`CacheState.commit` re-packs the rows right aligned (the left padding of a row changes),
+on the device. Nothing here knows about a decoding mode.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Device-side output and forward counts of a batch: the decode loop never reads a token on the host.
 
-:class:`~nemodiff_train.decoding.result.RowRecorder` keeps one row in Python lists, so every emitted
-token is a device→host read. :class:`BatchRecorder` keeps the same record in tensors on the model's
-device: emitted tokens, per-row length, finished flags, forward counts, drafted/accepted counts and one
+Keeping each row's output in Python lists would make every emitted token a device→host read, which
+stalls the host until the device catches up. :class:`BatchRecorder` keeps the record in tensors on the
+model's device: emitted tokens, per-row length, finished flags, forward counts, drafted/accepted counts and one
 ``committed`` entry per model call. EOS and length-cap truncation happen on the device; the host reads
 everything once, in :meth:`BatchRecorder.results`. The only read a decoder needs inside its loop is
 :meth:`BatchRecorder.host_status` (are rows still live, plus the few ints that size the next pass),
