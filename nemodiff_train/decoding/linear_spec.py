@@ -27,7 +27,7 @@ from them), as it would alone; a finished row rides along uncharged (:mod:`.reco
 emission, cache commit and the next seed stay on the device; the host reads one small tensor per cycle
 (live rows and the next cache length). A batch of one runs the same code, so at temperature 0 in
 float32 row i of a batch equals decoding prompt i alone, and at T > 0 it draws the same random
-numbers (row r's generator is seeded ``seed + r``; every row draws for both passes of every cycle).
+numbers (row r's generator is seeded ``seed + r``; a row draws in a draft pass only if it drafts).
 """
 
 from __future__ import annotations
@@ -75,18 +75,21 @@ def linear_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeC
     rec.emit(seed[:, None], torch.ones(b, dtype=torch.long, device=dev), rec.live)
     idx = torch.arange(B, device=dev)
     causal, alone = causal_mask(B, dev), torch.eye(B, dtype=torch.bool, device=dev)
-    live = rec.host_status()[0]
-    while live:
+    status = rec.host_status(_drafting(rec, B))
+    while status[0]:
         c, rows = state.length, rec.live  # rows live at the start of the cycle
         n = rec.remaining.clamp(max=B)  # [b] the row's block length: never draft past max_new_tokens
         inside = idx[None] < n[:, None]  # [b, B]
         blk = torch.full((b, B), mask_id, dtype=torch.long, device=dev)
         blk[:, 0] = seed
-        # drafter pass (adapter on): bidirectional over the row's n positions; the others see themselves only
-        draft_mask = (inside[:, :, None] & inside[:, None, :]) | alone  # [b, B, B]
-        draft = ban_token(state.forward(blk, draft_mask, write_cache=False, draft=True), mask_id)  # [b, B, V]
-        blk = torch.where(idx[None] >= 1, pick_tokens(draft, cfg.temperature, cfg.top_p, gens), blk)
-        rec.charge(rows & (n > 1))  # a row with one token left drafts nothing (alone it runs no draft pass)
+        drafting = [bool(x) for x in status[-b:]]  # live rows with >= 2 tokens left (read with the status)
+        if any(drafting):  # a row with one token left drafts nothing: alone it runs no draft pass
+            # drafter pass (adapter on): bidirectional over the row's n positions; the others see themselves only
+            draft_mask = (inside[:, :, None] & inside[:, None, :]) | alone  # [b, B, B]
+            draft = ban_token(state.forward(blk, draft_mask, write_cache=False, draft=True), mask_id)  # [b, B, V]
+            picked = pick_tokens(draft, cfg.temperature, cfg.top_p, gens, drafting)
+            blk = torch.where(idx[None] >= 1, picked, blk)
+            rec.charge(rows & (n > 1))
         # verify pass (the unchanged base): a[:, i] is the AR token after s, d_1 .. d_i
         verify = ban_token(state.forward(blk, causal, write_cache=True), mask_id)  # [b, B, V]
         a = pick_tokens(verify, cfg.temperature, cfg.top_p, gens)  # [b, B]
@@ -98,6 +101,11 @@ def linear_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeC
         rec.accepted += torch.where(rows, k, 0)
         keep = torch.where(rows, k + 1, 0)  # cache s, d_1 .. d_k; a[k] is the new uncached seed
         seed = a.gather(1, k[:, None])[:, 0]
-        live, length = rec.host_status((c - state.pad + keep).max())  # the cycle's one host read
-        state.commit(c, idx, keep, length)
+        status = rec.host_status((c - state.pad + keep).max(), _drafting(rec, B))  # the cycle's one host read
+        state.commit(c, idx, keep, status[1])
     return rec.results(state.row_cache if return_cache else None)
+
+
+def _drafting(rec: BatchRecorder, block: int) -> torch.Tensor:
+    """``[b]`` bool: live rows whose next block has a draft position (at least 2 tokens left)."""
+    return rec.live & (rec.remaining.clamp(max=block) > 1)

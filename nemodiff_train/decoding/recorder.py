@@ -92,9 +92,10 @@ class BatchRecorder:
         self._log.append(torch.where(rows, committed, torch.full_like(committed, -1)))
 
     def host_status(self, *extra: torch.Tensor) -> list[int]:
-        """The cycle's one device→host read: ``[live rows, *extra]`` (each ``extra`` a 0-d integer tensor)."""
-        values = [self.live.sum()] + [e.reshape(()).to(device=self.device, dtype=torch.long) for e in extra]
-        return torch.stack(values).tolist()
+        """The cycle's one device→host read: ``[live rows, *extra]``, each ``extra`` an integer tensor of any
+        shape, flattened in order."""
+        values = [self.live.sum().reshape(1)] + [e.reshape(-1).to(device=self.device, dtype=torch.long) for e in extra]
+        return torch.cat(values).tolist()
 
     def results(self, caches=None) -> list[DecodeResult]:
         """One :class:`DecodeResult` per row (reads everything to the host once).
