@@ -47,7 +47,7 @@ def ar_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeConfig,
     one_each = torch.ones(state.batch, dtype=torch.long, device=last.device)
     token = _choose(model, last, cfg, gens)  # [b]
     rec.emit(token[:, None], one_each, rec.live)
-    one = causal_mask(1)
+    one = causal_mask(1, last.device)  # built on the device: a host→device copy inside the loop would sync
     while rec.host_status()[0]:  # the step's one host read
         rows = rec.live
         logits = state.forward(token[:, None], one, write_cache=True)[:, -1]  # [b, V]

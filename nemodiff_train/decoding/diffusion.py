@@ -58,19 +58,15 @@ def diffusion_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeCon
         x[:, 0] = seed
         if not _denoise_block(state, x, rec, cfg, gens, mask_id, unsettled):
             break  # no row left
-        unsettled = (rec.live & ~_settled(x, mask_id, _eos(cfg, dev))).long().sum()  # checked at the next read
+        unsettled = (rec.live & ~_settled(x, mask_id, rec.eos)).long().sum()  # checked at the next read
         # re-encode the finished block causally: AR-view KV for later blocks + the next seed
-        logits = ban_token(state.forward(x, causal_mask(n), write_cache=True)[:, -1], mask_id)  # [b, V]
+        logits = ban_token(state.forward(x, causal_mask(n, dev), write_cache=True)[:, -1], mask_id)  # [b, V]
         rec.emit(x, torch.full((b,), n, dtype=torch.long, device=dev), rows)
         rec.charge(rows, (~rec.done).long())  # this pass's seed is committed iff a block follows
         emitted += n
         # every row draws (a finished row's draws are never used), so no host read is needed here
         seed = pick_tokens(logits[:, None], cfg.temperature, cfg.top_p, gens)[:, 0]
     return rec.results(state.row_cache if return_cache else None)
-
-
-def _eos(cfg: DecodeConfig, device) -> torch.Tensor:
-    return torch.tensor(sorted(cfg.eos_token_ids), dtype=torch.long, device=device)
 
 
 def _denoise_block(state: CacheState, x: torch.Tensor, rec: BatchRecorder, cfg: DecodeConfig,
@@ -80,7 +76,7 @@ def _denoise_block(state: CacheState, x: torch.Tensor, rec: BatchRecorder, cfg: 
     block's ``unsettled`` rows (0-d; > 0 only if a step budget ran out). Returns False when no row is left.
     """
     b, n = x.shape
-    eos = _eos(cfg, x.device)
+    eos = rec.eos  # on the device already (a host→device copy per block would sync)
     # threshold mode commits >= 1 per step, so n steps always suffice; fixed mode has its own budget
     steps = n if cfg.threshold is not None else (cfg.steps_per_block or cfg.block_size)
     for step in range(steps):
@@ -96,7 +92,7 @@ def _denoise_block(state: CacheState, x: torch.Tensor, rec: BatchRecorder, cfg: 
         if not any(status):
             return True
         # a denoising pass is a drafter pass (adapter on, when the model has one)
-        logits = ban_token(state.forward(x, full_mask(n), write_cache=False, draft=True), mask_id)  # [b, n, V]
+        logits = ban_token(state.forward(x, full_mask(n, x.device), write_cache=False, draft=True), mask_id)  # [b, n, V]
         cand = pick_tokens(logits, cfg.temperature, cfg.top_p, gens, [bool(a) for a in status])  # [b, n]
         masked = (x == mask_id) & active_t[:, None]  # [b, n]
         commit = select_commits(confidence(logits, cand), masked, cfg.threshold, steps - step)

@@ -116,6 +116,6 @@ def _first_draft(state: CacheState, last: torch.Tensor, cfg: DecodeConfig, gens,
     d0 = pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[:, 0]  # [b]
     blk = torch.full((last.shape[0], B), mask_id, dtype=torch.long, device=last.device)
     blk[:, 0] = d0
-    draft = ban_token(state.forward(blk, full_mask(B), write_cache=False, draft=True), mask_id)  # [b, B, V]
+    draft = ban_token(state.forward(blk, full_mask(B, last.device), write_cache=False, draft=True), mask_id)  # [b, B, V]
     blk[:, 1:] = pick_tokens(draft, cfg.temperature, cfg.top_p, gens)[:, 1:]
     return blk

@@ -87,7 +87,8 @@ class BatchRecorder:
 
     def charge(self, rows: torch.Tensor, committed: torch.Tensor | int = 0) -> None:
         """Count one model call for ``rows`` (``[b]`` bool) that committed ``committed`` (``[b]`` or int) tokens."""
-        committed = torch.as_tensor(committed, dtype=torch.long, device=self.device).expand(self.batch)
+        if isinstance(committed, int):  # filled on the device: a host→device copy of a scalar would sync
+            committed = torch.full((self.batch,), committed, dtype=torch.long, device=self.device)
         self.forwards += rows.long()
         self._log.append(torch.where(rows, committed, torch.full_like(committed, -1)))
 

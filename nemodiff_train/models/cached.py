@@ -131,7 +131,7 @@ class HFCachedLM:
         if write_cache:
             cache.positions = keys
         else:
-            self.keep_cache(cache, torch.arange(cached))
+            self.keep_cache(cache, torch.arange(cached, device=self.device))
         return out.logits.float()
 
     def keep_cache(self, cache: PositionedCache, positions: torch.Tensor) -> None:
