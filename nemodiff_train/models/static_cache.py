@@ -11,7 +11,8 @@ cache columns per layer:
   causal verify/re-encode, B(B+1)-token quadratic layout);
 * a read-only (diffusion) pass writes the same columns but does not advance C: the next pass
   overwrites them, and no later mask ever shows a column ``>= C`` that the pass has not written itself;
-* ``keep_cache`` gathers the kept columns into the prefix in place; nothing is reallocated.
+* ``keep_cache`` gathers the kept columns (the same for every row, or per row: batched self-speculation
+  re-packs each row on the device) into the prefix in place; nothing is reallocated.
 
 Masked columns contribute exactly 0 to attention (``exp`` of the additive minimum or of −inf is 0),
 so the outputs equal the dynamic path's up to float reduction order (tests/unit/test_static_cache.py
