@@ -40,10 +40,11 @@ from typing import Any
 import torch
 
 from ..decoding import MODES, DecodeConfig, generate
+from .counting import ShapeCounter
 from .protocol import TimedRun, run_interleaved, spread
-from .syncs import count_host_syncs
 from .report import crossovers, plot_report, print_report
 from .shapes import GPU_ONLY_SHAPES, SHAPES, default_bandwidth, kv_bytes, random_model, weight_bytes
+from .syncs import count_host_syncs
 
 log = logging.getLogger(__name__)
 
@@ -124,37 +125,6 @@ class BenchConfig:
             raise BenchError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.block_size is not None and self.block_size < 2:
             raise BenchError(f"block_size must be >= 2, got {self.block_size}")
-
-
-class ShapeCounter:
-    """A :class:`CachedLM` wrapper that counts forwards by ``(batch, q, prefill)`` (prefill = empty cache)."""
-
-    def __init__(self, lm):
-        self.lm, self.counts = lm, Counter()
-        self.mask_token_id, self.vocab_size = lm.mask_token_id, lm.vocab_size
-        self.device = lm.device
-
-    def new_cache(self, batch_size):
-        return self.lm.new_cache(batch_size)
-
-    def cache_length(self, cache):
-        return self.lm.cache_length(cache)
-
-    @property
-    def has_adapter(self) -> bool:
-        return bool(getattr(self.lm, "has_adapter", False))
-
-    def forward(self, cache, input_ids, position_ids, attention_mask, write_cache, **kwargs):
-        b, q = input_ids.shape
-        self.counts[(b, q, self.lm.cache_length(cache) == 0)] += 1
-        # kwargs: the drafter adapter's per-token gate, passed through so the counted pass is the real one
-        return self.lm.forward(cache, input_ids, position_ids, attention_mask, write_cache, **kwargs)
-
-    def keep_cache(self, cache, positions):
-        return self.lm.keep_cache(cache, positions)
-
-    def cache_tensors(self, cache):
-        return self.lm.cache_tensors(cache)
 
 
 @dataclass
