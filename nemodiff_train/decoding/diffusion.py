@@ -105,7 +105,7 @@ def _settled(x: torch.Tensor, mask_id: int, eos: torch.Tensor) -> torch.Tensor:
     """``[b]`` bool: a block row needs no more denoising (no mask left, or an EOS with no mask before it)."""
     n = x.shape[1]
     idx = torch.arange(n, device=x.device)[None]
-    is_eos = torch.isin(x, eos)
+    is_eos = (x[..., None] == eos).any(dim=-1)  # [b, n] (not isin: it may sort, a host sync on a GPU)
     first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), torch.full_like(x[:, 0], n))  # [b]
     return ~((x == mask_id) & (idx < first_eos[:, None])).any(dim=1)
 

@@ -73,7 +73,7 @@ class BatchRecorder:
         n = tokens.shape[1]
         idx = torch.arange(n, device=self.device)[None]  # [1, n]
         offered = (idx < count[:, None]) & rows[:, None] & ~self.done[:, None] & (idx < self.remaining[:, None])
-        is_eos = torch.isin(tokens, self.eos) & offered
+        is_eos = (tokens[..., None] == self.eos).any(dim=-1) & offered  # not isin: it may sort (a sync)
         after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # an EOS earlier in this row's offer
         kept = offered & ~after_eos  # [b, n], a prefix per row
         slot = torch.where(kept, self.length[:, None] + idx, torch.full_like(idx, self.cap))
