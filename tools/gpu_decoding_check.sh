@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The decoding GPU check in one command (a lent H100/H200, under 10 minutes; most of it the 8B benches):
-#   1. the static-cache / CUDA-graph tests (tests/gpu/test_static_cache_gpu.py: static == eager dynamic in
-#      fp32 and bf16 for all modes, graph capture and reuse, remote code and nemodiff-bench on CUDA);
-#   2. nemodiff-bench at the Qwen3-8B shape (random weights): every mode at batch 1, ar/diffusion at
-#      batch 8, Hugging Face generate (static cache, compiled) in the same interleaved passes;
-#   3. nemodiff-bench on the demo's converted model on its held-out arithmetic task (real TPF);
-#   4. nemodiff-bench at the Qwen3-8B shape with compile=true (compiled kernels inside our CUDA graphs);
-#   5. the other GPU tests (flex attention, the torch engine's bf16 steps, the flex masks), if time is left.
+# The decoding GPU check in one command (a lent H100/H200, under 5 minutes):
+#   1. every decoding GPU test: static cache == eager dynamic (fp32, bf16, all modes, batched), CUDA-graph
+#      capture and reuse, compile=true, the adapter's gated graphs, batched self-speculation == alone with
+#      graphs and one synchronizing CUDA call per cycle (tests/gpu/test_batched_spec_gpu.py), flex attention;
+#   2. nemodiff-bench on the demo's converted model (real TPF): the batch sweep 1/4/16/64, every mode and
+#      Hugging Face generate interleaved, the crossover batch size per self-speculation mode;
+#   3. nemodiff-bench at the Qwen3-8B shape (random weights), ar with compile=true against HF's compiled
+#      static-cache generate at batch 1 and 8;
+#   4. the batch sweep at the Qwen3-8B shape (shorter outputs), if the budget has room left.
 #
 #   OUT=/tmp/gpu_decoding bash tools/gpu_decoding_check.sh
 #
 # Carry .device: .device/wheels (hydra-core, omegaconf, antlr4; tests/megatron/INSTALL.md, "GPU check")
 # and, for part 3, a converted model at $DEMO_HF (default runs/demo_cpu/hf, else the embedded base model).
-# Every part has its own time limit and the whole script a budget (BUDGET_S, default 560 s): a part that
+# Every part has its own time limit and the whole script a budget (BUDGET_S, default 285 s): a part that
 # would not fit in what is left is skipped and says so. Results: $OUT/summary.log, and every part's log,
 # bench.json and bench.png in $OUT/results.tar.gz (one file, written on exit: the device returns few files).
 # SHAPE / DEVICE / EXTRA let the same script run its plumbing on a CPU (SHAPE=embedded DEVICE=cpu).
@@ -20,7 +21,7 @@ set -u
 OUT=${OUT:-/tmp/nemodiff_gpu_decoding}
 RESULTS=$(mktemp -d)
 trap 'tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null' EXIT
-BUDGET_S=${BUDGET_S:-560}
+BUDGET_S=${BUDGET_S:-285}
 SHAPE=${SHAPE:-qwen3-8b}  # the GPU run: shape=qwen3-8b (SHAPE=embedded DEVICE=cpu checks the plumbing)
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
@@ -48,35 +49,24 @@ if [ -d .device/wheels ] && ! python3 -c "import hydra" 2>/dev/null; then
     >> "$OUT/summary.log" 2>&1 || log "wheel install FAILED (see summary.log)"
 fi
 
-# 1. static cache == eager dynamic path on CUDA (fp32 and bf16, all modes), graph capture and reuse
-part static_cache_tests 120 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu/test_static_cache_gpu.py \
-  tests/gpu/test_adapter_gpu.py
+# 1. every decoding GPU test (static cache, graphs, compile, adapter gates, batched spec, host syncs, flex)
+part gpu_tests 100 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu/test_batched_spec_gpu.py \
+  tests/gpu/test_static_cache_gpu.py tests/gpu/test_adapter_gpu.py tests/gpu/test_flex_attention_gpu.py
 
-# 2. the Qwen3-8B shape: every mode at batch 1, ar/diffusion at batch 8, HF generate (static, compiled).
-# One prompt per pass at batch 1 (a whole batch at 8), 1 warm-up (graph capture, HF's compilation), 3 passes.
-part bench_qwen3_8b 270 python3 -m nemodiff_train.cli.bench shape="$SHAPE" device="$DEVICE" batch_sizes=[1,8] \
-  num_prompts=1 warmups=1 runs=3 block_size=16 sol_repeats=5 out="$RESULTS/bench_qwen3_8b" $EXTRA
-rc=$?
-if [ $rc -ne 0 ] && [ $rc -ne 99 ]; then  # graphs off, batch 1 only: the static cache's numbers without graphs
-  part bench_qwen3_8b_nographs 150 python3 -m nemodiff_train.cli.bench shape="$SHAPE" device="$DEVICE" \
-    batch_sizes=[1] num_prompts=1 warmups=1 runs=3 block_size=16 sol_repeats=5 cuda_graphs=false \
-    out="$RESULTS/bench_qwen3_8b_nographs" $EXTRA
-fi
-
-# 3. the demo's converted model on its held-out task (real TPF), or the embedded base model
+# 2. the demo's converted model (or the embedded base model): the batch sweep and the crossover
 DEMO_HF=${DEMO_HF:-runs/demo_cpu/hf}
 MODEL=$([ -d "$DEMO_HF" ] && echo "$DEMO_HF" || echo embedded)
-part bench_demo 90 python3 -m nemodiff_train.cli.bench model="$MODEL" device="$DEVICE" task=arithmetic num_prompts=8 \
-  batch_sizes=[1,8] warmups=1 runs=3 out="$RESULTS/bench_demo" $EXTRA
+part bench_demo_sweep 70 python3 -m nemodiff_train.cli.bench model="$MODEL" device="$DEVICE" task=arithmetic \
+  num_prompts=8 batch_sizes=[1,4,16,64] max_new_tokens=64 warmups=1 runs=2 sol_repeats=3 out="$RESULTS/bench_demo" $EXTRA
 
-# 4. the compiled static path (compile=true: inductor kernels captured in our graphs) against HF's compiled
-# generate, at the Qwen3-8B shape, batch 1: the warm-up pays two compilations (q = 1 and q > 1)
-part bench_qwen3_8b_compiled 200 python3 -m nemodiff_train.cli.bench shape="$SHAPE" device="$DEVICE" batch_sizes=[1] \
-  modes=[ar,quadratic_spec] cache=static compile=true num_prompts=1 warmups=1 runs=3 block_size=16 sol_repeats=5 \
-  out="$RESULTS/bench_qwen3_8b_compiled" $EXTRA
+# 3. the Qwen3-8B shape: our compiled AR (inductor kernels in our CUDA graphs) against HF's compiled generate
+part bench_qwen3_8b_ar 80 python3 -m nemodiff_train.cli.bench shape="$SHAPE" device="$DEVICE" batch_sizes=[1,8] \
+  modes=[ar] cache=static compile=true num_prompts=1 max_new_tokens=64 warmups=1 runs=2 block_size=16 sol_repeats=3 \
+  out="$RESULTS/bench_qwen3_8b_ar" $EXTRA
 
-# 5. the other GPU tests: flex attention == sdpa/eager, the torch engine's bf16 steps, the flex masks
-part gpu_tests 120 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu/test_flex_attention_gpu.py \
-  tests/gpu/test_torch_engine_gpu.py tests/unit/test_masks.py
+# 4. the batch sweep at the Qwen3-8B shape (random weights accept no drafts: this prices the forwards)
+part bench_qwen3_8b_sweep 60 python3 -m nemodiff_train.cli.bench shape="$SHAPE" device="$DEVICE" \
+  batch_sizes=[1,4,16,64] modes=[ar,linear_spec,quadratic_spec] num_prompts=1 prompt_len=64 max_new_tokens=16 \
+  warmups=1 runs=1 block_size=8 sol_repeats=2 out="$RESULTS/bench_qwen3_8b_sweep" $EXTRA
 
 log "done"

@@ -2,8 +2,11 @@
 
 Protocol (like Megatron-Bridge's ``benchmark_latency.py``): ``prompt_len`` = 128 prompt tokens,
 ``max_new_tokens`` = 128, ``warmups`` = 2 untimed calls per run, ``runs`` = 5 timed passes; the modes and
-the baseline take turns prompt by prompt (:mod:`.protocol`), and every pass gives one tokens/s sample
-(median, min, max in ``bench.json``). EOS is ignored by default (``use_eos=false``) so every run makes
+the baseline take turns batch by batch (:mod:`.protocol`), and every pass gives one tokens/s sample
+(median, min, max in ``bench.json``). Every mode, the self-speculation ones included, decodes each batch
+size of ``batch_sizes`` (default 1, 4, 16, 64; a batch size that runs out of device memory ends the sweep
+and is reported as not fitting); ``crossover`` in ``bench.json`` is, per self-speculation mode, the first
+batch size at which it no longer beats AR's tokens/s (:mod:`.report`). EOS is ignored by default (``use_eos=false``) so every run makes
 exactly ``max_new_tokens`` per prompt.
 
 Baseline: ``hf.generate`` greedy with ``min_new_tokens = max_new_tokens``, on CUDA with
@@ -13,11 +16,13 @@ dynamic cache.
 Speed of light: the cost ``t(b, q)`` of one forward of q new tokens at batch b over a cache of
 ``prompt_len + max_new_tokens // 2`` columns (the middle of a decode) is measured for q = 1, B, B(B+1)
 and every other query length the decoders used; each mode's forwards are counted by (b, q) in one
-extra untimed pass, and ``Σ count × t`` (prefill included) predicts its time and tokens/s. measured ÷
+extra untimed pass (which also counts host syncs, :mod:`.syncs`: ``host_syncs_per_token``), and
+``Σ count × t`` (prefill included) predicts its time and tokens/s. measured ÷
 predicted < 1 is the overhead left on the table (sampling, host syncs, Python). The roofline floor
 streams weights + KV bytes once per forward at ``hbm_tbps`` (H100/H200 defaults; none on a CPU).
 
-Writes ``bench.json`` and ``bench.png`` into ``out`` and prints a table.
+Writes ``bench.json`` and ``bench.png`` (tokens/s per mode and batch, throughput against batch size,
+forward cost by q) into ``out`` and prints a table.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ from typing import Any
 
 import torch
 
-from ..decoding import BATCHED_MODES, MODES, DecodeConfig, generate
+from ..decoding import MODES, DecodeConfig, generate
+from .counting import ShapeCounter
 from .protocol import TimedRun, run_interleaved, spread
+from .report import crossovers, plot_report, print_report
 from .shapes import GPU_ONLY_SHAPES, SHAPES, default_bandwidth, kv_bytes, random_model, weight_bytes
+from .syncs import count_host_syncs
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,8 @@ class BenchConfig:
     """Run a GPU-only shape (qwen3-8b) on a CPU anyway."""
     out: str = "bench"
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    """Batch sizes; self-speculation (batch 1 by design) runs only at 1."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    """Batch sizes of the sweep (every mode at each); a size that does not fit in device memory ends it."""
     prompt_len: int = 128
     """Length of the random prompts (ignored with ``task``)."""
     max_new_tokens: int = 128
@@ -117,37 +125,6 @@ class BenchConfig:
             raise BenchError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.block_size is not None and self.block_size < 2:
             raise BenchError(f"block_size must be >= 2, got {self.block_size}")
-
-
-class ShapeCounter:
-    """A :class:`CachedLM` wrapper that counts forwards by ``(batch, q, prefill)`` (prefill = empty cache)."""
-
-    def __init__(self, lm):
-        self.lm, self.counts = lm, Counter()
-        self.mask_token_id, self.vocab_size = lm.mask_token_id, lm.vocab_size
-        self.device = lm.device
-
-    def new_cache(self, batch_size):
-        return self.lm.new_cache(batch_size)
-
-    def cache_length(self, cache):
-        return self.lm.cache_length(cache)
-
-    @property
-    def has_adapter(self) -> bool:
-        return bool(getattr(self.lm, "has_adapter", False))
-
-    def forward(self, cache, input_ids, position_ids, attention_mask, write_cache, **kwargs):
-        b, q = input_ids.shape
-        self.counts[(b, q, self.lm.cache_length(cache) == 0)] += 1
-        # kwargs: the drafter adapter's per-token gate, passed through so the counted pass is the real one
-        return self.lm.forward(cache, input_ids, position_ids, attention_mask, write_cache, **kwargs)
-
-    def keep_cache(self, cache, positions):
-        return self.lm.keep_cache(cache, positions)
-
-    def cache_tensors(self, cache):
-        return self.lm.cache_tensors(cache)
 
 
 @dataclass
@@ -311,7 +288,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     bandwidth = cfg.hbm_tbps or default_bandwidth(setup.device)
     wbytes = weight_bytes(setup.hf)
     rows, forward_cost = [], {}
-    def write_report(complete: bool) -> dict[str, Any]:
+    def write_report(complete: bool, not_fitting=()) -> dict[str, Any]:
         """bench.json (and the plot) from the rows so far: rewritten after every batch size, so a run cut
         short by a time limit still leaves the batch sizes it finished (``complete`` says whether all did)."""
         table = [{"batch_size": b, "q": q, "prefill": pre, "ms": 1e3 * t,
@@ -329,117 +306,77 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "parameters": sum(p.numel() for p in setup.hf.parameters()), "weight_bytes": wbytes,
             "context_for_forward_cost": ctx, "hbm_tbps": bandwidth,
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "results": rows, "forward_cost": table,
+            "results": rows, "forward_cost": table, "batch_sizes_not_fitting": list(not_fitting),
+            "crossover": crossovers(rows),
         }
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(report, indent=2))
         if complete:
-            _plot(report, out / "bench.png")
+            plot_report(report, out / "bench.png")
         return report
 
+    not_fitting = []
     for batch in sorted(set(cfg.batch_sizes)):
-        modes = [m for m in cfg.modes if batch == 1 or m in BATCHED_MODES]
-        if "ar" not in modes and any(m in ("linear_spec", "quadratic_spec") for m in modes):
-            modes = ["ar"] + modes  # the reference for same_as_ar
-        # num_prompts per pass, rounded down to whole batches (at least one): batch 1 does not decode all
-        # the prompts a wider batch needed
-        group = prompts[:max(batch, (cfg.num_prompts // batch) * batch)]
-        runs = [TimedRun(m, (lambda chunk, m=m: generate(setup.lm, chunk, m, decode_cfg)),
-                         batch if m in BATCHED_MODES else 1) for m in modes]
-        if cfg.hf_baseline:
-            runs.append(TimedRun(HF_RUN, lambda chunk: _hf_generate(setup, chunk, cfg.max_new_tokens), batch))
-        log.info("batch %d: %s over %d prompts, %d warm-ups + %d timed passes, interleaved", batch,
-                 [r.name for r in runs], len(group), cfg.warmups, cfg.runs)
-        run_interleaved(runs, group, repeats=cfg.runs, warmups=cfg.warmups, device=setup.device)
-        counts = {}
-        for m in modes:  # one untimed pass per mode: its forwards by (b, q)
-            counter = ShapeCounter(setup.lm)
-            for i in range(0, len(group), batch if m in BATCHED_MODES else 1):
-                generate(counter, group[i:i + (batch if m in BATCHED_MODES else 1)], m, decode_cfg)
-            counts[m] = counter.counts
-        ar_tokens = next(([_tokens(r) for r in run.results] for run in runs if run.name == "ar"), None)
-        shapes = {(b, q, pre) for c in counts.values() for (b, q, pre) in c}
-        shapes |= {(batch, q, False) for q in (1, B, B * (B + 1))}
-        for b, q, pre in sorted(shapes):
-            key = (b, q, pre)
-            if key not in forward_cost and (pre or ctx + q <= getattr(setup.lm, "capacity", 1 << 30)):
-                forward_cost[key] = _time_forward(setup.lm, b, ctx, q, pre, cfg.sol_repeats, setup.device)
-        for run in runs:
-            row = _row(run.name, batch, run, ar_tokens, counts.get(run.name))
-            if run.name in counts:
-                c = counts[run.name]
-                predicted = sum(n * forward_cost[k] for k, n in c.items() if k in forward_cost)
-                row["predicted_tokens_per_s"] = row["generated_tokens"] / predicted if predicted else None
-                if row["predicted_tokens_per_s"]:
-                    row["measured_over_predicted"] = row["tokens_per_s"]["median"] / row["predicted_tokens_per_s"]
-                if bandwidth:
-                    floor = sum(n * (wbytes + kv_bytes(setup.hf.config, b, (0 if pre else ctx) + q, elsize))
-                                for (b, q, pre), n in c.items()) / (bandwidth * 1e12)
-                    row["roofline_tokens_per_s"] = row["generated_tokens"] / floor
-            rows.append(row)
-        ar_row = next((r for r in rows if r["mode"] == "ar" and r["batch_size"] == batch), None)
-        for r in rows:
-            if r["batch_size"] == batch and ar_row is not None:
-                r["vs_ar"] = r["tokens_per_s"]["median"] / ar_row["tokens_per_s"]["median"]
+        try:
+            rows += _bench_batch(cfg, setup, batch, prompts, decode_cfg, forward_cost, ctx, bandwidth, wbytes, elsize)
+        except torch.cuda.OutOfMemoryError as e:  # "up to what fits": report it and end the sweep
+            log.warning("batch %d does not fit in device memory (%s): the sweep ends here", batch, e)
+            not_fitting = [b for b in sorted(set(cfg.batch_sizes)) if b >= batch]
+            torch.cuda.empty_cache()
+            break
         write_report(complete=False)
-    report = write_report(complete=True)
+    report = write_report(complete=True, not_fitting=not_fitting)
     print_report(report)
     return report
 
 
-def print_report(report: dict[str, Any]) -> None:
-    """The results and the forward-cost table, as text."""
-    print(f"{report['model']} on {report['device_name']} ({report['dtype']}, {report['lm']}, "
-          f"graphs {'on' if report['cuda_graphs'] else 'off'}{', compiled' if report.get('compiled') else ''}), "
-          f"B={report['block_size']}")
-    print(f"{'batch':>5} {'mode':<15}{'tok/s':>10}{'spread':>8}{'vs ar':>7}{'TPF':>7}{'ms/call':>8}"
-          f"{'pred tok/s':>11}{'meas/pred':>10}{'roofline':>10}")
-    for r in report["results"]:
-        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
-        print(f"{r['batch_size']:>5} {r['mode']:<15}{r['tokens_per_s']['median']:>10.1f}"
-              f"{r['tokens_per_s']['rel_spread']:>7.0%} {f('vs_ar', '.2f'):>6}{f('tpf', '.2f'):>7}"
-              f"{f('ms_per_forward', '.2f'):>8}{f('predicted_tokens_per_s', '.1f'):>11}"
-              f"{f('measured_over_predicted', '.2f'):>10}{f('roofline_tokens_per_s', '.1f'):>10}")
-    print(f"forward cost over {report['context_for_forward_cost']} cached columns:")
-    for t in report["forward_cost"]:
-        extra = "" if t["roofline_ms"] is None else f"  (roofline {t['roofline_ms']:.2f} ms)"
-        ratio = "" if t["vs_q1"] is None else f"  x{t['vs_q1']:.2f} of q=1"
-        print(f"  batch {t['batch_size']:>3} q {t['q']:>5}{' prefill' if t['prefill'] else '        '}"
-              f" {t['ms']:9.3f} ms{ratio}{extra}")
-
-
-def _plot(report: dict[str, Any], path: Path) -> None:
-    """tokens/s per mode and batch (median, min-max bars, predicted marks) and ms per forward by q."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'nemodiff-train[eval]'): no %s", path.name)
-        return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    rows = report["results"]
-    labels = [f"{r['mode']}\nb={r['batch_size']}" for r in rows]
-    med = [r["tokens_per_s"]["median"] for r in rows]
-    err = [[m - r["tokens_per_s"]["min"] for m, r in zip(med, rows)], [r["tokens_per_s"]["max"] - m for m, r in zip(med, rows)]]
-    ax1.bar(range(len(rows)), med, yerr=err, capsize=3, label="measured (median, min-max)")
-    pred = [(i, r["predicted_tokens_per_s"]) for i, r in enumerate(rows) if r.get("predicted_tokens_per_s")]
-    if pred:
-        ax1.scatter(*zip(*pred), marker="_", s=400, color="black", label="speed of light (Σ forward cost)")
-    ax1.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax1.set_ylabel("tokens/s")
-    ax1.legend(fontsize=7)
-    ax1.set_title(f"{report['model']} ({report['device_name']})", fontsize=9)
-    for b in sorted({t["batch_size"] for t in report["forward_cost"]}):
-        pts = [(t["q"], t["ms"]) for t in report["forward_cost"] if t["batch_size"] == b and not t["prefill"]]
-        if pts:
-            ax2.plot(*zip(*pts), marker="o", label=f"batch {b}")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("query length q (new tokens per forward)")
-    ax2.set_ylabel("ms per forward")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _bench_batch(cfg: BenchConfig, setup: _Setup, batch: int, prompts, decode_cfg: DecodeConfig,
+                 forward_cost: dict, ctx: int, bandwidth, wbytes: int, elsize: int) -> list[dict[str, Any]]:
+    """The rows of one batch size: every mode and the baseline timed interleaved, then the untimed counting
+    pass (forwards by shape, host syncs) and the speed-of-light prediction. Fills ``forward_cost``."""
+    B = setup.block_size
+    modes = list(cfg.modes)
+    if "ar" not in modes:
+        modes = ["ar"] + modes  # the reference for same_as_ar, vs_ar and the crossover
+    # num_prompts per pass, rounded down to whole batches (at least one)
+    group = prompts[:max(batch, (cfg.num_prompts // batch) * batch)]
+    runs = [TimedRun(m, (lambda chunk, m=m: generate(setup.lm, chunk, m, decode_cfg)), batch) for m in modes]
+    if cfg.hf_baseline:
+        runs.append(TimedRun(HF_RUN, lambda chunk: _hf_generate(setup, chunk, cfg.max_new_tokens), batch))
+    log.info("batch %d: %s over %d prompts, %d warm-ups + %d timed passes, interleaved", batch,
+             [r.name for r in runs], len(group), cfg.warmups, cfg.runs)
+    run_interleaved(runs, group, repeats=cfg.runs, warmups=cfg.warmups, device=setup.device)
+    counts, syncs = {}, {}
+    for m in modes:  # one untimed pass per mode: its forwards by (b, q) and its host syncs
+        counter = ShapeCounter(setup.lm)
+        with count_host_syncs() as seen:
+            for i in range(0, len(group), batch):
+                generate(counter, group[i:i + batch], m, decode_cfg)
+        counts[m], syncs[m] = counter.counts, seen.count
+    ar_tokens = next(([_tokens(r) for r in run.results] for run in runs if run.name == "ar"), None)
+    shapes = {(b, q, pre) for c in counts.values() for (b, q, pre) in c}
+    shapes |= {(batch, q, False) for q in (1, B, B * (B + 1))}
+    for key in sorted(shapes):
+        b, q, pre = key
+        if key not in forward_cost and (pre or ctx + q <= getattr(setup.lm, "capacity", 1 << 30)):
+            forward_cost[key] = _time_forward(setup.lm, b, ctx, q, pre, cfg.sol_repeats, setup.device)
+    rows = []
+    for run in runs:
+        row = _row(run.name, batch, run, ar_tokens, counts.get(run.name))
+        if run.name in counts:
+            c = counts[run.name]
+            row["host_syncs_per_token"] = syncs[run.name] / row["generated_tokens"] if row["generated_tokens"] else None
+            predicted = sum(n * forward_cost[k] for k, n in c.items() if k in forward_cost)
+            row["predicted_tokens_per_s"] = row["generated_tokens"] / predicted if predicted else None
+            if row["predicted_tokens_per_s"]:
+                row["measured_over_predicted"] = row["tokens_per_s"]["median"] / row["predicted_tokens_per_s"]
+            if bandwidth:
+                floor = sum(n * (wbytes + kv_bytes(setup.hf.config, b, (0 if pre else ctx) + q, elsize))
+                            for (b, q, pre), n in c.items()) / (bandwidth * 1e12)
+                row["roofline_tokens_per_s"] = row["generated_tokens"] / floor
+        rows.append(row)
+    ar_tps = next(r["tokens_per_s"]["median"] for r in rows if r["mode"] == "ar")
+    for r in rows:
+        r["vs_ar"] = r["tokens_per_s"]["median"] / ar_tps
+    return rows

@@ -2,8 +2,8 @@
 
 Pure PyTorch (torch + stdlib only). Every decoder has the signature
 ``(model, prompts, cfg, return_cache=False) -> list[DecodeResult]`` and reports exact forward counts
-(prefill excluded) from which TPF is computed. ``generate`` dispatches by mode name and runs the
-batch-1 self-speculation modes one prompt at a time.
+(prefill excluded) from which TPF is computed. Every mode decodes a batch of prompts of different
+lengths, and row i of a batch equals decoding prompt i alone. ``generate`` dispatches by mode name.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ MODES: dict[str, Decoder] = {
     "linear_spec": linear_spec_generate,
     "quadratic_spec": quadratic_spec_generate,
 }
-# modes whose decoder takes several (left-padded) prompts at once; the others are batch-1
-BATCHED_MODES = frozenset({"ar", "diffusion"})
+# modes whose decoder takes several (left-padded) prompts at once: all of them (kept for callers that ask)
+BATCHED_MODES = frozenset(MODES)
 
 
 def generate(model: CachedLM, prompts: list[list[int]], mode: str, cfg: DecodeConfig,
@@ -38,7 +38,4 @@ def generate(model: CachedLM, prompts: list[list[int]], mode: str, cfg: DecodeCo
     """Decode ``prompts`` with ``mode`` (a key of :data:`MODES`); one result per prompt, in order."""
     if mode not in MODES:
         raise ValueError(f"unknown decoding mode {mode!r}; choose one of {sorted(MODES)}")
-    decoder = MODES[mode]
-    if mode in BATCHED_MODES:
-        return decoder(model, prompts, cfg, return_cache=return_cache)
-    return [res for p in prompts for res in decoder(model, [p], cfg, return_cache=return_cache)]
+    return MODES[mode](model, prompts, cfg, return_cache=return_cache)

@@ -3,7 +3,9 @@
 Prompts of different lengths are LEFT padded to a common length P, so all rows share the cache
 length C and new tokens append at the same column. Pad keys are masked out of every query, position
 ids count from each row's first real token, and a pad query attends to itself only (an all-False
-row would make the softmax NaN). Nothing here knows about a decoding mode.
+row would make the softmax NaN). Self-speculation keeps a different number of new columns per row after
+each cycle; :meth:`CacheState.commit` re-packs the rows right aligned (the left padding of a row changes),
+on the device. Nothing here knows about a decoding mode.
 """
 
 from __future__ import annotations
@@ -110,10 +112,36 @@ class CacheState:
         return logits
 
     def keep(self, positions: torch.Tensor) -> None:
-        """Keep only cache columns ``positions`` (``[n]`` increasing), e.g. crop rejected drafts."""
+        """Keep only cache columns ``positions`` (``[n]`` increasing, the same for every row)."""
         positions = positions.to(self.device)
         self.model.keep_cache(self.cache, positions)
         self.valid = self.valid[:, positions]
+
+    def commit(self, base: int, select: torch.Tensor, keep: torch.Tensor, new_length: int) -> None:
+        """Keep, per row, its cached tokens plus ``keep[r]`` of the columns a pass wrote at ``base``; re-pack.
+
+        Self-speculation accepts a different number of tokens per row, so after a cycle each row keeps a
+        different number of new columns. Every row is re-packed RIGHT aligned into ``new_length`` columns
+        (its left padding grows or shrinks), so all rows again share one cache length and the next pass
+        appends at one column. Done with one per-row gather on the device (no host read).
+
+        Args:
+            base: the cache column where the cycle's write-pass started (the length before it).
+            select: ``[n]`` or ``[b, n]`` int64 offsets from ``base`` of the columns a row may keep, in order.
+            keep: ``[b]`` int64 how many of them row r keeps (a prefix of ``select``).
+            new_length: ``max_r(cached tokens of row r after the commit)``, known on the host.
+        """
+        b = self.batch
+        select = select.to(self.device).expand(b, -1)  # [b, n]
+        count = base - self.pad  # [b] real tokens cached before the pass
+        pad = new_length - (count + keep)  # [b] new left padding
+        t = torch.arange(new_length, device=self.device)[None] - pad[:, None]  # [b, L'] index among kept tokens
+        new = base + select.gather(1, (t - count[:, None]).clamp(0, select.shape[1] - 1))
+        src = torch.where(t < count[:, None], self.pad[:, None] + t, new)
+        src = torch.where(t < 0, torch.zeros_like(src), src)  # left padding: any column, masked out
+        self.model.keep_cache(self.cache, src)
+        self.valid = t >= 0
+        self.pad = pad
 
     def row_cache(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer ``(keys, values)`` ``[1, kv_heads, C_row, head_dim]`` of one row, padding removed."""

@@ -10,7 +10,9 @@ KV (the cache only ever holds causal states) and yields the next seed. Every den
 post-block causal pass is counted (prefill excluded), so a block costs ≥ 2 forwards: TPF ≤ B / 2.
 
 Batches run in lockstep: a row with nothing left to denoise in the current block skips committing
-(and is not charged for the pass), so each row's output and counts equal decoding it alone.
+(and is not charged for the pass, nor draws random numbers), so each row's output and counts equal
+decoding it alone. Commits, EOS checks and counts stay on the device (:mod:`.recorder`); the host reads
+one small tensor per forward (which rows still denoise, or which rows are left after a block).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from .batching import CacheState, causal_mask, full_mask
 from .config import DecodeConfig
 from .interface import CachedLM
-from .result import DecodeResult, RowRecorder
+from .recorder import BatchRecorder
+from .result import DecodeResult
 from .sampling import ban_token, confidence, make_generators, pick_tokens
 
 __all__ = ["diffusion_generate", "select_commits"]
@@ -42,60 +45,69 @@ def diffusion_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeCon
     """
     mask_id = model.mask_token_id
     state = CacheState(model, prompts)
-    rows = [RowRecorder(cfg.max_new_tokens, cfg.eos_token_ids) for _ in prompts]
     last = ban_token(state.prefill(), mask_id)  # [b, V]
-    gens = None if cfg.greedy else make_generators(cfg.seed, len(prompts), last.device)
+    b, dev = state.batch, last.device
+    rec = BatchRecorder(b, cfg.max_new_tokens, cfg.eos_token_ids, dev)
+    gens = None if cfg.greedy else make_generators(cfg.seed, b, dev)
     seed = pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[:, 0]  # [b] AR tokens
-    while not all(row.done for row in rows):
-        live = [r for r, row in enumerate(rows) if not row.done]
-        n = min(cfg.block_size, rows[live[0]].remaining)  # lockstep: every live row has emitted as much
-        x = torch.full((len(prompts), n), mask_id, dtype=torch.long, device=seed.device)  # [b, n]
+    emitted, unsettled = 0, torch.zeros((), dtype=torch.long, device=dev)  # lockstep: live rows emitted as much
+    while True:
+        n = max(1, min(cfg.block_size, cfg.max_new_tokens - emitted))
+        rows = rec.live
+        x = torch.full((b, n), mask_id, dtype=torch.long, device=dev)  # [b, n]
         x[:, 0] = seed
-        _denoise_block(state, x, rows, cfg, gens, mask_id)
+        if not _denoise_block(state, x, rec, cfg, gens, mask_id, unsettled):
+            break  # no row left
+        unsettled = (rec.live & ~_settled(x, mask_id, rec.eos)).long().sum()  # checked at the next read
         # re-encode the finished block causally: AR-view KV for later blocks + the next seed
-        logits = ban_token(state.forward(x, causal_mask(n), write_cache=True)[:, -1], mask_id)  # [b, V]
-        for r in live:
-            rows[r].emit(x[r].tolist())
-            rows[r].forward(0 if rows[r].done else 1)  # this pass's seed is committed iff a block follows
-        active = [not row.done for row in rows]
-        seed = pick_tokens(logits[:, None], cfg.temperature, cfg.top_p, gens, active)[:, 0]
-    return [row.result(state.row_cache(r) if return_cache else None) for r, row in enumerate(rows)]
+        logits = ban_token(state.forward(x, causal_mask(n, dev), write_cache=True)[:, -1], mask_id)  # [b, V]
+        rec.emit(x, torch.full((b,), n, dtype=torch.long, device=dev), rows)
+        rec.charge(rows, (~rec.done).long())  # this pass's seed is committed iff a block follows
+        emitted += n
+        # every row draws (a finished row's draws are never used), so no host read is needed here
+        seed = pick_tokens(logits[:, None], cfg.temperature, cfg.top_p, gens)[:, 0]
+    return rec.results(state.row_cache if return_cache else None)
 
 
-def _denoise_block(state: CacheState, x: torch.Tensor, rows: list[RowRecorder], cfg: DecodeConfig,
-                   gens, mask_id: int) -> None:
-    """Fill the masks of ``x`` (``[b, n]``, edited in place) with bidirectional passes."""
+def _denoise_block(state: CacheState, x: torch.Tensor, rec: BatchRecorder, cfg: DecodeConfig,
+                   gens, mask_id: int, unsettled: torch.Tensor) -> bool:
+    """Fill the masks of ``x`` (``[b, n]``, edited in place) with bidirectional passes; one host read per
+    pass (which rows still denoise). The first read also carries whether any row is left and the previous
+    block's ``unsettled`` rows (0-d; > 0 only if a step budget ran out). Returns False when no row is left.
+    """
     b, n = x.shape
-    eos = torch.tensor(sorted(cfg.eos_token_ids), dtype=torch.long, device=x.device)
+    eos = rec.eos  # on the device already (a host→device copy per block would sync)
     # threshold mode commits >= 1 per step, so n steps always suffice; fixed mode has its own budget
     steps = n if cfg.threshold is not None else (cfg.steps_per_block or cfg.block_size)
     for step in range(steps):
-        active = [not rows[r].done and not _settled(x[r], mask_id, eos) for r in range(b)]
-        if not any(active):
-            return
+        active_t = rec.live & ~_settled(x, mask_id, eos)  # [b]
+        head = [rec.live.long().sum(), unsettled] if step == 0 else []
+        status = torch.stack(head + list(active_t.long().unbind())).tolist()  # the pass's one host read
+        if step == 0:
+            if status[1]:
+                raise RuntimeError("diffusion step budget ended with masks left")  # cannot happen: select_commits
+            if not status[0]:
+                return False
+            status = status[2:]
+        if not any(status):
+            return True
         # a denoising pass is a drafter pass (adapter on, when the model has one)
-        logits = ban_token(state.forward(x, full_mask(n), write_cache=False, draft=True), mask_id)  # [b, n, V]
-        cand = pick_tokens(logits, cfg.temperature, cfg.top_p, gens, active)  # [b, n]
-        masked = (x == mask_id) & torch.tensor(active, device=x.device)[:, None]  # [b, n]
+        logits = ban_token(state.forward(x, full_mask(n, x.device), write_cache=False, draft=True), mask_id)  # [b, n, V]
+        cand = pick_tokens(logits, cfg.temperature, cfg.top_p, gens, [bool(a) for a in status])  # [b, n]
+        masked = (x == mask_id) & active_t[:, None]  # [b, n]
         commit = select_commits(confidence(logits, cand), masked, cfg.threshold, steps - step)
-        x[commit] = cand[commit]
-        for r in range(b):
-            if active[r]:
-                rows[r].forward(int(commit[r].sum()))
-    if any(not rows[r].done and not _settled(x[r], mask_id, eos) for r in range(b)):
-        raise RuntimeError("diffusion step budget ended with masks left")  # cannot happen: see select_commits
+        x.copy_(torch.where(commit, cand, x))
+        rec.charge(active_t, commit.sum(dim=1))
+    return True
 
 
-def _settled(row: torch.Tensor, mask_id: int, eos: torch.Tensor) -> bool:
-    """A block row needs no more denoising: no mask left, or an EOS with no mask before it. ``row`` ``[n]``."""
-    masked = row == mask_id
-    if not bool(masked.any()):
-        return True
-    is_eos = torch.isin(row, eos)
-    if not bool(is_eos.any()):
-        return False
-    first_eos = int(is_eos.nonzero()[0, 0])
-    return not bool(masked[:first_eos].any())
+def _settled(x: torch.Tensor, mask_id: int, eos: torch.Tensor) -> torch.Tensor:
+    """``[b]`` bool: a block row needs no more denoising (no mask left, or an EOS with no mask before it)."""
+    n = x.shape[1]
+    idx = torch.arange(n, device=x.device)[None]
+    is_eos = (x[..., None] == eos).any(dim=-1)  # [b, n] (not isin: it may sort, a host sync on a GPU)
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), torch.full_like(x[:, 0], n))  # [b]
+    return ~((x == mask_id) & (idx < first_eos[:, None])).any(dim=1)
 
 
 def select_commits(conf: torch.Tensor, masked: torch.Tensor, threshold: float | None, steps_left: int) -> torch.Tensor:

@@ -58,9 +58,11 @@ class CachedLM(Protocol):
         """
 
     def keep_cache(self, cache: Any, positions: torch.Tensor) -> None:
-        """Keep only the given cached positions (``[n]`` int64, increasing), in that order.
+        """Keep only the given cached positions, in that order: ``[n]`` int64 (the same for every row,
+        increasing) or ``[b, n]`` (per row, any order; batched self-speculation re-packs rows this way).
 
-        Cropping to the first n positions is ``keep_cache(cache, arange(n))``.
+        Cropping to the first n positions is ``keep_cache(cache, arange(n))``. Afterwards the cache has n
+        positions.
         """
 
     def cache_tensors(self, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

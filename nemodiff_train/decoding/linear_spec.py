@@ -18,26 +18,34 @@ T > 0 ``a`` is *sampled* from the verifier and a draft is kept iff it equals tha
 emitted token is a draw from the AR conditional of the emitted prefix, i.e. the output is
 distributed exactly as AR sampling (not bit-equal: different RNG use; lower acceptance than the
 min(1, p/q) rule). Both passes are counted: 2 forwards per cycle.
+
+Batches (docs/decoding.md, "Batched self-speculation"): every row drafts and verifies in the same two
+passes, and keeps its own acceptance length k, cache length and positions: after the verify each row
+keeps its ``k + 1`` new columns and the cache is re-packed right aligned (``CacheState.commit``). A row
+with ``r < B`` tokens left drafts over its first ``r`` positions only (the rest of its block is hidden
+from them), as it would alone; a finished row rides along uncharged (:mod:`.recorder`). Acceptance,
+emission, cache commit and the next seed stay on the device; the host reads one small tensor per cycle
+(live rows and the next cache length). A batch of one runs the same code, so at temperature 0 in
+float32 row i of a batch equals decoding prompt i alone, and at T > 0 it draws the same random
+numbers (row r's generator is seeded ``seed + r``; a row draws in a draft pass only if it drafts).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .batching import CacheState, causal_mask, full_mask
+from .batching import CacheState, causal_mask
 from .config import DecodeConfig
 from .interface import CachedLM
-from .result import DecodeResult, RowRecorder
+from .recorder import BatchRecorder
+from .result import DecodeResult
 from .sampling import ban_token, make_generators, pick_tokens
 
-__all__ = ["linear_spec_generate", "check_single_prompt"]
+__all__ = ["linear_spec_generate", "check_spec_block"]
 
 
-def check_single_prompt(mode: str, prompts: list[list[int]], cfg: DecodeConfig) -> None:
-    """Self-speculation decodes one sequence at a time (its cache is cropped per row)."""
-    if len(prompts) != 1:
-        raise ValueError(f"{mode} supports batch size 1 only (got {len(prompts)} prompts); "
-                         "call it once per prompt, e.g. via nemodiff_train.decoding.generate")
+def check_spec_block(mode: str, cfg: DecodeConfig) -> None:
+    """Self-speculation needs a seed and at least one draft per block."""
     if cfg.block_size < 2:
         raise ValueError(f"{mode} needs block_size >= 2 (one seed + at least one draft), got {cfg.block_size}")
 
@@ -45,44 +53,59 @@ def check_single_prompt(mode: str, prompts: list[list[int]], cfg: DecodeConfig) 
 @torch.inference_mode()
 def linear_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeConfig,
                          return_cache: bool = False) -> list[DecodeResult]:
-    """Linear self-speculative decoding of ONE prompt.
+    """Linear self-speculative decoding of a batch of prompts (any lengths; left padded internally).
 
     Args:
         model: a :class:`CachedLM`.
-        prompts: exactly one token-id list.
+        prompts: ``b`` token-id lists.
         cfg: :class:`DecodeConfig`; ``block_size`` B is the verify length (B - 1 drafts per cycle).
-        return_cache: attach the final KV cache (prompt + emitted tokens but the last seed).
+        return_cache: attach each row's final KV cache (prompt + emitted tokens but the last seed).
     Returns:
-        ``[DecodeResult]`` with ``drafted``/``accepted`` counts.
+        One :class:`DecodeResult` per prompt, with ``drafted``/``accepted`` counts.
     """
-    check_single_prompt("linear_spec", prompts, cfg)
-    mask_id = model.mask_token_id
+    check_spec_block("linear_spec", cfg)
+    B, mask_id = cfg.block_size, model.mask_token_id
     state = CacheState(model, prompts)
-    row = RowRecorder(cfg.max_new_tokens, cfg.eos_token_ids)
-    last = ban_token(state.prefill(), mask_id)  # [1, V]
-    gens = None if cfg.greedy else make_generators(cfg.seed, 1, last.device)
-    seed = int(pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[0, 0])
-    row.emit([seed])  # emitted, not cached
-    while not row.done:
-        c = state.length
-        # never draft past max_new_tokens: the cycle can emit at most `n` tokens anyway
-        n = min(cfg.block_size, row.remaining)
-        blk = torch.full((1, n), mask_id, dtype=torch.long, device=last.device)  # [1, n]
-        blk[0, 0] = seed
-        if n > 1:
-            # drafter pass (adapter on); the verify pass below runs the unchanged base (adapter off)
-            draft = ban_token(state.forward(blk, full_mask(n), write_cache=False, draft=True), mask_id)  # [1, n, V]
-            blk[0, 1:] = pick_tokens(draft, cfg.temperature, cfg.top_p, gens)[0, 1:]
-            row.forward(0)
-        verify = ban_token(state.forward(blk, causal_mask(n), write_cache=True), mask_id)  # [1, n, V] shifted
-        a = pick_tokens(verify, cfg.temperature, cfg.top_p, gens)[0].tolist()  # a[i]: token at position c+i+1
-        d = blk[0].tolist()
-        k = 0
-        while k < n - 1 and a[k] == d[k + 1]:
-            k += 1
-        state.keep(torch.arange(c + k + 1))  # keep s, d_1..d_k; a[k] is the new uncached seed
-        row.drafted += n - 1
-        row.accepted += k
-        row.forward(row.emit(a[:k + 1]))
-        seed = a[k]
-    return [row.result(state.row_cache(0) if return_cache else None)]
+    b = state.batch
+    last = ban_token(state.prefill(), mask_id)  # [b, V]
+    dev = last.device
+    rec = BatchRecorder(b, cfg.max_new_tokens, cfg.eos_token_ids, dev)
+    gens = None if cfg.greedy else make_generators(cfg.seed, b, dev)
+    seed = pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[:, 0]  # [b] emitted, not cached
+    rec.emit(seed[:, None], torch.ones(b, dtype=torch.long, device=dev), rec.live)
+    idx = torch.arange(B, device=dev)
+    causal, alone = causal_mask(B, dev), torch.eye(B, dtype=torch.bool, device=dev)
+    status = rec.host_status(_drafting(rec, B))
+    while status[0]:
+        c, rows = state.length, rec.live  # rows live at the start of the cycle
+        n = rec.remaining.clamp(max=B)  # [b] the row's block length: never draft past max_new_tokens
+        inside = idx[None] < n[:, None]  # [b, B]
+        blk = torch.full((b, B), mask_id, dtype=torch.long, device=dev)
+        blk[:, 0] = seed
+        drafting = [bool(x) for x in status[-b:]]  # live rows with >= 2 tokens left (read with the status)
+        if any(drafting):  # a row with one token left drafts nothing: alone it runs no draft pass
+            # drafter pass (adapter on): bidirectional over the row's n positions; the others see themselves only
+            draft_mask = (inside[:, :, None] & inside[:, None, :]) | alone  # [b, B, B]
+            draft = ban_token(state.forward(blk, draft_mask, write_cache=False, draft=True), mask_id)  # [b, B, V]
+            picked = pick_tokens(draft, cfg.temperature, cfg.top_p, gens, drafting)
+            blk = torch.where(idx[None] >= 1, picked, blk)
+            rec.charge(rows & (n > 1))
+        # verify pass (the unchanged base): a[:, i] is the AR token after s, d_1 .. d_i
+        verify = ban_token(state.forward(blk, causal, write_cache=True), mask_id)  # [b, B, V]
+        a = pick_tokens(verify, cfg.temperature, cfg.top_p, gens)  # [b, B]
+        match = (a[:, :-1] == blk[:, 1:]) & inside[:, 1:]  # [b, B - 1] d_{i+1} == a[i] inside the row's block
+        k = match.long().cumprod(dim=1).sum(dim=1)  # [b] accepted drafts: the longest matching prefix
+        kept = rec.emit(a, k + 1, rows)  # a[:, :k + 1], cut at EOS / the cap
+        rec.charge(rows, kept)
+        rec.drafted += torch.where(rows, n - 1, 0)
+        rec.accepted += torch.where(rows, k, 0)
+        keep = torch.where(rows, k + 1, 0)  # cache s, d_1 .. d_k; a[k] is the new uncached seed
+        seed = a.gather(1, k[:, None])[:, 0]
+        status = rec.host_status((c - state.pad + keep).max(), _drafting(rec, B))  # the cycle's one host read
+        state.commit(c, idx, keep, status[1])
+    return rec.results(state.row_cache if return_cache else None)
+
+
+def _drafting(rec: BatchRecorder, block: int) -> torch.Tensor:
+    """``[b]`` bool: live rows whose next block has a draft position (at least 2 tokens left)."""
+    return rec.live & (rec.remaining.clamp(max=block) > 1)

@@ -17,6 +17,11 @@ sampling, like :mod:`.linear_spec`. Counts: one forward per cycle + one initial 
 
 A drafter adapter (docs/adapters.md) is switched per token inside the one forward: off for the
 first tokens (the verifier's causal chain, whose KV is kept: the unchanged base), on for the masks.
+
+Batches: one forward serves every row; each row has its own ``acc``, keeps its own first-token columns
+(``CacheState.commit`` re-packs the cache per row on the device) and takes its own next draft, so row i
+of a batch decodes exactly as prompt i alone; the host reads one small tensor per cycle (see
+:mod:`.linear_spec`, "Batches").
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import torch
 from .batching import CacheState, full_mask
 from .config import DecodeConfig
 from .interface import CachedLM
-from .linear_spec import check_single_prompt
-from .result import DecodeResult, RowRecorder
+from .linear_spec import check_spec_block
+from .recorder import BatchRecorder
+from .result import DecodeResult
 from .sampling import ban_token, make_generators, pick_tokens
 
 __all__ = ["quadratic_spec_generate", "quadratic_mask", "quadratic_offsets"]
@@ -56,53 +62,60 @@ def quadratic_offsets(block: int, device=None) -> torch.Tensor:
 @torch.inference_mode()
 def quadratic_spec_generate(model: CachedLM, prompts: list[list[int]], cfg: DecodeConfig,
                             return_cache: bool = False) -> list[DecodeResult]:
-    """Quadratic self-speculative decoding of ONE prompt.
+    """Quadratic self-speculative decoding of a batch of prompts (any lengths; left padded internally).
 
     Args:
         model: a :class:`CachedLM`.
-        prompts: exactly one token-id list.
-        cfg: :class:`DecodeConfig`; ``block_size`` B (each forward has B(B+1) query tokens).
-        return_cache: attach the final KV cache (prompt + every emitted token).
+        prompts: ``b`` token-id lists.
+        cfg: :class:`DecodeConfig`; ``block_size`` B (each forward has B(B+1) query tokens per row).
+        return_cache: attach each row's final KV cache (prompt + every emitted token).
     Returns:
-        ``[DecodeResult]``; ``drafted`` counts B - 1 drafts per cycle, ``accepted`` = Σ (acc - 1).
+        One :class:`DecodeResult` per prompt; ``drafted`` counts B - 1 drafts per cycle, ``accepted`` = Σ (acc - 1).
     """
-    check_single_prompt("quadratic_spec", prompts, cfg)
+    check_spec_block("quadratic_spec", cfg)
     B, mask_id = cfg.block_size, model.mask_token_id
     state = CacheState(model, prompts)
-    row = RowRecorder(cfg.max_new_tokens, cfg.eos_token_ids)
-    last = ban_token(state.prefill(), mask_id)  # [1, V]
-    gens = None if cfg.greedy else make_generators(cfg.seed, 1, last.device)
-    d = _first_draft(state, last, cfg, gens, mask_id)  # [B], d[0] = AR token
-    row.forward(0)
-    mask, offsets = quadratic_mask(B, last.device), quadratic_offsets(B, last.device)
-    drafts = torch.arange(B + 1, device=last.device).repeat(B) != 0  # [Q] the masks (r > 0) are drafter tokens
-    while not row.done:
-        C = state.length
-        sub = torch.full((B, B + 1), mask_id, dtype=torch.long, device=last.device)  # [B, B+1]
-        sub[:, 0] = d
-        logits = ban_token(state.forward(sub.view(1, -1), mask, write_cache=True, offsets=offsets, draft=drafts),
-                           mask_id)
-        P = pick_tokens(logits, cfg.temperature, cfg.top_p, gens)[0].view(B, B + 1)  # [B, B+1]
-        P[:, 1] = P[:, 0]  # the first new draft position is exactly the verifier's AR token
-        acc = 1  # d_0 is an AR token: always valid
-        while acc < B and int(P[acc - 1, 0]) == int(d[acc]):
-            acc += 1
-        row.drafted += B - 1
-        row.accepted += acc - 1
-        kept = row.emit(d[:acc].tolist())  # < acc when an EOS or the length cap cuts the cycle
-        row.forward(kept)
-        # keep the prefix and the first-token (causal-chain) KV of the emitted sub-blocks
-        state.keep(torch.cat([torch.arange(C), C + (B + 1) * torch.arange(kept)]))
-        d = P[acc - 1, 1:].clone()  # [B] next draft, conditioned on the accepted prefix
-    return [row.result(state.row_cache(0) if return_cache else None)]
+    b = state.batch
+    last = ban_token(state.prefill(), mask_id)  # [b, V]
+    dev = last.device
+    rec = BatchRecorder(b, cfg.max_new_tokens, cfg.eos_token_ids, dev)
+    gens = None if cfg.greedy else make_generators(cfg.seed, b, dev)
+    d = _first_draft(state, last, cfg, gens, mask_id)  # [b, B], d[:, 0] = AR token
+    rec.charge(rec.live)
+    mask, offsets = quadratic_mask(B, dev), quadratic_offsets(B, dev)
+    drafts = torch.arange(B + 1, device=dev).repeat(B) != 0  # [Q] the masks (r > 0) are drafter tokens
+    first_tokens = (B + 1) * torch.arange(B, device=dev)  # [B] column offsets of the causal chain
+    live = b  # nothing is emitted before the first cycle
+    while live:
+        c, rows = state.length, rec.live  # rows live at the start of the cycle
+        sub = torch.full((b, B, B + 1), mask_id, dtype=torch.long, device=dev)
+        sub[:, :, 0] = d
+        logits = ban_token(state.forward(sub.view(b, -1), mask, write_cache=True, offsets=offsets, draft=drafts),
+                           mask_id)  # [b, Q, V]
+        P = pick_tokens(logits, cfg.temperature, cfg.top_p, gens).view(b, B, B + 1)
+        P[:, :, 1] = P[:, :, 0]  # the first new draft position is exactly the verifier's AR token
+        # acc = 1 + the run of d_j == P[j-1, 0] (d_0 is an AR token: always valid)
+        acc = 1 + (P[:, :-1, 0] == d[:, 1:]).long().cumprod(dim=1).sum(dim=1)  # [b]
+        kept = rec.emit(d, acc, rows)  # < acc when an EOS or the length cap cuts the cycle
+        rec.charge(rows, kept)
+        rec.drafted += torch.where(rows, B - 1, 0)
+        rec.accepted += torch.where(rows, acc - 1, 0)
+        keep = torch.where(rows, kept, 0)  # the first-token (causal-chain) KV of the emitted sub-blocks
+        d = P.gather(1, (acc - 1)[:, None, None].expand(b, 1, B + 1))[:, 0, 1:]  # [b, B] next draft
+        live, length = rec.host_status((c - state.pad + keep).max())  # the cycle's one host read
+        state.commit(c, first_tokens, keep, length)
+    return rec.results(state.row_cache if return_cache else None)
 
 
 def _first_draft(state: CacheState, last: torch.Tensor, cfg: DecodeConfig, gens, mask_id: int) -> torch.Tensor:
-    """``[AR token] + diffusion draft`` for the first block: one bidirectional pass, cache not written. → ``[B]``."""
+    """``[AR token] + diffusion draft`` per row for the first block: one bidirectional pass, cache not written.
+
+    ``last`` ``[b, V]`` → ``[b, B]``.
+    """
     B = cfg.block_size
-    d0 = pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[0, 0]
-    blk = torch.full((1, B), mask_id, dtype=torch.long, device=last.device)
-    blk[0, 0] = d0
-    draft = ban_token(state.forward(blk, full_mask(B), write_cache=False, draft=True), mask_id)  # [1, B, V]
-    blk[0, 1:] = pick_tokens(draft, cfg.temperature, cfg.top_p, gens)[0, 1:]
-    return blk[0]
+    d0 = pick_tokens(last[:, None], cfg.temperature, cfg.top_p, gens)[:, 0]  # [b]
+    blk = torch.full((last.shape[0], B), mask_id, dtype=torch.long, device=last.device)
+    blk[:, 0] = d0
+    draft = ban_token(state.forward(blk, full_mask(B, last.device), write_cache=False, draft=True), mask_id)  # [b, B, V]
+    blk[:, 1:] = pick_tokens(draft, cfg.temperature, cfg.top_p, gens)[:, 1:]
+    return blk

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["DecodeStats", "DecodeResult", "RowRecorder"]
+__all__ = ["DecodeStats", "DecodeResult"]
 
 
 @dataclass
@@ -77,55 +77,3 @@ class DecodeResult:
                 "prefill_forwards": s.prefill_forwards, "forwards": s.forwards, "tpf": s.tpf,
                 "committed_per_forward": list(s.committed_per_forward), "drafted": s.drafted,
                 "accepted": s.accepted, "finished_by": s.finished_by}
-
-
-class RowRecorder:
-    """Accumulates one row's output and counts while a decoder runs (internal helper).
-
-    Args:
-        max_new_tokens: the length cap.
-        eos_token_ids: stop tokens.
-    """
-
-    def __init__(self, max_new_tokens: int, eos_token_ids: tuple[int, ...]):
-        self.max_new_tokens = max_new_tokens
-        self.eos = set(eos_token_ids)
-        self.tokens: list[int] = []
-        self.forwards = 0
-        self.committed: list[int] = []
-        self.drafted = 0
-        self.accepted = 0
-        self.finished_by: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finished_by is not None
-
-    @property
-    def remaining(self) -> int:
-        return self.max_new_tokens - len(self.tokens)
-
-    def emit(self, tokens: list[int]) -> int:
-        """Append tokens up to the first EOS (inclusive) and the length cap; returns how many were kept."""
-        kept = 0
-        for t in tokens:
-            if self.done:
-                break
-            self.tokens.append(int(t))
-            kept += 1
-            if int(t) in self.eos:
-                self.finished_by = "eos"
-            elif len(self.tokens) >= self.max_new_tokens:
-                self.finished_by = "length"
-        return kept
-
-    def forward(self, committed: int) -> None:
-        """Count one model call of this row that committed ``committed`` tokens."""
-        self.forwards += 1
-        self.committed.append(int(committed))
-
-    def result(self, cache=None) -> DecodeResult:
-        stats = DecodeStats(generated_tokens=len(self.tokens), prefill_forwards=1, forwards=self.forwards,
-                            committed_per_forward=self.committed, drafted=self.drafted, accepted=self.accepted,
-                            finished_by=self.finished_by or "length")
-        return DecodeResult(tokens=self.tokens, stats=stats, cache=cache)

@@ -1,7 +1,8 @@
 """Token choice shared by the decoders: mask ban, greedy / Gumbel-max sampling, confidences.
 
-Randomness is always drawn from a per-row ``torch.Generator`` (seeded ``cfg.seed + row``) and only
-for rows that are still active, so a row's samples do not depend on the other rows of its batch.
+Randomness is always drawn from a per-row ``torch.Generator`` (seeded ``cfg.seed + row``), for a row
+whenever decoding it alone would draw (a finished row may draw too: its draws are never used), so a
+row's samples do not depend on the other rows of its batch.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import torch
 
 from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for nemodiff-eval and eval.sweep
 from ..bench.protocol import TimedRun, run_interleaved
-from ..decoding import BATCHED_MODES, generate
+from ..decoding import generate
 from ..decoding.config import DecodeConfig
 from .intervals import metric_intervals
 from .loading import DTYPES, load_for_eval
@@ -39,7 +39,6 @@ __all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation", "ALL
 
 ALL_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 SPEC_MODES = ("linear_spec", "quadratic_spec")
-# Self-speculation decoders are batch 1 (batch 1 by design): only BATCHED_MODES get batch_size prompts per call.
 
 
 @dataclass
@@ -75,7 +74,8 @@ class EvalConfig:
     """Diffusion confidence threshold τ (also the drafts' threshold where a decoder uses one)."""
     temperature: float = 0.0
     batch_size: int = 1
-    """Prompts per decoder call in ar/diffusion mode (self-speculation is always batch 1)."""
+    """Prompts per decoder call, in every mode (row i of a batch decodes as prompt i alone; samples.jsonl
+    keeps each sample's own ``forwards``)."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     headroom: HeadroomConfig = field(default_factory=HeadroomConfig)
     chat_template: bool | None = None
@@ -233,8 +233,8 @@ class Evaluator:
         (:func:`nemodiff_train.bench.protocol.run_interleaved`, the protocol ``nemodiff-bench`` uses)."""
         self.use_static_cache(prompts, specs)
         lm_of = lambda s: self.base_lm if s.base else self.lm  # noqa: E731
-        timed = [TimedRun(str(i), (lambda chunk, s=s: generate(lm_of(s), chunk, s.mode, s.cfg)),
-                          self.cfg.batch_size if s.mode in BATCHED_MODES else 1) for i, s in enumerate(specs)]
+        timed = [TimedRun(str(i), (lambda chunk, s=s: generate(lm_of(s), chunk, s.mode, s.cfg)), self.cfg.batch_size)
+                 for i, s in enumerate(specs)]
         # warm-up: lazy initialisation (kernels per shape, allocator growth) is not timed
         run_interleaved(timed, prompts, repeats=1, warmups=1, device=self.lm.device,
                         warmup=lambda r: generate(lm_of(specs[int(r.name)]), prompts[:r.chunk], specs[int(r.name)].mode,
@@ -269,7 +269,7 @@ class Evaluator:
             "requested": requested,
             "block_size": spec.cfg.block_size, "threshold": spec.cfg.threshold, "temperature": self.cfg.temperature,
             "max_new_tokens": self.cfg.max_new_tokens,
-            "batch_size": self.cfg.batch_size if spec.mode in BATCHED_MODES else 1,
+            "batch_size": self.cfg.batch_size,
             "dtype": self.cfg.dtype, "device": str(self.lm.device),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "model": str(self.cfg.base_model if spec.base else self.hf_dir), "seed": self.cfg.seed,
@@ -332,9 +332,6 @@ def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
     modes, extra_ar = _modes_to_run(list(cfg.modes))
     if extra_ar:
         log.info("running ar as well (not in modes): it is the reference for the self-speculation 'lossless' metric")
-    if cfg.batch_size > 1 and any(m in SPEC_MODES for m in modes):
-        log.warning("batch_size=%d: ar runs batched while self-speculation runs batch 1; padding can change "
-                    "floating-point results, so 'lossless' is exact only with batch_size=1", cfg.batch_size)
     rows, sample_rows = [], []
     for name in cfg.tasks:
         task_rows, task_samples = evaluate_task(ev, name, modes)

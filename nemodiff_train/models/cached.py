@@ -28,7 +28,19 @@ from .adapter import adapter_tokens, find_adapter
 from .arch import attn_implementation_of, cache_kwarg, layer_windows
 from .attention import implementation_form, window_keep
 
-__all__ = ["HFCachedLM", "PositionedCache"]
+__all__ = ["HFCachedLM", "PositionedCache", "gather_columns"]
+
+
+def gather_columns(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Cache columns of ``x`` (``[b, C]`` or ``[b, h, C, d]``): ``columns`` ``[n]`` for every row (index_select)
+    or ``[b, n]`` per row (gather; no host read). Returns ``x`` with ``n`` columns."""
+    dim = 1 if x.dim() == 2 else 2
+    if columns.dim() == 1:
+        return x.index_select(dim, columns)
+    if dim == 1:
+        return x.gather(1, columns)
+    b, h, _, d = x.shape
+    return x.gather(2, columns[:, None, :, None].expand(b, h, columns.shape[1], d))
 
 
 class PositionedCache:
@@ -119,17 +131,18 @@ class HFCachedLM:
         if write_cache:
             cache.positions = keys
         else:
-            self.keep_cache(cache, torch.arange(cached))
+            self.keep_cache(cache, torch.arange(cached, device=self.device))
         return out.logits.float()
 
     def keep_cache(self, cache: PositionedCache, positions: torch.Tensor) -> None:
+        """Keep cached columns ``positions``: ``[n]`` (every row) or ``[b, n]`` (per row, batched self-speculation)."""
         positions = positions.to(self.device)
         for layer in cache.kv.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
-            layer.keys = layer.keys.index_select(-2, positions)
-            layer.values = layer.values.index_select(-2, positions)
-        cache.positions = cache.positions.index_select(1, positions)
+            layer.keys = gather_columns(layer.keys, positions)
+            layer.values = gather_columns(layer.values, positions)
+        cache.positions = gather_columns(cache.positions, positions)
 
     def cache_tensors(self, cache: PositionedCache):
         return [(layer.keys, layer.values) for layer in cache.kv.layers]

@@ -11,7 +11,8 @@ cache columns per layer:
   causal verify/re-encode, B(B+1)-token quadratic layout);
 * a read-only (diffusion) pass writes the same columns but does not advance C: the next pass
   overwrites them, and no later mask ever shows a column ``>= C`` that the pass has not written itself;
-* ``keep_cache`` gathers the kept columns into the prefix in place; nothing is reallocated.
+* ``keep_cache`` gathers the kept columns (the same for every row, or per row: batched self-speculation
+  re-packs each row on the device) into the prefix in place; nothing is reallocated.
 
 Masked columns contribute exactly 0 to attention (``exp`` of the additive minimum or of −inf is 0),
 so the outputs equal the dynamic path's up to float reduction order (tests/unit/test_static_cache.py
@@ -41,7 +42,7 @@ import torch
 
 from .adapter import adapter_tokens
 from .arch import attn_implementation_of
-from .cached import HFCachedLM
+from .cached import HFCachedLM, gather_columns
 
 __all__ = ["StaticCachedLM", "StaticKVCache", "slot_layer_class", "required_capacity"]
 
@@ -246,17 +247,25 @@ class StaticCachedLM(HFCachedLM):
 
     @torch.inference_mode()
     def keep_cache(self, cache: StaticKVCache, positions: torch.Tensor) -> None:
+        """Keep cached columns ``positions``, ``[n]`` (every row) or ``[b, n]`` (per row), in place.
+
+        ``[n]`` is checked against the cache length on the host; ``[b, n]`` (batched self-speculation, built on
+        the device by the decoder) is not, as that check would be a host read per cycle: an out-of-range
+        column fails inside ``gather`` instead.
+        """
         self._check(cache)
         positions = positions.to(self.device)
-        n = int(positions.numel())
-        if n > cache.length or (n and int(positions.max()) >= cache.length):
+        n = int(positions.shape[-1])
+        if n > cache.length:
+            raise ValueError(f"keep_cache: {n} columns kept out of {cache.length} cached")
+        if positions.dim() == 1 and n and int(positions.max()) >= cache.length:
             raise ValueError(f"keep_cache: positions reach beyond the {cache.length} cached columns")
         for layer in cache.kv.layers:
             if not layer.is_initialized:
                 continue
-            layer.keys[:, :, :n] = layer.keys.index_select(2, positions)
-            layer.values[:, :, :n] = layer.values.index_select(2, positions)
-        cache.positions[:, :n] = cache.positions.index_select(1, positions)
+            layer.keys[:, :, :n] = gather_columns(layer.keys, positions)
+            layer.values[:, :, :n] = gather_columns(layer.values, positions)
+        cache.positions[:, :n] = gather_columns(cache.positions, positions)
         cache.length = n
 
     def cache_tensors(self, cache: StaticKVCache):

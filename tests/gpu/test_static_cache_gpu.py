@@ -32,9 +32,8 @@ def test_static_and_graphs_equal_eager_dynamic_on_cuda(dtype, block):
     dyn, sta, graphs = adapters(dtype)
     prompts = random_prompts(block, 4, min_len=3, max_len=20)
     for mode in sorted(MODES):
-        batched = mode in ("ar", "diffusion")
         for i, max_new in enumerate((2 * block + 3, 40)):
-            group = prompts if batched else prompts[i:i + 1]
+            group = prompts if i == 0 else prompts[i:i + 1]  # a ragged batch, then a single prompt
             ref = generate(dyn, group, mode, DecodeConfig(max_new_tokens=max_new, block_size=block))
             eos = ref[0].tokens[len(ref[0].tokens) // 2]  # stops mid-output
             for cfg in (DecodeConfig(max_new_tokens=max_new, block_size=block),
@@ -47,6 +46,7 @@ def test_static_and_graphs_equal_eager_dynamic_on_cuda(dtype, block):
     assert graphs._graphs, "no CUDA graph was captured"
     shapes = set(graphs._graphs)
     assert (len(prompts), 1) in shapes and (1, block) in shapes and (1, block * (block + 1)) in shapes
+    assert (len(prompts), block) in shapes and (len(prompts), block * (block + 1)) in shapes
     captured = {k: g.graph for k, g in graphs._graphs.items()}
     generate(graphs, prompts[:1], "linear_spec", DecodeConfig(max_new_tokens=2 * block, block_size=block))
     assert all(graphs._graphs[k].graph is g for k, g in captured.items()), "a graph was re-captured for a new prompt"
@@ -63,7 +63,7 @@ def test_compiled_graphs_equal_eager_dynamic_on_cuda():
     prompts = random_prompts(4, 4, min_len=3, max_len=20)
     cfg = DecodeConfig(max_new_tokens=27, block_size=4)
     for mode in sorted(MODES):
-        group = prompts if mode in ("ar", "diffusion") else prompts[:1]
+        group = prompts
         got, ref = generate(fast, group, mode, cfg), generate(dyn, group, mode, cfg)
         assert [g.tokens for g in got] == [r.tokens for r in ref], mode
     assert counters["stats"]["unique_graphs"] >= 2 and fast._graphs
@@ -96,5 +96,7 @@ def test_bench_runs_on_cuda_with_graphs(tmp_path):
     assert report["lm"] == "StaticCachedLM" and report["cuda_graphs"]
     assert (tmp_path / "bench.json").is_file()
     modes = {(r["mode"], r["batch_size"]) for r in report["results"]}
-    assert {("ar", 1), ("quadratic_spec", 1), ("hf_generate", 1), ("ar", 2), ("diffusion", 2)} <= modes
+    assert {(m, b) for m in ("ar", "diffusion", "linear_spec", "quadratic_spec", "hf_generate") for b in (1, 2)} <= modes
+    assert set(report["crossover"]) == {"linear_spec", "quadratic_spec"}
+    assert all(r["host_syncs_per_token"] > 0 for r in report["results"] if r["mode"] != "hf_generate")
     assert all(r["same_as_ar"] == 1.0 for r in report["results"] if r["mode"].endswith("_spec"))

@@ -98,8 +98,11 @@ class ScriptedLM:
         return logits
 
     def keep_cache(self, cache, positions):
-        cache["k"] = cache["k"].index_select(2, positions)
-        cache["v"] = cache["v"].index_select(2, positions)
+        if positions.dim() == 1:  # every row
+            positions = positions[None].expand(cache["k"].shape[0], -1)
+        index = positions[:, None, :, None]  # [b, 1, n, 1] per row (batched self-speculation)
+        cache["k"] = cache["k"].gather(2, index)
+        cache["v"] = cache["v"].gather(2, index)
 
     def cache_tensors(self, cache):
         return [(cache["k"], cache["v"])]

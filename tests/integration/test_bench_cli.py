@@ -1,5 +1,5 @@
 """The real ``nemodiff-bench`` CLI as a subprocess on a CPU: the embedded model's shape, every mode,
-batch 1 and 2, the HF generate baseline, the speed-of-light report; and its refusals."""
+batch 1 and 2 (self-speculation batched too), the HF generate baseline, the crossover, the speed-of-light report; and its refusals."""
 
 from __future__ import annotations
 
@@ -36,8 +36,7 @@ def test_bench_embedded_shape_on_cpu(tmp_path, cache):
     assert report["complete"] is True  # bench.json is rewritten after every batch size, complete at the end
     assert report["cuda_graphs"] is False and report["hbm_tbps"] is None  # no roofline on a CPU
     rows = {(r["mode"], r["batch_size"]): r for r in report["results"]}
-    expected = {(m, 1) for m in MODES + ["hf_generate"]} | {("ar", 2), ("diffusion", 2), ("hf_generate", 2)}
-    assert set(rows) == expected
+    assert set(rows) == {(m, b) for m in MODES + ["hf_generate"] for b in (1, 2)}  # every mode at every batch
     for (mode, batch), r in rows.items():
         assert r["generated_tokens"] == r["prompts"] * 10  # EOS ignored: every run makes max_new_tokens
         # num_prompts=1 (the default) per pass, rounded up to one whole batch: batch 1 decodes one prompt
@@ -45,17 +44,27 @@ def test_bench_embedded_shape_on_cpu(tmp_path, cache):
         if mode == "hf_generate":
             continue
         assert r["tpf"] == pytest.approx(r["generated_tokens"] / r["forwards"])
-        by_q, rows_per_call = r["forwards_by_q"], batch if mode in ("ar", "diffusion") else 1
-        # model calls by query length: a batched call serves every row (forwards are counted per row)
-        assert sum(n for k, n in by_q.items() if not k.endswith("prefill")) * rows_per_call == r["forwards"]
-        assert sum(n for k, n in by_q.items() if k.endswith("prefill")) == r["prompts"] // rows_per_call
+        by_q = r["forwards_by_q"]
+        # model calls by query length: a batched call serves every row, and is counted for the rows that use it
+        # (forwards are per row: a row that finished, or has nothing left to denoise, is not charged)
+        calls = sum(n for k, n in by_q.items() if not k.endswith("prefill"))
+        assert calls <= r["forwards"] <= calls * batch
+        if mode == "ar":
+            assert r["forwards"] == calls * batch
+        assert sum(n for k, n in by_q.items() if k.endswith("prefill")) == r["prompts"] // batch
+        # counted host syncs: one status read per cycle, plus the few reads of the results
+        assert 0 < r["host_syncs_per_token"] * r["generated_tokens"] <= calls + 12
         assert r["model_calls"] == sum(by_q.values())
         assert r["predicted_tokens_per_s"] > 0 and r["measured_over_predicted"] > 0
         if mode.endswith("_spec"):
             assert r["same_as_ar"] == 1.0  # lossless at T = 0 (float32)
     assert rows[("ar", 1)]["forwards"] == 9  # 10 tokens, the first from the prefill
     costs = {(c["batch_size"], c["q"], c["prefill"]) for c in report["forward_cost"]}
-    assert {(1, 1, False), (1, 4, False), (1, 20, False), (2, 1, False), (1, 12, True), (2, 12, True)} <= costs
+    assert {(1, 1, False), (1, 4, False), (1, 20, False), (2, 1, False), (2, 20, False), (1, 12, True),
+            (2, 12, True)} <= costs
+    assert set(report["crossover"]) == {"linear_spec", "quadratic_spec"}  # first batch size not beating ar
+    for cross in report["crossover"].values():
+        assert cross["batch_size"] in (None, 1, 2) and cross["vs"] == "ar"
 
 
 def test_bench_refuses_the_8b_shape_on_cpu_and_unknown_keys(tmp_path):

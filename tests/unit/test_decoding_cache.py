@@ -47,7 +47,7 @@ def test_final_cache_equals_one_causal_pass(mode):
         assert_cache_is_causal(lm, prompt, cut, 4)
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion"])
+@pytest.mark.parametrize("mode", sorted(MODES))
 def test_batched_row_caches_are_causal(mode):
     lm = tiny_lm("llama", tie=False, initializer_range=0.1)
     prompts = random_prompts(5, 3, min_len=1, max_len=9)

@@ -41,9 +41,11 @@ def test_stats_tpf_and_to_dict_excludes_cache():
 
 
 @pytest.mark.parametrize("decoder", [linear_spec_generate, quadratic_spec_generate])
-def test_spec_modes_reject_batches(decoder):
-    with pytest.raises(ValueError, match="batch size 1"):
-        decoder(tiny_lm(), [[5, 6], [7, 8]], DecodeConfig(max_new_tokens=4, block_size=4))
+def test_spec_modes_reject_empty_batches_and_prompts(decoder):
+    with pytest.raises(ValueError, match="no prompts"):
+        decoder(tiny_lm(), [], DecodeConfig(max_new_tokens=4, block_size=4))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        decoder(tiny_lm(), [[5, 6], []], DecodeConfig(max_new_tokens=4, block_size=4))
 
 
 def test_spec_modes_need_two_token_blocks():
@@ -51,7 +53,7 @@ def test_spec_modes_need_two_token_blocks():
         linear_spec_generate(tiny_lm(), [[5, 6]], DecodeConfig(max_new_tokens=4, block_size=1))
 
 
-def test_generate_dispatch_loops_spec_modes_and_rejects_unknown():
+def test_generate_dispatch_batches_every_mode_and_rejects_unknown():
     lm, prompts = tiny_lm(tie=False), [[5, 6, 7], [9], [10, 11]]
     cfg = DecodeConfig(max_new_tokens=5, block_size=4)
     for mode in MODES:

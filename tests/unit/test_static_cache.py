@@ -1,8 +1,7 @@
 """The static-shape cache (models/static_cache.py) decodes exactly like the dynamic one (models/cached.py).
 
 Same weights behind both adapters; every decoder, block sizes 2-16, lengths that are not multiples of
-B, EOS ids taken from the reference output so rows stop mid-block, batch 1 and (ar, diffusion) batch
-> 1 with ragged prompts; windowed and eager-attention architectures; the final KV caches compared too.
+B, EOS ids taken from the reference output so rows stop mid-block, batches of ragged prompts in every mode; windowed and eager-attention architectures; the final KV caches compared too.
 """
 
 from functools import lru_cache
@@ -48,11 +47,10 @@ def assert_same(dyn, sta, prompts, mode, cfg):
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_static_equals_dynamic(family, block, mode):
     dyn, sta = pair(family)
-    batched = mode in ("ar", "diffusion")
     prompts = random_prompts(200 + block, 3, max_len=10)
     for i, max_new in enumerate((block + 3, 2 * block + 1)):
         cfg = DecodeConfig(max_new_tokens=max_new, block_size=block)
-        group = prompts if batched else prompts[i:i + 1]
+        group = prompts  # every mode decodes batches (ragged prompts)
         ref = assert_same(dyn, sta, group, mode, cfg)
         # an EOS that occurs mid-output (not at a block end) stops the row early, in both paths
         tokens = ref[0].tokens
