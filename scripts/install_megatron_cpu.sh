@@ -20,7 +20,7 @@ py=$venv/bin/python
 pip() { "$py" -m pip install -q -c constraints/megatron.txt "$@"; }
 
 # the shared libraries at megatron-bridge's pins (the constraints choose the versions)
-pip "torch==2.13.0" transformers wandb hydra-core omegaconf datasets peft tensorboard einops psutil
+pip "torch==2.13.0" transformers kernels wandb hydra-core omegaconf datasets peft tensorboard einops psutil
 pip --no-deps --ignore-requires-python megatron-core megatron-bridge
 pip --no-deps triton==3.9.0
 
