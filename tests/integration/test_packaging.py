@@ -61,6 +61,12 @@ def test_wheel_carries_every_config_and_recipe_unchanged(wheel):
     assert "nemodiff_train/assets/tiny_qwen3/model.safetensors" in names  # the embedded model tiny_cpu trains
 
 
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
 def _venv_with_wheel(wheel: Path, where: Path) -> Path:
     """A venv holding only the wheel; this interpreter's site-packages are appended as a plain path, so its
     libraries import but its .pth files (the clone's editable-install finder) are not run."""
@@ -68,10 +74,15 @@ def _venv_with_wheel(wheel: Path, where: Path) -> Path:
     python = where / "bin" / "python"
     venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip()
-    Path(venv_site, "_outer_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # away from the clone and without PYTHONPATH: an editable install's nemodiff_train.egg-info in the
+    # clone would otherwise count as "already installed"
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                           str(wheel)], capture_output=True, text=True, timeout=300)
+                           str(wheel)], capture_output=True, text=True, timeout=300, cwd=where, env=_clean_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(Path(venv_site).glob("nemodiff_train-*.dist-info")), f"pip installed nothing: {proc.stdout}"
+    # after the install: with the outer packages visible, pip would find the clone's editable
+    # nemodiff-train of the same version there and install nothing
+    Path(venv_site, "_outer_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return where / "bin"
 
 
@@ -80,8 +91,7 @@ def test_installed_wheel_trains_exports_and_evaluates_outside_the_clone(wheel, t
     bin_dir = _venv_with_wheel(wheel, tmp_path / "venv")
     away = tmp_path / "elsewhere"
     away.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1")
+    env = _clean_env()
 
     def run(*cmd: str, timeout: int = 600) -> str:
         proc = subprocess.run([str(c) for c in cmd], cwd=away, env=env, capture_output=True, text=True,
@@ -99,6 +109,12 @@ def test_installed_wheel_trains_exports_and_evaluates_outside_the_clone(wheel, t
     assert (hf / "model.safetensors").is_file() and (hf / "README.md").is_file()
     run(bin_dir / "nemodiff-eval", f"model={hf}", "modes=[ar,linear_spec]", "limit=1", "max_new_tokens=4", "out=ev")
     assert (away / "ev" / "eval.json").is_file()
+    # the export's card, refreshed with that evaluation, is a Hub model card listing every task x mode
+    card = run(bin_dir / "python", "-c", (
+        "import sys; from huggingface_hub import ModelCard; from nemodiff_train.export import write_model_card\n"
+        "c = ModelCard.load(write_model_card(sys.argv[1], eval_json=sys.argv[2]))\n"
+        "print(sorted({(r.dataset_name, r.dataset_config) for r in c.data.eval_results}))"), hf, away / "ev" / "eval.json")
+    assert card.strip() == "[('code_completion', 'ar'), ('code_completion', 'linear_spec')]"
     # nemodiff-bench finds its config (conf/apps/bench.yaml) in the package; its runner is tested elsewhere
     assert "prompt_len: 128" in run(bin_dir / "nemodiff-bench", "model=embedded", "--cfg", "job")
 
