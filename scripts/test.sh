@@ -78,9 +78,10 @@ else
     megatron_py=
     [[ -n ${why[megatron]:-} ]] || why[megatron]="megatron-bridge is not installed (scripts/install_megatron_cpu.sh)"
 fi
-# explicit test paths among the arguments: one pytest run, with this python, on exactly those
+# explicit test paths among the arguments (tests/x.py, tests/x.py::test_y): one pytest run, with this
+# python, on exactly those
 split_megatron=1
-for a in "${args[@]}"; do [[ $a == -* ]] || split_megatron=0; done
+for a in "${args[@]}"; do [[ $a != -* && -e ${a%%::*} ]] && split_megatron=0; done
 if [[ -z ${why[slurm]:-} ]] && ! { command -v sinfo >/dev/null 2>&1 && sinfo -h >/dev/null 2>&1; }; then
     why[slurm]="no Slurm controller answers (sinfo)"
 fi
