@@ -13,7 +13,8 @@
 # Other arguments go to pytest; a -m of your own replaces the default selection's.
 #
 # Tiers:
-#   megatron  scripts/install_megatron_cpu.sh (pip; always tried)                -> tests/megatron
+#   megatron  scripts/install_megatron_cpu.sh (pip, into its own venv under       -> tests/megatron,
+#             megatron-bridge's pins; always tried)                                  run by that venv's python
 #   slurm     .ci/setup_slurm.sh (as root, or with passwordless sudo; apt-get)   -> the `slurm` tests
 #             (all slow: set up with --all only)
 #   gpu       needs CUDA                                                         -> tests/gpu
@@ -64,10 +65,23 @@ if [[ ${NEMODIFF_TEST_SETUP:-1} != 0 ]]; then
         why[slurm]="a local Slurm needs root or passwordless sudo to set up (.ci/setup_slurm.sh)"
     fi
 fi
-# what is usable now, whoever set it up
-if [[ -z ${why[megatron]:-} ]] && ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.bridge') is None)" 2>/dev/null; then
-    why[megatron]="megatron-bridge is not installed (scripts/install_megatron_cpu.sh)"
+# what is usable now, whoever set it up. The Megatron tier has its own environment (megatron-bridge's
+# pins); tests/megatron runs there, everything else here. A Megatron install in this environment
+# (the old way) is still used when there is no tier venv.
+megatron_py=${NEMODIFF_MEGATRON_VENV:-/tmp/nemodiff-megatron-venv}/bin/python
+has_bridge="import importlib.util as u, sys; sys.exit(u.find_spec('megatron.bridge') is None)"
+if [[ -x $megatron_py ]] && "$megatron_py" -c "$has_bridge" 2>/dev/null; then
+    :
+elif python -c "$has_bridge" 2>/dev/null; then
+    megatron_py=python
+else
+    megatron_py=
+    [[ -n ${why[megatron]:-} ]] || why[megatron]="megatron-bridge is not installed (scripts/install_megatron_cpu.sh)"
 fi
+# explicit test paths among the arguments (tests/x.py, tests/x.py::test_y): one pytest run, with this
+# python, on exactly those
+split_megatron=1
+for a in "${args[@]}"; do [[ $a != -* && -e ${a%%::*} ]] && split_megatron=0; done
 if [[ -z ${why[slurm]:-} ]] && ! { command -v sinfo >/dev/null 2>&1 && sinfo -h >/dev/null 2>&1; }; then
     why[slurm]="no Slurm controller answers (sinfo)"
 fi
@@ -76,8 +90,17 @@ if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/d
 fi
 
 start=$(date +%s)
-python -m pytest -q -p no:cacheprovider "${select[@]}" "${args[@]}"
-rc=$?
+if [[ $split_megatron == 1 && -n $megatron_py && $megatron_py != python ]]; then
+    python -m pytest -q -p no:cacheprovider --ignore=tests/megatron "${select[@]}" "${args[@]}"
+    rc=$?
+    echo "== tests/megatron with $megatron_py (megatron-bridge's pins) =="
+    "$megatron_py" -m pytest -q -p no:cacheprovider "${select[@]}" "${args[@]}" tests/megatron
+    mrc=$?
+    (( rc != 0 )) || rc=$mrc
+else
+    python -m pytest -q -p no:cacheprovider "${select[@]}" "${args[@]}"
+    rc=$?
+fi
 
 echo
 echo "== test tiers =="

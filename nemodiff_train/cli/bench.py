@@ -12,16 +12,13 @@ Keys: ``conf/apps/bench.yaml`` (one per field of :class:`~nemodiff_train.bench.r
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ..bench.runner import BenchConfig, BenchError, run_bench
-from ..config.load import merge_into
+from ..config.load import APPS_CONF_DIR, merge_into
 from ._console import setup_console
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "apps"
 
 __all__ = ["main", "to_bench_config"]
 
@@ -31,7 +28,7 @@ def to_bench_config(cfg: DictConfig | dict) -> BenchConfig:
     return merge_into(BenchConfig, cfg, app="nemodiff-bench", error=BenchError)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base=None)
+@hydra.main(config_path=str(APPS_CONF_DIR), config_name="bench", version_base=None)
 def _app(cfg: DictConfig) -> None:
     from ..models.attention import UnsupportedModelError
 

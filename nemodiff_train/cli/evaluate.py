@@ -12,19 +12,14 @@ Keys: ``conf/apps/evaluate.yaml`` (one per field of :class:`~nemodiff_train.eval
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from ..config.load import merge_into
+from ..config.load import APPS_CONF_DIR, merge_into
 from ._console import setup_console
 
 from ..eval.runner import EvalConfig, run_evaluation
-
-# conf/apps/ holds group-free configs of the single-purpose CLIs: in conf/ itself, `model=<dir>` would be
-# read as a choice of the training config group conf/model/.
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "apps"
 
 __all__ = ["main", "to_eval_config"]
 
@@ -38,7 +33,7 @@ def to_eval_config(cfg: DictConfig | dict) -> EvalConfig:
     return merge_into(EvalConfig, cfg, app="nemodiff-eval", error=EvalConfigError)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base=None)
+@hydra.main(config_path=str(APPS_CONF_DIR), config_name="evaluate", version_base=None)
 def _app(cfg: DictConfig) -> None:
     try:
         eval_cfg = to_eval_config(cfg)

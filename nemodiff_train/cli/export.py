@@ -23,15 +23,11 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from ..config.load import merge_into
+from ..config.load import APPS_CONF_DIR, merge_into
 from ._console import setup_console
 
 from ..export import ExportError, push_to_hub
 from ..orchestrate import export_any
-
-# conf/apps/ holds the group-free configs of single-purpose CLIs (in conf/, `checkpoint=<dir>` would
-# select from the training group conf/checkpoint/).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "apps"
 
 __all__ = ["ExportCLIConfig", "ExportCLIError", "to_cli_config", "run", "main"]
 
@@ -83,7 +79,7 @@ def run(c: ExportCLIConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="export", version_base=None)
+@hydra.main(config_path=str(APPS_CONF_DIR), config_name="export", version_base=None)
 def _app(cfg: DictConfig) -> None:
     try:
         c = to_cli_config(cfg)

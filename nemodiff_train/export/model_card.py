@@ -1,23 +1,27 @@
-"""The model card (``README.md``) of an export: front matter, recipe, data, usage, measured speed/accuracy.
+"""The model card (``README.md``) of an export: Hub metadata, recipe, data, usage, measured speed/accuracy.
 
-The card is rebuilt from the export's own ``config.json["nemodiff"]`` record, so it can be refreshed
-after the fact (e.g. once ``nemodiff-eval`` has written ``eval.json``) with :func:`write_model_card`.
+The YAML header is huggingface_hub's ``ModelCardData`` (base model, license, data sets, tags and a
+``model-index`` of the evaluation, :mod:`.card_metadata`), so the Hub shows the results as its
+evaluation widget; the body is for people. The card is rebuilt from the export's own
+``config.json["nemodiff"]`` record, so it can be refreshed after the fact (e.g. once ``nemodiff-eval``
+has written ``eval.json``) with :func:`write_model_card`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard
+
+from .card_metadata import card_data
 from .errors import ExportError
 
 __all__ = ["read_eval_rows", "render_model_card", "write_model_card", "eval_table"]
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # eval.json keys that are bookkeeping, not accuracy metrics
 _NOT_METRICS = {
     "mode", "task", "samples", "generated_tokens", "forwards", "prefill_forwards", "tpf", "tpf_incl_prefill",
@@ -73,28 +77,22 @@ def eval_table(rows: list[dict[str, Any]]) -> str:
     for r in sorted(rows, key=lambda r: (str(r.get("task")), order.get(r.get("mode"), 99))):
         lossless = r.get("lossless")
         cells = [f"`{r.get('mode')}`", str(r.get("task", "–")), _fmt(r.get("samples")), _fmt(r.get("tpf")),
-                 _fmt(r.get("tokens_per_s"), 1), *(_fmt(r.get(m), 3) for m in metrics),
+                 _fmt(r.get("tokens_per_s"), 1), *(_with_interval(r, m) for m in metrics),
                  f"{lossless:.0%}" if isinstance(lossless, (int, float)) and not isinstance(lossless, bool) else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _with_interval(row: dict, metric: str) -> str:
+    """``0.675 [0.61, 0.74]``: the accuracy and its 95 % interval (eval.json's ``<metric>_ci95``)."""
+    ci = row.get(f"{metric}_ci95")
+    return _fmt(row.get(metric), 3) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def _settings_of(rows: list[dict]) -> str:
     keys = ("block_size", "threshold", "temperature", "max_new_tokens", "dtype", "device")
     seen = {k: sorted({str(r[k]) for r in rows if r.get(k) is not None}) for k in keys}
     return ", ".join(f"{k} {'/'.join(v)}" for k, v in seen.items() if v)
-
-
-def _is_hub_id(name: Any) -> bool:
-    return isinstance(name, str) and bool(_HUB_ID.match(name)) and not os.path.exists(name)
-
-
-def _front_matter(meta: dict) -> str:
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
-    if _is_hub_id(meta.get("base_model")):
-        lines.append(f"base_model: {meta['base_model']}")
-    lines += ["tags:", "- diffusion-lm", "- nemodiff", "- text-generation", "---"]
-    return "\n".join(lines)
 
 
 def _training(meta: dict) -> str:
@@ -136,7 +134,7 @@ The weights are a standard `{meta.get('architecture', 'causal LM')}` checkpoint;
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-revision = "main"   # or a commit hash: pins exactly what is downloaded
+revision = "main"   # pin a commit hash of this repository for reproducible results
 tok = AutoTokenizer.from_pretrained("{repo}", revision=revision)
 model = AutoModelForCausalLM.from_pretrained("{repo}", revision=revision)
 ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
@@ -146,12 +144,13 @@ print(tok.decode(model.generate(ids, max_new_tokens=64, do_sample=False)[0]))
 ### 2. With nemodiff's decoders (AR, block diffusion, linear / quadratic self-speculation)
 
 ```python
+from huggingface_hub import snapshot_download
 from nemodiff_train.models.hf import load_dlm
 from nemodiff_train.models.cached import HFCachedLM
 from nemodiff_train.decoding import DecodeConfig, generate
 from nemodiff_train.eval.stop_tokens import stop_token_ids   # EOS and <|im_end|>, as nemodiff-eval
 
-dlm = load_dlm("{repo}")            # a local directory (snapshot_download it first)
+dlm = load_dlm(snapshot_download("{repo}", revision="main"))   # load_dlm reads a local directory
 lm = HFCachedLM(dlm)
 prompt = dlm.tokenizer("def fibonacci(n):").input_ids
 cfg = DecodeConfig(max_new_tokens=64, block_size={block}, threshold=0.9,
@@ -170,6 +169,7 @@ or measure every mode: `nemodiff-eval model=<dir> modes=[ar,diffusion,linear_spe
 `modeling_nemodiff.py` carries the same four decoders (inlined from nemodiff at export time):
 
 ```python
+# trust_remote_code runs this repository's modeling_nemodiff.py: pin the revision you have read
 model = AutoModelForCausalLM.from_pretrained("{repo}", revision=revision, trust_remote_code=True)
 out = model.generate(ids, mode="diffusion", max_new_tokens=64, block_size={block}, threshold=0.9)
 out = model.generate(ids, mode="linear_spec", max_new_tokens=64)   # equals greedy AR output
@@ -196,8 +196,9 @@ def render_model_card(meta: dict[str, Any], rows: list[dict] | None = None, remo
         f"| weights dtype | {meta.get('export_dtype', '–')} |",
         f"| nemodiff version | {meta.get('nemodiff_version', '–')} |",
     ])
+    header = card_data(meta, rows, _metric_names([r for r in rows or [] if not r.get("sweep")])).to_yaml()
     parts = [
-        _front_matter(meta), "", f"# {title}", "",
+        "---", header, "---", "", f"# {title}", "",
         "A diffusion language model converted from an autoregressive LM with "
         "nemodiff-train (joint AR + masked-diffusion training, the "
         "Nemotron-Labs-Diffusion / Efficient-DLM recipe). One set of weights decodes in four modes: plain AR, "
@@ -211,7 +212,10 @@ def render_model_card(meta: dict[str, Any], rows: list[dict] | None = None, remo
         parts += [eval_table(rows), "",
                   "TPF = generated tokens / model forwards, the prefill forward excluded; tokens/s = generated "
                   "tokens / decoding wall time; *lossless* = share of samples whose output equals AR greedy "
-                  "decoding token for token (self-speculation modes).", ""]
+                  "decoding token for token (self-speculation modes); [low, high] = 95 % interval of the "
+                  "accuracy over the samples." + (" `base` = the untouched base model decoded AR on the same rows "
+                  "(not in the model-index: it is not this model's result)." if any(r.get("mode") == "base"
+                                                                                     for r in rows) else ""), ""]
         settings_line = _settings_of(rows)
         if settings_line:
             parts += [f"Settings: {settings_line}.", ""]
@@ -219,7 +223,7 @@ def render_model_card(meta: dict[str, Any], rows: list[dict] | None = None, remo
         parts += ["Not measured for this export; run `nemodiff-eval model=<dir> out=<dir>` and refresh this card "
                   "with `nemodiff_train.export.write_model_card(<dir>, eval_json=<dir>/eval.json)`.", ""]
     parts.append(_usage(meta, remote_code, repo))
-    return "\n".join(parts).rstrip() + "\n"
+    return str(ModelCard("\n".join(parts).rstrip() + "\n"))
 
 
 def write_model_card(folder: str | Path, *, eval_json: str | Path | None = None, rows: list[dict] | None = None,

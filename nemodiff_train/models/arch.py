@@ -133,9 +133,12 @@ def causal_lm_class(config):
     return cls
 
 
-def _supports(cls, implementation: str) -> bool:
+def _supports(cls, implementation: str, config=None) -> bool:
     if implementation == "eager":
         return True
+    if implementation == "sdpa" and getattr(config, "attn_logit_softcapping", None) is not None:
+        # sdpa has no logit softcapping; transformers < 5.21 still declared sdpa for Gemma-2 (and dropped it)
+        return False
     flag = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}[implementation]
     return bool(getattr(cls, flag, False))
 
@@ -152,13 +155,13 @@ def pick_attn_implementation(config, device_type: str, requested: str | None = N
     family = getattr(config, "model_type", "?")
     if requested is not None:
         check_implementation(requested)
-        if not _supports(cls, requested):
-            others = [i for i in SUPPORTED_IMPLEMENTATIONS if _supports(cls, i)]
+        if not _supports(cls, requested, config):
+            others = [i for i in SUPPORTED_IMPLEMENTATIONS if _supports(cls, i, config)]
             raise UnsupportedModelError(f"attn_implementation={requested!r}: {cls.__name__} ({family}) does not support "
                                         f"it in transformers; use one of {others}")
         return requested
     order = ("flex_attention", "sdpa", "eager") if (device_type == "cuda" and training) else ("sdpa", "eager")
-    return next(i for i in order if _supports(cls, i))
+    return next(i for i in order if _supports(cls, i, config))
 
 
 def check_config(config, attn_implementation: str | None = None) -> None:

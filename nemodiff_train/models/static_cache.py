@@ -93,6 +93,9 @@ def slot_layer_class():
         def get_max_length(self):
             return self.capacity
 
+        def get_max_cache_shape(self):  # abstract in transformers < 5.14 (since renamed get_max_length)
+            return self.capacity
+
         def reset(self):
             self.start.zero_()
 

@@ -127,9 +127,10 @@ def test_slurm_header_command(where, command, tmp_path):
         _, ev_args = _split_at_module(cmd, "nemodiff_train.cli.evaluate")
         from hydra import compose as hydra_compose, initialize_config_dir
 
-        from nemodiff_train.cli.evaluate import CONF_DIR, to_eval_config
+        from nemodiff_train.cli.evaluate import to_eval_config
+        from nemodiff_train.config.load import APPS_CONF_DIR
 
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        with initialize_config_dir(config_dir=str(APPS_CONF_DIR), version_base=None):
             to_eval_config(hydra_compose(config_name="evaluate", overrides=ev_args))
         return
     _, train_args = _split_at_module(cmd, "nemodiff_train.cli.train")

@@ -107,6 +107,11 @@ ELSEWHERE = {
                                               "nemodiff_train.cli.lm_eval", "the module behind nemodiff-lm-eval"),
     "nemodiff-export checkpoint=<run dir | checkpoint dir> out=<dir>": (
         "tests/integration/test_readme_commands.py", EXPORT, "a template; its concrete form runs here"),
+    "pip install .": ("tests/integration/test_packaging.py", "install", "a non-editable install: the wheel test"),
+    "pip wheel . && pip install nemodiff_train-*.whl": ("tests/integration/test_packaging.py", '"wheel"',
+                                                        "builds the wheel and installs it into a fresh venv"),
+    "nemodiff-train --config-dir <dir> recipe=<name>": ("tests/integration/test_packaging.py", "--config-dir",
+                                                        "a template; a user recipe directory is tested there"),
     "pytest -m faults tests/faults": ("pyproject.toml", "faults:", "the faults tier, part of the default pytest run"),
     "nemodiff-data --max-bad-fraction": ("tests/faults/test_hostile_data.py", "max_bad_fraction",
                                          "the option's behaviour is tested in the faults tier"),

@@ -40,10 +40,11 @@ def test_card_front_matter_and_sections():
     text = render_model_card(META, ROWS, remote_code=True, repo="acme/tiny-dlm")
     fm = front_matter(text)
     assert fm["library_name"] == "transformers" and fm["base_model"] == "acme/tiny-base"
-    assert {"diffusion-lm", "nemodiff"} <= set(fm["tags"])
+    assert {"diffusion", "dllm", "text-generation"} <= set(fm["tags"])
+    assert "license" not in fm and "datasets" not in fm  # unknown license; embedded data has no Hub page
     for needle in ("tiny_cpu", "embedded:pretrain_train.jsonl.gz", "Training steps: 6", "768",
-                   "AutoModelForCausalLM.from_pretrained(\"acme/tiny-dlm\", revision=revision)", "trust_remote_code=True",
-                   "revision = \"main\"",
+                   "AutoModelForCausalLM.from_pretrained(\"acme/tiny-dlm\", revision=revision)",
+                   'snapshot_download("acme/tiny-dlm", revision="main")', "trust_remote_code=True",
                    "mode=\"diffusion\"", "from nemodiff_train.decoding import", "prefill forward excluded"):
         assert needle in text, needle
     # a local or embedded base is not a Hub id: no base_model key (the Hub would reject it)
@@ -93,3 +94,66 @@ def test_bad_eval_json_names_the_file(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         write_model_card(tmp_path, eval_json=tmp_path / "missing.json")
     assert not (tmp_path / "README.md").exists()
+
+
+def test_card_loads_with_huggingface_hub_and_its_model_index_round_trips(tmp_path):
+    """ModelCard.load parses the card; the model-index holds every task x mode with its metric values."""
+    from huggingface_hub import ModelCard
+
+    rows = ROWS + [{**ROWS[0], "mode": "quadratic_spec", "tpf": 3.9, "lossless": 0.875},
+                   {**ROWS[1], "task": "arithmetic", "token_accuracy": 0.9, "exact_match": 0.5},
+                   {**ROWS[1], "block_size": 4, "tpf": 9.9, "sweep": True}]  # a sweep point stays out
+    (tmp_path / "README.md").write_text(render_model_card(META, rows, repo="acme/tiny-dlm"))
+    card = ModelCard.load(tmp_path / "README.md")
+    results = card.data.eval_results
+    by_key = {}
+    for r in results:
+        assert r.task_type == "text-generation" and r.metric_config == r.dataset_config
+        by_key.setdefault((r.dataset_name, r.dataset_config), {})[r.metric_type] = r.metric_value
+    assert set(by_key) == {("code_completion", m) for m in ("ar", "diffusion", "linear_spec", "quadratic_spec")} \
+        | {("arithmetic", "ar")}
+    for row in rows[:-1]:
+        metrics = by_key[(row["task"], row["mode"])]
+        expected = {"token_accuracy": row["token_accuracy"], "exact_match": row["exact_match"], "tpf": row["tpf"],
+                    "tokens_per_s": row["tokens_per_s"]}
+        if row["mode"] in ("linear_spec", "quadratic_spec"):
+            expected["lossless"] = row["lossless"]
+        assert metrics == pytest.approx(expected), (row["task"], row["mode"])
+    assert "lossless" not in by_key[("code_completion", "diffusion")]
+    # the Hub groups results per task x data set config: one model-index result per task x mode
+    index = yaml.safe_load(card.content.split("---\n")[1])["model-index"][0]["results"]
+    assert len(index) == 5 and card.data.base_model == "acme/tiny-base"
+    # the human-readable table is still there
+    assert "| `quadratic_spec` | code_completion | 8 | 3.90 |" in card.text
+
+
+def test_card_names_hub_datasets_and_the_bases_license(tmp_path):
+    """Hub data sets from the stages' sources; the license from a local base model's own card."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    stages = [{"name": "pretrain", "kind": "pretrain", "steps": 2,
+               "sources": ["path=acme/web-text,config=en,split=train,weight=2", "embedded:pretrain_train.jsonl.gz",
+                           str(tmp_path / "local.jsonl")]},
+              {"name": "sft", "kind": "sft", "steps": 2, "sources": ["acme/chat-sft", "path=acme/web-text", "data/sft.jsonl"]}]
+    fm = front_matter(render_model_card({**META, "base_model": str(base), "stages": stages}))
+    assert fm["license"] == "apache-2.0" and "base_model" not in fm  # a local base: no Hub link
+    assert fm["datasets"] == ["acme/web-text", "acme/chat-sft"]
+    assert str(tmp_path) not in yaml.safe_dump(fm)  # no local path in the Hub metadata
+    assert front_matter(render_model_card({**META, "license": "mit"}))["license"] == "mit"
+
+
+def test_base_row_is_in_the_table_with_intervals_but_not_in_the_model_index():
+    from huggingface_hub import ModelCard
+
+    rows = [dict(r) for r in ROWS if not r.get("sweep")]
+    ar = next(r for r in rows if r["mode"] == "ar")
+    metric = ar["metric_names"][0] if ar.get("metric_names") else next(k for k in ar if k.endswith("accuracy"))
+    ar[f"{metric}_ci95"] = [0.11, 0.99]
+    base = dict(ar, mode="base", model="/abs/path/of/the/base")
+    base.pop(f"{metric}_ci95")
+    text = render_model_card(META, rows + [base], remote_code=False, repo="acme/tiny-dlm")
+    assert "[0.11, 0.99]" in text and "`base`" in text and "untouched base model" in text
+    assert "/abs/path/of/the/base" not in text
+    configs = {r.dataset_config for r in ModelCard(text).data.eval_results}
+    assert "base" not in configs and "ar" in configs
