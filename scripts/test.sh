@@ -91,14 +91,14 @@ fi
 
 start=$(date +%s)
 if [[ $split_megatron == 1 && -n $megatron_py && $megatron_py != python ]]; then
-    python -m pytest -q -p no:cacheprovider --ignore=tests/megatron "${select[@]}" "${args[@]}"
+    python -m pytest -q -p no:cacheprovider --durations=15 --ignore=tests/megatron "${select[@]}" "${args[@]}"
     rc=$?
     echo "== tests/megatron with $megatron_py (megatron-bridge's pins) =="
-    "$megatron_py" -m pytest -q -p no:cacheprovider "${select[@]}" "${args[@]}" tests/megatron
+    "$megatron_py" -m pytest -q -p no:cacheprovider --durations=15 "${select[@]}" "${args[@]}" tests/megatron
     mrc=$?
     (( rc != 0 )) || rc=$mrc
 else
-    python -m pytest -q -p no:cacheprovider "${select[@]}" "${args[@]}"
+    python -m pytest -q -p no:cacheprovider --durations=15 "${select[@]}" "${args[@]}"
     rc=$?
 fi
 
@@ -115,6 +115,7 @@ for tier in megatron slurm gpu; do
         echo "  $tier: ran"
     fi
 done
-echo "  pytest wall time: $(($(date +%s) - start)) s"
+echo "  pytest wall time: $(($(date +%s) - start)) s (the 15 slowest tests of each pytest run are listed above)"
+echo "  scripts/test.sh wall time, set-up included: $SECONDS s"
 echo "pytest exit status: $rc"
 exit $rc
