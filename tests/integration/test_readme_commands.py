@@ -119,7 +119,7 @@ ELSEWHERE = {
                                                                  "decoding GPU check script"),
     "bash tools/gpu_decoding_check.sh": ("tools/gpu_decoding_check.sh", "nemodiff_train.cli.bench",
                                          "the decoding GPU check (needs an H100/H200)"),
-    "pytest -m gpu tests/gpu": ("tools/gpu_decoding_check.sh", "-m gpu tests/gpu/test_static_cache_gpu.py",
+    "pytest -m gpu tests/gpu": ("tools/gpu_decoding_check.sh", "tests/gpu/test_static_cache_gpu.py",
                                 "the CUDA tests; skipped without CUDA"),
     "tools/fault_campaign.py --kills 20 --corruptions 12": ("tools/fault_campaign.py", "--kills",
                                                            "a long randomised campaign (minutes to hours), not a test"),
