@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ..decoding import MODES, DecodeConfig, generate
+from ..models.dtypes import DTYPES
 from .counting import ShapeCounter
 from .protocol import TimedRun, run_interleaved, spread
 from .report import crossovers, plot_report, print_report
@@ -121,7 +122,7 @@ class BenchConfig:
             raise BenchError(f"batch_sizes must be a non-empty list of positive ints, got {list(self.batch_sizes)}")
         if self.cache not in ("auto", "static", "dynamic"):
             raise BenchError(f"cache must be auto, static or dynamic, got {self.cache!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
+        if self.dtype not in ("auto", *DTYPES):
             raise BenchError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.block_size is not None and self.block_size < 2:
             raise BenchError(f"block_size must be >= 2, got {self.block_size}")
@@ -141,31 +142,29 @@ class _Setup:
 
 
 def _load(cfg: BenchConfig) -> _Setup:
-    from ..eval.loading import pick_device
+    from ..models.loading import pick_device
 
     device = pick_device(cfg.device)
     if cfg.shape in GPU_ONLY_SHAPES and device.type != "cuda" and not cfg.force:
         raise BenchError(f"shape={cfg.shape} is a GPU benchmark ({SHAPES[cfg.shape]['num_hidden_layers']} layers, "
                          f"~16 GB of weights): on a CPU it takes minutes per token and says nothing; run it on a GPU, "
                          f"or pass force=true")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # see eval/loading.py: per-shape cuDNN graph builds
+        torch.backends.cuda.enable_cudnn_sdp(False)  # see models/loading.py: per-shape cuDNN graph builds
     if cfg.shape is not None:
         hf, mask_id = random_model(cfg.shape, dtype, device, cfg.seed)
         tokenizer, block, source, eos = None, cfg.block_size or 16, f"random {cfg.shape}", ()
     else:
         from ..assets.resolve import resolve_model_path
-        from ..eval.loading import eos_token_ids, resolve_model_dir
-        from ..models.hf import load_dlm
+        from ..models.loading import load_dlm_for_decoding, resolve_model_dir
+        from ..models.stop_tokens import stop_token_ids
 
         path = resolve_model_dir(resolve_model_path(cfg.model))
-        dlm = load_dlm(path, dtype=dtype, device=device, attn_implementation="sdpa")
-        dlm.eval()
+        dlm = load_dlm_for_decoding(path, dtype, device, "sdpa")  # a full or an adapter export
         hf, mask_id, tokenizer = dlm.hf, dlm.settings.mask_token_id, dlm.tokenizer
         block, source = cfg.block_size or dlm.settings.inference_block_size, str(path)
-        eos = eos_token_ids(tokenizer, getattr(hf, "generation_config", None)) if tokenizer is not None else ()
+        eos = stop_token_ids(tokenizer, getattr(hf, "generation_config", None)) if tokenizer is not None else ()
     return _Setup(hf, None, tokenizer, mask_id, block, device, dtype, tuple(eos) if cfg.use_eos else (), source)
 
 

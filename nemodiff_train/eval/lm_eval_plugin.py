@@ -39,7 +39,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..decoding import BATCHED_MODES, MODES, generate
 from ..decoding.config import DecodeConfig
-from .loading import load_for_eval
+from ..models.loading import load_for_decoding
 
 # A child of lm-eval's logger, so the summary lines use lm-eval's handler and verbosity.
 log = logging.getLogger("lm_eval.models.nemodiff")
@@ -93,7 +93,7 @@ class NemoDiffLM(TemplateLM):
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         if unused:
             log.warning("nemodiff ignores model args %s", sorted(unused))
-        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_eval(pretrained, dtype, _device(device))
+        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_decoding(pretrained, dtype, _device(device))
         self.tokenizer = self.dlm.tokenizer
         self.mode = mode
         self.block_size = int(block_size or self.dlm.settings.inference_block_size)

@@ -29,7 +29,8 @@ from ..bench.protocol import TimedRun, run_interleaved
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
 from .intervals import metric_intervals
-from .loading import DTYPES, load_for_eval
+from ..models.dtypes import DTYPES
+from ..models.loading import load_for_decoding
 from .report import print_table, write_outputs
 from .tasks import Task, get_task
 
@@ -169,8 +170,8 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_eval(cfg.model, cfg.dtype, cfg.device)
-        self.base_lm = load_for_eval(cfg.base_model, cfg.dtype, cfg.device)[1] if cfg.base_model else None
+        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_decoding(cfg.model, cfg.dtype, cfg.device)
+        self.base_lm = load_for_decoding(cfg.base_model, cfg.dtype, cfg.device)[1] if cfg.base_model else None
         self.tokenizer = self.dlm.tokenizer
         self.block_size = cfg.block_size or self.dlm.settings.inference_block_size
         self.decode_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, block_size=self.block_size,

@@ -21,7 +21,7 @@ import torch
 from ..config.schema import EvalProbeConfig
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
-from .loading import eos_token_ids
+from ..models.stop_tokens import stop_token_ids
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class DecodeProbe:
         if tokenizer is None:
             raise ValueError("eval.probe needs the model's tokenizer to render prompts")
         self._prepare(tokenizer)
-        eos = eos_token_ids(tokenizer, getattr(dlm.hf, "generation_config", None))
+        eos = stop_token_ids(tokenizer, getattr(dlm.hf, "generation_config", None))
         dcfg = DecodeConfig(max_new_tokens=self.cfg.max_new_tokens,
                             block_size=self.cfg.block_size or dlm.settings.inference_block_size,
                             threshold=self.cfg.threshold, temperature=0.0, eos_token_ids=eos)

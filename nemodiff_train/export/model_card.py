@@ -148,7 +148,7 @@ from huggingface_hub import snapshot_download
 from nemodiff_train.models.hf import load_dlm
 from nemodiff_train.models.cached import HFCachedLM
 from nemodiff_train.decoding import DecodeConfig, generate
-from nemodiff_train.eval.stop_tokens import stop_token_ids   # EOS and <|im_end|>, as nemodiff-eval
+from nemodiff_train.models.stop_tokens import stop_token_ids   # EOS and <|im_end|>, as nemodiff-eval
 
 dlm = load_dlm(snapshot_download("{repo}", revision="main"))   # load_dlm reads a local directory
 lm = HFCachedLM(dlm)

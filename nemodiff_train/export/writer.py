@@ -8,7 +8,7 @@ the DLM settings and training provenance under ``nemodiff``, which is all
 (``modeling_nemodiff.py``, :mod:`.remote_code`) and the model card (``README.md``, :mod:`.model_card`).
 
 Stop tokens: ``generation_config.json`` lists the toolkit's whole stop set
-(:func:`nemodiff_train.eval.stop_tokens.stop_token_ids`: EOS and ``<|im_end|>``) as ``eos_token_id``
+(:func:`nemodiff_train.models.stop_tokens.stop_token_ids`: EOS and ``<|im_end|>``) as ``eos_token_id``
 and each of those tokens is a special token of the saved tokenizer, so plain ``generate()`` and the
 remote code's ``generate(mode=...)`` stop where ``nemodiff-eval`` stops.
 
@@ -205,7 +205,7 @@ def _write_stop_tokens(folder: Path, dlm) -> tuple[int, ...]:
     ``config.json`` (whose ``eos_token_id`` is the single EOS) and lose the list.
     Returns the stop ids written (``()`` when the model names none).
     """
-    from ..eval.stop_tokens import stop_token_ids
+    from ..models.stop_tokens import stop_token_ids
 
     tok = dlm.tokenizer
     stops = stop_token_ids(tok, getattr(dlm.hf, "generation_config", None))
@@ -369,14 +369,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 def _export_adapter_source(src, out: Path, *, dtype, metadata, remote_code, eval_json, overwrite, max_shard_size,
                            merge, protect) -> Path | None:
     """Export a drafter-adapter run or adapter export (None when ``src`` is neither)."""
-    from .adapter import export_adapter, export_merged, is_adapter_export, is_adapter_run, load_adapter_export, \
-        load_adapter_run, recorded_base
+    from ..models.adapter_export import AdapterExportError, is_adapter_export, load_adapter_export, recorded_base
+    from .adapter import export_adapter, export_merged, is_adapter_run, load_adapter_run
     from .checkpoint import _run_config, checkpoint_metadata
 
     if src.kind == "hf":
         if not is_adapter_export(src.hf_dir):
             return None
-        dlm = load_adapter_export(src.hf_dir)
+        try:
+            dlm = load_adapter_export(src.hf_dir)
+        except AdapterExportError as e:  # reported as every other export failure
+            raise ExportError(str(e)) from None
         record = dict(dlm.hf.config.nemodiff)
         base_path = next((p for p, rev in recorded_base(src.hf_dir, record["adapter"]) if rev is None), None)
         hub_id, revision = record["adapter"].get("base_hub_id"), record["adapter"].get("base_revision")

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from nemodiff_train.decoding import MODES, DecodeConfig, generate
-from nemodiff_train.export import export_adapter, export_merged, is_adapter_export, load_adapter_export, push_to_hub
+from nemodiff_train.export import export_adapter, export_merged, push_to_hub
+from nemodiff_train.models.adapter_export import is_adapter_export, load_adapter_export
 from nemodiff_train.export.remote_code import MODELING_FILE
 from nemodiff_train.models.adapter import adapter_tokens
 from nemodiff_train.models.cached import HFCachedLM

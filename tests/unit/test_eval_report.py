@@ -7,7 +7,8 @@ import json
 import pytest
 
 from nemodiff_train.cli.evaluate import EvalConfigError, to_eval_config
-from nemodiff_train.eval.loading import eos_token_ids, resolve_model_dir
+from nemodiff_train.models.loading import resolve_model_dir
+from nemodiff_train.models.stop_tokens import stop_token_ids
 from nemodiff_train.eval.report import format_table, write_outputs
 from nemodiff_train.eval.runner import EvalConfig, SweepConfig, _modes_to_run
 from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
@@ -92,8 +93,8 @@ def test_eos_ids_collect_tokenizer_generation_config_and_im_end():
         eos_token_id = [tok.eos_token_id, 7]
 
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert eos_token_ids(tok, GenCfg()) == (tok.eos_token_id, 7, im_end)
-    assert eos_token_ids(tok, None) == (tok.eos_token_id, im_end)
+    assert stop_token_ids(tok, GenCfg()) == (tok.eos_token_id, 7, im_end)
+    assert stop_token_ids(tok, None) == (tok.eos_token_id, im_end)
 
 
 def test_report_files_and_table(tmp_path):
