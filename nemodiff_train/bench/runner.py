@@ -2,7 +2,7 @@
 
 Protocol (like Megatron-Bridge's ``benchmark_latency.py``): ``prompt_len`` = 128 prompt tokens,
 ``max_new_tokens`` = 128, ``warmups`` = 2 untimed calls per run, ``runs`` = 5 timed passes; the modes and
-the baseline take turns batch by batch (:mod:`.protocol`), and every pass gives one tokens/s sample
+the baseline take turns batch by batch (:mod:`nemodiff_train.timing`), and every pass gives one tokens/s sample
 (median, min, max in ``bench.json``). Every mode, the self-speculation ones included, decodes each batch
 size of ``batch_sizes`` (default 1, 4, 16, 64; a batch size that runs out of device memory ends the sweep
 and is reported as not fitting); ``crossover`` in ``bench.json`` is, per self-speculation mode, the first
@@ -42,7 +42,7 @@ import torch
 from ..decoding import MODES, DecodeConfig, generate
 from ..models.dtypes import DTYPES
 from .counting import ShapeCounter
-from .protocol import TimedRun, run_interleaved, spread
+from ..timing import TimedRun, run_interleaved, spread
 from .report import crossovers, plot_report, print_report
 from .shapes import GPU_ONLY_SHAPES, SHAPES, default_bandwidth, kv_bytes, random_model, weight_bytes
 from .syncs import count_host_syncs
@@ -188,7 +188,7 @@ def _prompts(cfg: BenchConfig, setup: _Setup, n: int) -> list[list[int]]:
     if cfg.task is not None:
         if setup.tokenizer is None:
             raise BenchError("task= needs a model directory with a tokenizer (a random shape has none)")
-        from ..eval.tasks import get_task
+        from ..tasks import get_task
 
         task = get_task(cfg.task, tokenizer=setup.tokenizer, limit=n, chat_template=None,
                         token_budget=cfg.max_new_tokens)

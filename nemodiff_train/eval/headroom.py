@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..models.loading import load_for_decoding
-from .tasks import get_task
+from ..tasks import get_task
 
 log = logging.getLogger(__name__)
 

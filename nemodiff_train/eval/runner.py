@@ -25,14 +25,14 @@ from typing import Any
 import torch
 
 from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for nemodiff-eval and eval.sweep
-from ..bench.protocol import TimedRun, run_interleaved
+from ..timing import TimedRun, run_interleaved
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
 from .intervals import metric_intervals
 from ..models.dtypes import DTYPES
 from ..models.loading import load_for_decoding
 from .report import print_table, write_outputs
-from .tasks import Task, get_task
+from ..tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class Evaluator:
 
     def decode_interleaved(self, specs: list[RunSpec], prompts: list[list[int]]) -> list[ModeRun]:
         """Decode every prompt with every spec, spec after spec per chunk of prompts; time decoder calls only
-        (:func:`nemodiff_train.bench.protocol.run_interleaved`, the protocol ``nemodiff-bench`` uses)."""
+        (:func:`nemodiff_train.timing.run_interleaved`, the protocol ``nemodiff-bench`` uses)."""
         self.use_static_cache(prompts, specs)
         lm_of = lambda s: self.base_lm if s.base else self.lm  # noqa: E731
         timed = [TimedRun(str(i), (lambda chunk, s=s: generate(lm_of(s), chunk, s.mode, s.cfg)), self.cfg.batch_size)

@@ -22,7 +22,7 @@ from ..config.schema import EvalProbeConfig
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
 from ..models.stop_tokens import stop_token_ids
-from .tasks import get_task
+from ..tasks import get_task
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from nemodiff_train.assets import embedded_model_dir
 from nemodiff_train.cli.evaluate import to_eval_config
 from nemodiff_train.models.loading import load_for_decoding
 from nemodiff_train.eval.runner import run_evaluation
-from nemodiff_train.eval.tasks import get_task
+from nemodiff_train.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
