@@ -18,7 +18,8 @@ from .adapter import export_adapter, export_merged
 from .errors import ExportError
 from .hub import push_to_hub, upload_plan
 from .model_card import read_eval_rows, write_model_card
-from .writer import export_checkpoint, export_dlm, training_metadata
+from .dispatch import export_checkpoint
+from .writer import export_dlm, training_metadata
 
 __all__ = ["ExportError", "export_checkpoint", "export_dlm", "training_metadata", "write_model_card",
            "read_eval_rows", "push_to_hub", "upload_plan", "export_adapter", "export_merged"]

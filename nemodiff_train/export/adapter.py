@@ -81,7 +81,8 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
     from .model_card import read_eval_rows
     from .provenance import hub_snapshot, public_reference, relative_base_path
     from .remote_code import modeling_source
-    from .writer import DTYPES, _check_out, _commit, _dtype_name, _version, nemodiff_record, write_model_files
+    from ..models.dtypes import DTYPES
+    from .writer import _check_out, _commit, _dtype_name, _version, nemodiff_record, write_model_files
 
     if dlm.adapter is None:
         raise ExportError("export_adapter: the model has no drafter adapter (adapter=lora)")
