@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ..decoding import MODES, DecodeConfig, generate
+from ..decoding.modes import REFERENCE_MODE
 from ..models.dtypes import DTYPES
 from .counting import ShapeCounter
 from ..timing import TimedRun, run_interleaved, spread
@@ -336,8 +337,8 @@ def _bench_batch(cfg: BenchConfig, setup: _Setup, batch: int, prompts, decode_cf
     pass (forwards by shape, host syncs) and the speed-of-light prediction. Fills ``forward_cost``."""
     B = setup.block_size
     modes = list(cfg.modes)
-    if "ar" not in modes:
-        modes = ["ar"] + modes  # the reference for same_as_ar, vs_ar and the crossover
+    if REFERENCE_MODE not in modes:
+        modes = [REFERENCE_MODE] + modes  # the reference for same_as_ar, vs_ar and the crossover (always)
     # num_prompts per pass, rounded down to whole batches (at least one)
     group = prompts[:max(batch, (cfg.num_prompts // batch) * batch)]
     runs = [TimedRun(m, (lambda chunk, m=m: generate(setup.lm, chunk, m, decode_cfg)), batch) for m in modes]

@@ -28,6 +28,7 @@ from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for
 from ..timing import TimedRun, run_interleaved
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
+from ..decoding.modes import ALL_MODES, SPECULATIVE_MODES, with_reference
 from .intervals import metric_intervals
 from ..models.dtypes import DTYPES
 from ..models.loading import load_for_decoding
@@ -36,10 +37,8 @@ from ..tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation", "ALL_MODES", "SPEC_MODES"]
+__all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation"]
 
-ALL_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
-SPEC_MODES = ("linear_spec", "quadratic_spec")
 
 
 @dataclass
@@ -206,7 +205,7 @@ class Evaluator:
         if "diffusion" in modes:
             specs += [RunSpec("diffusion", replace(self.decode_cfg, threshold=t), "threshold")
                       for t in sorted(set(self.cfg.sweep.threshold)) if abs(t - self.cfg.threshold) > 1e-9]
-        for mode in (m for m in SPEC_MODES if m in modes):
+        for mode in (m for m in SPECULATIVE_MODES if m in modes):
             specs += [RunSpec(mode, replace(self.decode_cfg, block_size=b), "block_size")
                       for b in sorted(set(self.cfg.sweep.block_size)) if b != self.block_size]
         return specs
@@ -285,13 +284,6 @@ class Evaluator:
                 for i, (p, r, m) in enumerate(zip(prompts, run.results, per_sample))]
 
 
-def _modes_to_run(modes: list[str]) -> tuple[list[str], bool]:
-    """Run order (ar first) and whether ar was added only as the lossless reference."""
-    ordered = [m for m in ALL_MODES if m in modes]
-    extra_ar = "ar" not in ordered and any(m in SPEC_MODES for m in ordered)
-    return (["ar"] + ordered if extra_ar else ordered), extra_ar
-
-
 def evaluate_task(ev: Evaluator, name: str, modes: list[str]) -> tuple[list[dict], list[dict]]:
     """(eval.json rows, samples.jsonl rows) of one task: every mode and sweep point, interleaved."""
     cfg = ev.cfg
@@ -306,7 +298,7 @@ def evaluate_task(ev: Evaluator, name: str, modes: list[str]) -> tuple[list[dict
         metrics, per_sample = ev.score(task, run)
         row = ev.summary(task, run, metrics, requested=run.spec.mode in cfg.modes and run.spec.sweep is None)
         row.update(metric_intervals(per_sample, task.metric_names))
-        if run.spec.mode in SPEC_MODES:
+        if run.spec.mode in SPECULATIVE_MODES:
             same = [list(r.tokens) == ref for r, ref in zip(run.results, ar_tokens)]
             row["lossless"] = sum(same) / len(same)
         rows.append(row)
@@ -330,7 +322,7 @@ def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
 
         return run_headroom(cfg)
     ev = Evaluator(cfg)
-    modes, extra_ar = _modes_to_run(list(cfg.modes))
+    modes, extra_ar = with_reference(list(cfg.modes))
     if extra_ar:
         log.info("running ar as well (not in modes): it is the reference for the self-speculation 'lossless' metric")
     rows, sample_rows = [], []

@@ -21,6 +21,7 @@ import torch
 from ..config.schema import EvalProbeConfig
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
+from ..decoding.modes import SPECULATIVE_MODES, with_reference
 from ..models.stop_tokens import stop_token_ids
 from ..tasks import get_task
 
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DecodeProbe"]
 
-_SPEC_MODES = ("linear_spec", "quadratic_spec")
 
 
 class DecodeProbe:
@@ -45,8 +45,7 @@ class DecodeProbe:
         if unknown or not cfg.modes:
             raise ValueError(f"eval.probe.modes must be a non-empty subset of {sorted(MODES)}, got {cfg.modes}")
         self.cfg = cfg
-        self.modes = (["ar"] if any(m in _SPEC_MODES for m in cfg.modes) and "ar" not in cfg.modes else []) + [
-            m for m in MODES if m in cfg.modes]
+        self.modes = with_reference(cfg.modes)[0]
         self._task = None
         self._prompts: list[list[int]] = []
 
@@ -92,7 +91,7 @@ class DecodeProbe:
             scores = [task.score(s, t)[metric] for s, t in zip(task.samples(), texts)]
             out[f"probe_{mode}_tpf"] = tokens / forwards if forwards else 0.0
             out[f"probe_{mode}_{metric}"] = sum(scores) / len(scores)
-            if mode in _SPEC_MODES:
+            if mode in SPECULATIVE_MODES:
                 same = [list(r.tokens) == list(a.tokens) for r, a in zip(results, outputs["ar"])]
                 out[f"probe_{mode}_lossless"] = sum(same) / len(same)
         return out
