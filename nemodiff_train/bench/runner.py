@@ -169,7 +169,7 @@ def _load(cfg: BenchConfig) -> _Setup:
     return _Setup(hf, None, tokenizer, mask_id, block, device, dtype, tuple(eos) if cfg.use_eos else (), source)
 
 
-def _adapter(cfg: BenchConfig, setup: _Setup, prompts: list[list[int]]):
+def _cached_lm(cfg: BenchConfig, setup: _Setup, prompts: list[list[int]]):
     """The decoders' model: static cache (wide enough for ``prompts``) on CUDA or when asked, else dynamic."""
     if cfg.cache == "static" or (cfg.cache == "auto" and setup.device.type == "cuda"):
         from ..models.static_cache import StaticCachedLM, required_capacity
@@ -282,7 +282,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                               eos_token_ids=setup.eos, seed=cfg.seed)
     n_prompts = max(cfg.num_prompts, max(cfg.batch_sizes))
     prompts = _prompts(cfg, setup, n_prompts)
-    setup.lm = _adapter(cfg, setup, prompts)
+    setup.lm = _cached_lm(cfg, setup, prompts)
     ctx = (sum(map(len, prompts)) // len(prompts)) + cfg.max_new_tokens // 2
     elsize = torch.tensor([], dtype=setup.dtype).element_size()
     bandwidth = cfg.hbm_tbps or default_bandwidth(setup.device)
