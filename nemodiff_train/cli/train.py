@@ -83,7 +83,8 @@ def preflight(cfg) -> None:
 
     Hub names (``org/name``) are left to the download; ``embedded`` means the shipped assets.
     """
-    from ..data.sources import SourceError, SourceSpec, resolve_files
+    from ..data.readers import SourceError
+    from ..data.sources import SourceSpec, resolve_files
     from ..assets.resolve import EMBEDDED, resolve_data_source as resolve_source
 
     path = cfg.model.path

@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator
 
 from .. import faults
 from .distill_prompts import DistillError, Prompt, iter_prompts
-from .sources import Skip, SourceSpec, resolve_files
+from .readers import Skip
+from .sources import SourceSpec, resolve_files
 
 __all__ = ["DistillSettings", "DistillSet", "DistillError", "generate_distill_set", "distill_fingerprint",
            "TEACHERS", "PROMPT_OVER_LONG"]
