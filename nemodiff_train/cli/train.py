@@ -18,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from .. import runs
-from ..config.load import CONF_DIR, ConfigError, register_schema, to_config
+from ..config.errors import ConfigError
+from ..config.load import CONF_DIR, register_schema, to_config
 from ._console import quiet_libraries
 
 __all__ = ["main", "default_run_dir"]
