@@ -37,7 +37,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ..decoding import BATCHED_MODES, MODES, generate
+from ..decoding import MODES, generate
 from ..decoding.config import DecodeConfig
 from ..models.loading import load_for_decoding
 
@@ -245,8 +245,7 @@ class NemoDiffLM(TemplateLM):
             context, gen_kwargs = requests[i].args
             cfg, until = self._decode_config(gen_kwargs)
             group = [requests[i]]
-            limit = self.batch_size if self.mode in BATCHED_MODES else 1
-            while len(group) < limit and i + len(group) < len(requests) \
+            while len(group) < self.batch_size and i + len(group) < len(requests) \
                     and requests[i + len(group)].args[1] == gen_kwargs:
                 group.append(requests[i + len(group)])
             prompts = [self._prompt_ids(r.args[0], cfg.max_new_tokens) for r in group]
