@@ -64,7 +64,8 @@ class BenchConfig:
     """Everything ``nemodiff-bench`` accepts (conf/apps/bench.yaml; unknown keys fail)."""
 
     model: str | None = None
-    """HF model directory, training run directory (``hf/`` inside) or ``embedded`` (the demo base model)."""
+    """HF model directory, adapter export, training run directory (``hf/`` inside) or ``embedded`` (the demo
+    base model)."""
     shape: str | None = None
     """Instead of ``model``: a random model of a named shape (qwen3-8b, qwen3-1.7b, embedded)."""
     force: bool = False
