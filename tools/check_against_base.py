@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nemodiff_train.eval.loading import resolve_model_dir
+    from nemodiff_train.models.loading import resolve_model_dir
 
     rows = json.loads((args.eval_dir / "eval.json").read_text())
     settings = {(r["task"], r["mode"]): r for r in rows if r.get("sweep") is None}
@@ -82,7 +82,7 @@ def _mask_and_stop_ids(model_dir: Path) -> tuple[int, tuple[int, ...]]:
     """The evaluated export's mask token (its ``nemodiff`` record) and the stop tokens the evaluator used."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from nemodiff_train.eval.stop_tokens import stop_token_ids
+    from nemodiff_train.models.stop_tokens import stop_token_ids
 
     record = json.loads((model_dir / "config.json").read_text()).get("nemodiff") or {}
     if "mask_token_id" not in record:

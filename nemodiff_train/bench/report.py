@@ -12,11 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..decoding.modes import SPECULATIVE_MODES
+
 log = logging.getLogger(__name__)
 
 __all__ = ["crossovers", "describe_crossover", "print_report", "plot_report"]
 
-SPEC_MODES = ("linear_spec", "quadratic_spec")
 
 
 def crossovers(rows: list[dict[str, Any]], reference: str = "ar") -> dict[str, dict[str, Any]]:
@@ -30,7 +31,7 @@ def crossovers(rows: list[dict[str, Any]], reference: str = "ar") -> dict[str, d
     """
     tps = {(r["mode"], r["batch_size"]): r["tokens_per_s"]["median"] for r in rows}
     out = {}
-    for mode in SPEC_MODES:
+    for mode in SPECULATIVE_MODES:
         sizes = sorted(b for (m, b) in tps if m == mode and (reference, b) in tps)
         if not sizes:
             continue

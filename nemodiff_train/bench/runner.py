@@ -2,7 +2,7 @@
 
 Protocol (like Megatron-Bridge's ``benchmark_latency.py``): ``prompt_len`` = 128 prompt tokens,
 ``max_new_tokens`` = 128, ``warmups`` = 2 untimed calls per run, ``runs`` = 5 timed passes; the modes and
-the baseline take turns batch by batch (:mod:`.protocol`), and every pass gives one tokens/s sample
+the baseline take turns batch by batch (:mod:`nemodiff_train.timing`), and every pass gives one tokens/s sample
 (median, min, max in ``bench.json``). Every mode, the self-speculation ones included, decodes each batch
 size of ``batch_sizes`` (default 1, 4, 16, 64; a batch size that runs out of device memory ends the sweep
 and is reported as not fitting); ``crossover`` in ``bench.json`` is, per self-speculation mode, the first
@@ -40,8 +40,10 @@ from typing import Any
 import torch
 
 from ..decoding import MODES, DecodeConfig, generate
+from ..decoding.modes import REFERENCE_MODE
+from ..models.dtypes import DTYPES
 from .counting import ShapeCounter
-from .protocol import TimedRun, run_interleaved, spread
+from ..timing import TimedRun, run_interleaved, spread
 from .report import crossovers, plot_report, print_report
 from .shapes import GPU_ONLY_SHAPES, SHAPES, default_bandwidth, kv_bytes, random_model, weight_bytes
 from .syncs import count_host_syncs
@@ -62,7 +64,8 @@ class BenchConfig:
     """Everything ``nemodiff-bench`` accepts (conf/apps/bench.yaml; unknown keys fail)."""
 
     model: str | None = None
-    """HF model directory, training run directory (``hf/`` inside) or ``embedded`` (the demo base model)."""
+    """HF model directory, adapter export, training run directory (``hf/`` inside) or ``embedded`` (the demo
+    base model)."""
     shape: str | None = None
     """Instead of ``model``: a random model of a named shape (qwen3-8b, qwen3-1.7b, embedded)."""
     force: bool = False
@@ -121,7 +124,7 @@ class BenchConfig:
             raise BenchError(f"batch_sizes must be a non-empty list of positive ints, got {list(self.batch_sizes)}")
         if self.cache not in ("auto", "static", "dynamic"):
             raise BenchError(f"cache must be auto, static or dynamic, got {self.cache!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
+        if self.dtype not in ("auto", *DTYPES):
             raise BenchError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.block_size is not None and self.block_size < 2:
             raise BenchError(f"block_size must be >= 2, got {self.block_size}")
@@ -141,35 +144,33 @@ class _Setup:
 
 
 def _load(cfg: BenchConfig) -> _Setup:
-    from ..eval.loading import pick_device
+    from ..models.loading import pick_device
 
     device = pick_device(cfg.device)
     if cfg.shape in GPU_ONLY_SHAPES and device.type != "cuda" and not cfg.force:
         raise BenchError(f"shape={cfg.shape} is a GPU benchmark ({SHAPES[cfg.shape]['num_hidden_layers']} layers, "
                          f"~16 GB of weights): on a CPU it takes minutes per token and says nothing; run it on a GPU, "
                          f"or pass force=true")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # see eval/loading.py: per-shape cuDNN graph builds
+        torch.backends.cuda.enable_cudnn_sdp(False)  # see models/loading.py: per-shape cuDNN graph builds
     if cfg.shape is not None:
         hf, mask_id = random_model(cfg.shape, dtype, device, cfg.seed)
         tokenizer, block, source, eos = None, cfg.block_size or 16, f"random {cfg.shape}", ()
     else:
         from ..assets.resolve import resolve_model_path
-        from ..eval.loading import eos_token_ids, resolve_model_dir
-        from ..models.hf import load_dlm
+        from ..models.loading import load_dlm_for_decoding, resolve_model_dir
+        from ..models.stop_tokens import stop_token_ids
 
         path = resolve_model_dir(resolve_model_path(cfg.model))
-        dlm = load_dlm(path, dtype=dtype, device=device, attn_implementation="sdpa")
-        dlm.eval()
+        dlm = load_dlm_for_decoding(path, dtype, device, "sdpa")  # a full or an adapter export
         hf, mask_id, tokenizer = dlm.hf, dlm.settings.mask_token_id, dlm.tokenizer
         block, source = cfg.block_size or dlm.settings.inference_block_size, str(path)
-        eos = eos_token_ids(tokenizer, getattr(hf, "generation_config", None)) if tokenizer is not None else ()
+        eos = stop_token_ids(tokenizer, getattr(hf, "generation_config", None)) if tokenizer is not None else ()
     return _Setup(hf, None, tokenizer, mask_id, block, device, dtype, tuple(eos) if cfg.use_eos else (), source)
 
 
-def _adapter(cfg: BenchConfig, setup: _Setup, prompts: list[list[int]]):
+def _cached_lm(cfg: BenchConfig, setup: _Setup, prompts: list[list[int]]):
     """The decoders' model: static cache (wide enough for ``prompts``) on CUDA or when asked, else dynamic."""
     if cfg.cache == "static" or (cfg.cache == "auto" and setup.device.type == "cuda"):
         from ..models.static_cache import StaticCachedLM, required_capacity
@@ -189,7 +190,7 @@ def _prompts(cfg: BenchConfig, setup: _Setup, n: int) -> list[list[int]]:
     if cfg.task is not None:
         if setup.tokenizer is None:
             raise BenchError("task= needs a model directory with a tokenizer (a random shape has none)")
-        from ..eval.tasks import get_task
+        from ..tasks import get_task
 
         task = get_task(cfg.task, tokenizer=setup.tokenizer, limit=n, chat_template=None,
                         token_budget=cfg.max_new_tokens)
@@ -282,7 +283,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                               eos_token_ids=setup.eos, seed=cfg.seed)
     n_prompts = max(cfg.num_prompts, max(cfg.batch_sizes))
     prompts = _prompts(cfg, setup, n_prompts)
-    setup.lm = _adapter(cfg, setup, prompts)
+    setup.lm = _cached_lm(cfg, setup, prompts)
     ctx = (sum(map(len, prompts)) // len(prompts)) + cfg.max_new_tokens // 2
     elsize = torch.tensor([], dtype=setup.dtype).element_size()
     bandwidth = cfg.hbm_tbps or default_bandwidth(setup.device)
@@ -337,8 +338,8 @@ def _bench_batch(cfg: BenchConfig, setup: _Setup, batch: int, prompts, decode_cf
     pass (forwards by shape, host syncs) and the speed-of-light prediction. Fills ``forward_cost``."""
     B = setup.block_size
     modes = list(cfg.modes)
-    if "ar" not in modes:
-        modes = ["ar"] + modes  # the reference for same_as_ar, vs_ar and the crossover
+    if REFERENCE_MODE not in modes:
+        modes = [REFERENCE_MODE] + modes  # the reference for same_as_ar, vs_ar and the crossover (always)
     # num_prompts per pass, rounded down to whole batches (at least one)
     group = prompts[:max(batch, (cfg.num_prompts // batch) * batch)]
     runs = [TimedRun(m, (lambda chunk, m=m: generate(setup.lm, chunk, m, decode_cfg)), batch) for m in modes]

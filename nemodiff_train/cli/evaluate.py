@@ -40,7 +40,7 @@ def _app(cfg: DictConfig) -> None:
     except (EvalConfigError, ValueError) as e:  # ValueError: EvalConfig.__post_init__ checks
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from ..eval.loading import resolve_model_dir
+    from ..models.loading import resolve_model_dir
     from ..models.attention import UnsupportedModelError
 
     try:  # user errors about `model` (missing directory, unsupported architecture): one line, no traceback

@@ -18,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from .. import runs
-from ..config.load import CONF_DIR, ConfigError, register_schema, to_config
+from ..config.errors import ConfigError
+from ..config.load import CONF_DIR, register_schema, to_config
 from ._console import quiet_libraries
 
 __all__ = ["main", "default_run_dir"]
@@ -83,7 +84,8 @@ def preflight(cfg) -> None:
 
     Hub names (``org/name``) are left to the download; ``embedded`` means the shipped assets.
     """
-    from ..data.sources import SourceError, SourceSpec, resolve_files
+    from ..data.readers import SourceError
+    from ..data.sources import SourceSpec, resolve_files
     from ..assets.resolve import EMBEDDED, resolve_data_source as resolve_source
 
     path = cfg.model.path

@@ -238,6 +238,14 @@ class EvalSweepConfig:
     headroom (code_completion on the embedded model) gives a curve of one point at many costs."""
 
 
+def _modes(reference: bool) -> list[str]:
+    """The decoder registry's modes (with or without AR, the reference), read when a config is built:
+    importing the decoders (torch) here would make ``import nemodiff_train.config`` heavy."""
+    from ..decoding.modes import ALL_MODES, REFERENCE_MODE
+
+    return [m for m in ALL_MODES if reference or m != REFERENCE_MODE]
+
+
 @dataclass
 class EvalProbeConfig:
     """TPF during training (nemodiff_train.eval.training_probe): decode a few held-out prompts at
@@ -245,7 +253,7 @@ class EvalProbeConfig:
 
     samples: int = 0  # prompts per validation; 0 = off
     task: str = "code_completion"
-    modes: list[str] = field(default_factory=lambda: ["diffusion", "linear_spec", "quadratic_spec"])
+    modes: list[str] = field(default_factory=lambda: _modes(reference=False))  # every mode but AR
     max_new_tokens: int = 64
     block_size: Optional[int] = None  # None = the model's inference block size
     threshold: float = 0.9
@@ -254,7 +262,7 @@ class EvalProbeConfig:
 @dataclass
 class EvalAtEndConfig:
     at_end: bool = False
-    modes: list[str] = field(default_factory=lambda: ["ar", "diffusion", "linear_spec", "quadratic_spec"])
+    modes: list[str] = field(default_factory=lambda: _modes(reference=True))  # every mode
     task: Any = "code_completion"  # a task name / .jsonl path, or a list of them
     limit: Optional[int] = None
     max_new_tokens: int = 64

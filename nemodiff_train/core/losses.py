@@ -5,7 +5,7 @@
     S_AR   = Σ_{supervised i} CE(clean logit i, x_0[i+1])        (shifted)
 
 Nothing here divides by a count: engines reduce the sums and counts across micro-batches and ranks
-and normalise once (a per-sequence mean would change the effective α: pitfall 8).
+and normalise once (a per-sequence mean would change the effective α: docs/method.md, "Loss").
 
 Memory: logits are only computed for the positions that enter the loss (masked noisy positions and
 supervised clean positions, not the unmasked noisy half), in chunks whose logits are recomputed in

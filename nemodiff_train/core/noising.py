@@ -10,7 +10,7 @@ Schedules (registry :data:`SCHEDULES`):
 
 * ``uniform`` (the public Nemotron-Labs-Diffusion recipe, docs/method.md, "Training row"): ``t ~ U(0,1)`` per sequence,
   ``p = (1-ε)t + ε``, each eligible token masked independently with probability ``p``.
-* ``position_dependent`` (Efficient-DLM ``forward_process_exp``, §1.7): per block of ``B`` tokens,
+* ``position_dependent`` (Efficient-DLM ``forward_process_exp``, docs/method.md, "Training row"): per block of ``B`` tokens,
   ``m ~ U(ε, 1)``, exactly ``round(m·n)`` of the block's ``n`` eligible tokens masked, drawn without
   replacement with weights ``exp(λ(1-m)j)``, ``λ = ln2 / (h·B)`` — later positions are masked more
   often at low noise; ``p = m`` is the loss weight. In packed rows the blocks restart at every

@@ -4,6 +4,8 @@ Modules, one job each:
 
 * ``sources``  — :class:`SourceSpec`; reading local jsonl/json/parquet/arrow files and Hub data
   sets row by row, reporting malformed rows as ``file:line``;
+* ``readers``  — the items readers yield (:class:`Row`, :class:`Skip`), :class:`SourceError`, and
+  the JSON-lines / JSON-array file readers;
 * ``report``   — skip reasons, counts and examples;
 * ``tokenizer``— loading the HF tokenizer, its ids and fingerprint;
 * ``ingest``   — one source -> checked, tokenized documents in an on-disk ``store`` (parallel);
@@ -25,7 +27,8 @@ here, which shadows the submodule of the same name for attribute access; to reac
 from .format import FORMAT_VERSION, SPLITS, DataFormatError, read_meta
 from .packed import PackedDataset
 from .prepare import DataPrepConfig, DataPrepError, fingerprint, prepare
-from .sources import SourceError, SourceSpec
+from .readers import SourceError
+from .sources import SourceSpec
 
 __all__ = [
     "FORMAT_VERSION",

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
     from .format import DataFormatError
     from .prepare import DataPrepConfig, DataPrepError, prepare
-    from .sources import SourceError, SourceSpec
+    from .readers import SourceError
+    from .sources import SourceSpec
     from .tokenizer import TokenizerError
 
     parser = build_parser()

@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator
 
 from .. import faults
 from .distill_prompts import DistillError, Prompt, iter_prompts
-from .sources import Skip, SourceSpec, resolve_files
+from .readers import Skip
+from .sources import SourceSpec, resolve_files
 
 __all__ = ["DistillSettings", "DistillSet", "DistillError", "generate_distill_set", "distill_fingerprint",
            "TEACHERS", "PROMPT_OVER_LONG"]
@@ -300,7 +301,7 @@ def generate_distill_set(prompts_spec, model, tokenizer, stop_ids, settings: Dis
         model: the teacher: a DLM (its AR mode), a bare HF causal LM, a CachedLM, or a function of no
             argument returning one (called only if something is left to generate).
         tokenizer: a tokenizer directory or a loaded tokenizer (chat template needed).
-        stop_ids: the stop set (:func:`nemodiff_train.data.stop_tokens.stop_token_ids`).
+        stop_ids: the stop set (:func:`nemodiff_train.models.stop_tokens.stop_token_ids`).
         settings: :class:`DistillSettings`.
         out_dir: the set's directory.
         teacher_identity: what names the teacher in the fingerprint (e.g. path + weights hash, or run,

@@ -22,7 +22,8 @@ from typing import Iterator
 
 from . import report as R
 from .sft import check_conversation
-from .sources import Row, Skip, SourceSpec, iter_messages, iter_texts
+from .readers import Row, Skip
+from .sources import SourceSpec, iter_messages, iter_texts
 
 __all__ = ["DistillError", "Prompt", "iter_prompts", "prompt_turns"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from .distill import DistillError, DistillSettings, generate_distill_set
 from .prepare import DataPrepConfig, prepare
 from .sources import SourceSpec
-from .stop_tokens import stop_token_ids
+from ..models.stop_tokens import stop_token_ids
 
 __all__ = ["distill_dir", "distill_settings", "prepare_distill_stage"]
 

@@ -1,14 +1,14 @@
 """Read one source, check its rows, tokenize them (in parallel) and append them to a DocStore.
 
-Flow per source: reader items (:class:`~nemodiff_train.data.sources.Row` /
-:class:`~nemodiff_train.data.sources.Skip`, in file order) are grouped into batches; the
+Flow per source: reader items (:class:`~nemodiff_train.data.readers.Row` /
+:class:`~nemodiff_train.data.readers.Skip`, in file order) are grouped into batches; the
 payloads of a batch are encoded by the worker's encoder (pretraining: token ids + EOS; SFT: ids +
 assistant mask, or a skip reason); results come back in order and are appended to the store, and
 skips are recorded in the source's :class:`~nemodiff_train.data.report.SkipReport` in that same
 order. ``max_documents`` stops at exactly that many valid documents, so the store and the report
 do not depend on ``num_proc``.
 
-A source with no valid document raises :class:`~nemodiff_train.data.sources.SourceError` naming
+A source with no valid document raises :class:`~nemodiff_train.data.readers.SourceError` naming
 the source and summarising why its rows were skipped.
 """
 
@@ -23,7 +23,8 @@ from ..faults import fault_point
 from .blend import doc_key
 from .parallel import ordered_map
 from .report import SkipReport
-from .sources import Row, Skip, SourceError, SourceSpec, iter_messages, iter_texts
+from .readers import Row, Skip, SourceError
+from .sources import SourceSpec, iter_messages, iter_texts
 from .store import DocStore
 
 __all__ = ["EncoderSpec", "ingest_source"]

@@ -18,7 +18,7 @@ from .linear_spec import linear_spec_generate
 from .quadratic_spec import quadratic_spec_generate
 from .result import DecodeResult, DecodeStats
 
-__all__ = ["MODES", "BATCHED_MODES", "generate", "ar_generate", "diffusion_generate", "linear_spec_generate",
+__all__ = ["MODES", "generate", "ar_generate", "diffusion_generate", "linear_spec_generate",
            "quadratic_spec_generate", "DecodeConfig", "DecodeResult", "DecodeStats", "CachedLM"]
 
 Decoder = Callable[..., list[DecodeResult]]
@@ -29,8 +29,6 @@ MODES: dict[str, Decoder] = {
     "linear_spec": linear_spec_generate,
     "quadratic_spec": quadratic_spec_generate,
 }
-# modes whose decoder takes several (left-padded) prompts at once: all of them (kept for callers that ask)
-BATCHED_MODES = frozenset(MODES)
 
 
 def generate(model: CachedLM, prompts: list[list[int]], mode: str, cfg: DecodeConfig,

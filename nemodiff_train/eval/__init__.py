@@ -1,5 +1,5 @@
-"""Evaluation: bundled tasks, the ``nemodiff-eval`` runner (TPF, tokens/s, accuracy per decoding mode)
-and an lm-evaluation-harness model (``nemodiff``).
+"""Evaluation: the ``nemodiff-eval`` runner (TPF, tokens/s, accuracy per decoding mode on the tasks of
+:mod:`nemodiff_train.tasks`) and an lm-evaluation-harness model (``nemodiff``).
 
 Heavy imports (torch, transformers, lm-eval) happen inside the submodules, so
 ``import nemodiff_train.eval`` stays cheap.

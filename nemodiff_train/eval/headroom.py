@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .loading import load_for_eval
-from .tasks import get_task
+from ..models.loading import load_for_decoding
+from ..tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def run_headroom(cfg) -> list[dict]:
     Uses ``cfg.block_size`` (default: the model's inference block), ``cfg.threshold``, ``cfg.limit``
     (default 20 rows) and ``cfg.headroom`` (stride between block starts, reference tokens per row).
     """
-    dlm, _, eos, _ = load_for_eval(cfg.model, cfg.dtype, cfg.device)
+    dlm, _, eos, _ = load_for_decoding(cfg.model, cfg.dtype, cfg.device)
     block = cfg.block_size or dlm.settings.inference_block_size
     results = []
     for name in cfg.tasks:

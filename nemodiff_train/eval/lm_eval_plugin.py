@@ -37,9 +37,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ..decoding import BATCHED_MODES, MODES, generate
+from ..decoding import MODES, generate
 from ..decoding.config import DecodeConfig
-from .loading import load_for_eval
+from ..models.loading import load_for_decoding
 
 # A child of lm-eval's logger, so the summary lines use lm-eval's handler and verbosity.
 log = logging.getLogger("lm_eval.models.nemodiff")
@@ -93,7 +93,7 @@ class NemoDiffLM(TemplateLM):
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         if unused:
             log.warning("nemodiff ignores model args %s", sorted(unused))
-        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_eval(pretrained, dtype, _device(device))
+        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_decoding(pretrained, dtype, _device(device))
         self.tokenizer = self.dlm.tokenizer
         self.mode = mode
         self.block_size = int(block_size or self.dlm.settings.inference_block_size)
@@ -245,8 +245,7 @@ class NemoDiffLM(TemplateLM):
             context, gen_kwargs = requests[i].args
             cfg, until = self._decode_config(gen_kwargs)
             group = [requests[i]]
-            limit = self.batch_size if self.mode in BATCHED_MODES else 1
-            while len(group) < limit and i + len(group) < len(requests) \
+            while len(group) < self.batch_size and i + len(group) < len(requests) \
                     and requests[i + len(group)].args[1] == gen_kwargs:
                 group.append(requests[i + len(group)])
             prompts = [self._prompt_ids(r.args[0], cfg.max_new_tokens) for r in group]

@@ -25,20 +25,20 @@ from typing import Any
 import torch
 
 from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for nemodiff-eval and eval.sweep
-from ..bench.protocol import TimedRun, run_interleaved
+from ..timing import TimedRun, run_interleaved
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
+from ..decoding.modes import ALL_MODES, SPECULATIVE_MODES, with_reference
 from .intervals import metric_intervals
-from .loading import DTYPES, load_for_eval
+from ..models.dtypes import DTYPES
+from ..models.loading import load_for_decoding
 from .report import print_table, write_outputs
-from .tasks import Task, get_task
+from ..tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation", "ALL_MODES", "SPEC_MODES"]
+__all__ = ["EvalConfig", "SweepConfig", "HeadroomConfig", "run_evaluation"]
 
-ALL_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
-SPEC_MODES = ("linear_spec", "quadratic_spec")
 
 
 @dataclass
@@ -169,8 +169,8 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_eval(cfg.model, cfg.dtype, cfg.device)
-        self.base_lm = load_for_eval(cfg.base_model, cfg.dtype, cfg.device)[1] if cfg.base_model else None
+        self.dlm, self.lm, self.eos_ids, self.hf_dir = load_for_decoding(cfg.model, cfg.dtype, cfg.device)
+        self.base_lm = load_for_decoding(cfg.base_model, cfg.dtype, cfg.device)[1] if cfg.base_model else None
         self.tokenizer = self.dlm.tokenizer
         self.block_size = cfg.block_size or self.dlm.settings.inference_block_size
         self.decode_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, block_size=self.block_size,
@@ -205,7 +205,7 @@ class Evaluator:
         if "diffusion" in modes:
             specs += [RunSpec("diffusion", replace(self.decode_cfg, threshold=t), "threshold")
                       for t in sorted(set(self.cfg.sweep.threshold)) if abs(t - self.cfg.threshold) > 1e-9]
-        for mode in (m for m in SPEC_MODES if m in modes):
+        for mode in (m for m in SPECULATIVE_MODES if m in modes):
             specs += [RunSpec(mode, replace(self.decode_cfg, block_size=b), "block_size")
                       for b in sorted(set(self.cfg.sweep.block_size)) if b != self.block_size]
         return specs
@@ -230,7 +230,7 @@ class Evaluator:
 
     def decode_interleaved(self, specs: list[RunSpec], prompts: list[list[int]]) -> list[ModeRun]:
         """Decode every prompt with every spec, spec after spec per chunk of prompts; time decoder calls only
-        (:func:`nemodiff_train.bench.protocol.run_interleaved`, the protocol ``nemodiff-bench`` uses)."""
+        (:func:`nemodiff_train.timing.run_interleaved`, the protocol ``nemodiff-bench`` uses)."""
         self.use_static_cache(prompts, specs)
         lm_of = lambda s: self.base_lm if s.base else self.lm  # noqa: E731
         timed = [TimedRun(str(i), (lambda chunk, s=s: generate(lm_of(s), chunk, s.mode, s.cfg)), self.cfg.batch_size)
@@ -284,13 +284,6 @@ class Evaluator:
                 for i, (p, r, m) in enumerate(zip(prompts, run.results, per_sample))]
 
 
-def _modes_to_run(modes: list[str]) -> tuple[list[str], bool]:
-    """Run order (ar first) and whether ar was added only as the lossless reference."""
-    ordered = [m for m in ALL_MODES if m in modes]
-    extra_ar = "ar" not in ordered and any(m in SPEC_MODES for m in ordered)
-    return (["ar"] + ordered if extra_ar else ordered), extra_ar
-
-
 def evaluate_task(ev: Evaluator, name: str, modes: list[str]) -> tuple[list[dict], list[dict]]:
     """(eval.json rows, samples.jsonl rows) of one task: every mode and sweep point, interleaved."""
     cfg = ev.cfg
@@ -305,7 +298,7 @@ def evaluate_task(ev: Evaluator, name: str, modes: list[str]) -> tuple[list[dict
         metrics, per_sample = ev.score(task, run)
         row = ev.summary(task, run, metrics, requested=run.spec.mode in cfg.modes and run.spec.sweep is None)
         row.update(metric_intervals(per_sample, task.metric_names))
-        if run.spec.mode in SPEC_MODES:
+        if run.spec.mode in SPECULATIVE_MODES:
             same = [list(r.tokens) == ref for r, ref in zip(run.results, ar_tokens)]
             row["lossless"] = sum(same) / len(same)
         rows.append(row)
@@ -329,7 +322,7 @@ def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
 
         return run_headroom(cfg)
     ev = Evaluator(cfg)
-    modes, extra_ar = _modes_to_run(list(cfg.modes))
+    modes, extra_ar = with_reference(list(cfg.modes))
     if extra_ar:
         log.info("running ar as well (not in modes): it is the reference for the self-speculation 'lossless' metric")
     rows, sample_rows = [], []

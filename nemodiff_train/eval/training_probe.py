@@ -21,14 +21,14 @@ import torch
 from ..config.schema import EvalProbeConfig
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
-from .loading import eos_token_ids
-from .tasks import get_task
+from ..decoding.modes import SPECULATIVE_MODES, with_reference
+from ..models.stop_tokens import stop_token_ids
+from ..tasks import get_task
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DecodeProbe"]
 
-_SPEC_MODES = ("linear_spec", "quadratic_spec")
 
 
 class DecodeProbe:
@@ -45,8 +45,7 @@ class DecodeProbe:
         if unknown or not cfg.modes:
             raise ValueError(f"eval.probe.modes must be a non-empty subset of {sorted(MODES)}, got {cfg.modes}")
         self.cfg = cfg
-        self.modes = (["ar"] if any(m in _SPEC_MODES for m in cfg.modes) and "ar" not in cfg.modes else []) + [
-            m for m in MODES if m in cfg.modes]
+        self.modes = with_reference(cfg.modes)[0]
         self._task = None
         self._prompts: list[list[int]] = []
 
@@ -65,7 +64,7 @@ class DecodeProbe:
         if tokenizer is None:
             raise ValueError("eval.probe needs the model's tokenizer to render prompts")
         self._prepare(tokenizer)
-        eos = eos_token_ids(tokenizer, getattr(dlm.hf, "generation_config", None))
+        eos = stop_token_ids(tokenizer, getattr(dlm.hf, "generation_config", None))
         dcfg = DecodeConfig(max_new_tokens=self.cfg.max_new_tokens,
                             block_size=self.cfg.block_size or dlm.settings.inference_block_size,
                             threshold=self.cfg.threshold, temperature=0.0, eos_token_ids=eos)
@@ -92,7 +91,7 @@ class DecodeProbe:
             scores = [task.score(s, t)[metric] for s, t in zip(task.samples(), texts)]
             out[f"probe_{mode}_tpf"] = tokens / forwards if forwards else 0.0
             out[f"probe_{mode}_{metric}"] = sum(scores) / len(scores)
-            if mode in _SPEC_MODES:
+            if mode in SPECULATIVE_MODES:
                 same = [list(r.tokens) == list(a.tokens) for r, a in zip(results, outputs["ar"])]
                 out[f"probe_{mode}_lossless"] = sum(same) / len(same)
         return out

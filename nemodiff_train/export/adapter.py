@@ -36,20 +36,14 @@ from typing import Any
 import torch
 
 from .. import runs
+from ..models.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterExportError, pick_base
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "export_adapter", "export_merged", "is_adapter_export",
-           "is_adapter_run", "load_adapter_export", "load_adapter_run"]
+__all__ = ["export_adapter", "export_merged", "is_adapter_run", "load_adapter_run"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SWITCHING = "per token: on for draft and denoise tokens, off for AR steps, verify tokens and causal re-encodes"
-
-
-def is_adapter_export(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def is_adapter_run(run_cfg: dict) -> bool:
@@ -87,7 +81,8 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
     from .model_card import read_eval_rows
     from .provenance import hub_snapshot, public_reference, relative_base_path
     from .remote_code import modeling_source
-    from .writer import DTYPES, _check_out, _commit, _dtype_name, _version, nemodiff_record, write_model_files
+    from ..models.dtypes import DTYPES
+    from .writer import _check_out, _commit, _dtype_name, _version, nemodiff_record, write_model_files
 
     if dlm.adapter is None:
         raise ExportError("export_adapter: the model has no drafter adapter (adapter=lora)")
@@ -162,71 +157,6 @@ def export_merged(dlm, out: str | Path, **kwargs) -> Path:
     return export_dlm(DLMModel(hf, dlm.settings, dlm.tokenizer), out, metadata=meta, **kwargs)
 
 
-def recorded_base(export_dir: Path, adapter: dict) -> list[tuple[str, str | None]]:
-    """Where an adapter export's base is: ``[(path or Hub id, revision)]`` in the order to try (the
-    recorded directory, relative to ``export_dir``, then the Hub id at its recorded revision)."""
-    out = []
-    if adapter.get("base_path"):
-        path = Path(str(adapter["base_path"])).expanduser()
-        out.append((str(path if path.is_absolute() else (Path(export_dir) / path).resolve()), None))
-    if adapter.get("base_hub_id"):
-        out.append((str(adapter["base_hub_id"]), adapter.get("base_revision")))
-    return out
-
-
-def _pick_base(candidates: list[tuple[str | None, str | None]]) -> Path:
-    from ..assets.resolve import resolve_model_path
-
-    errors = []
-    for c, revision in [(c, r) for c, r in candidates if c]:
-        try:
-            return resolve_model_path(str(c), revision=revision)
-        except FileNotFoundError as e:
-            errors.append(str(e))
-    raise ExportError("the adapter's base model is not available: " + ("; ".join(errors) or "no base recorded")
-                      + " (pass base=<path or Hub id>)")
-
-
-def load_adapter_export(path: str | Path, *, base: str | None = None, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", attn_implementation: str | None = None):
-    """Base (``base``, else the recorded path, else the recorded Hub id) + the adapter of an export.
-
-    Returns:
-        a :class:`~nemodiff_train.models.hf.DLMModel` with the adapter attached, the export's
-        tokenizer and generation config, and the export's ``nemodiff`` record on its config.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from ..models.adapter import load_peft_state_dict
-    from ..models.hf import _has_tokenizer, load_dlm
-
-    path = Path(path)
-    try:
-        peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
-        record = dict(peft_config["nemodiff"])
-        adapter = record["adapter"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ExportError(f"{path / ADAPTER_CONFIG} is not a nemodiff adapter export ({type(e).__name__}: {e})") from None
-    base_dir = _pick_base([(base, None)] if base else recorded_base(path, adapter))
-    settings = {k: record[k] for k in ("train_block_size", "inference_block_size", "attention_pattern") if k in record}
-    dlm = load_dlm(base_dir, mask_token=int(record["mask_token_id"]), untie_head=False, dtype=dtype,
-                   attn_implementation=attn_implementation, device=device, settings=settings)
-    dlm.add_adapter(rank=int(adapter["r"]), alpha=float(adapter["lora_alpha"]), dropout=0.0,
-                    target_modules=tuple(adapter["target_modules"]))
-    try:
-        load_peft_state_dict(dlm.adapter, load_file(str(path / ADAPTER_WEIGHTS)))
-    except ValueError as e:
-        raise ExportError(f"{path / ADAPTER_WEIGHTS} does not fit the base {base_dir}: {e}") from None
-    dlm.adapter.to(device=device, dtype=dtype)
-    if _has_tokenizer(path):
-        dlm.tokenizer = AutoTokenizer.from_pretrained(path)
-    if (path / "generation_config.json").is_file():
-        dlm.hf.generation_config = GenerationConfig.from_pretrained(path)
-    dlm.hf.config.nemodiff = record
-    return dlm.eval()
-
-
 def load_adapter_run(src, run_cfg: dict):
     """The base + the adapter of a torch run's checkpoint (``src``: a run or checkpoint
     :class:`~nemodiff_train.export.checkpoint.Source`).
@@ -242,7 +172,10 @@ def load_adapter_run(src, run_cfg: dict):
     model_cfg, diff, a = run_cfg.get("model") or {}, run_cfg.get("diffusion") or {}, run_cfg.get("adapter") or {}
     source_file = src.hf_dir / "SOURCE"
     recorded = source_file.read_text().strip() if source_file.is_file() else None
-    base_dir = _pick_base([(recorded, None), (model_cfg.get("path"), model_cfg.get("revision"))])
+    try:
+        base_dir = pick_base([(recorded, None), (model_cfg.get("path"), model_cfg.get("revision"))])
+    except AdapterExportError as e:
+        raise ExportError(str(e)) from None
     hub_id = model_cfg.get("hub_id") or (model_cfg.get("path") if str(model_cfg.get("path", "")).count("/") == 1
                                          and not Path(str(model_cfg.get("path"))).exists() else None)
     nemodiff = json.loads((src.hf_dir / "config.json").read_text()).get("nemodiff") or {}

@@ -16,13 +16,14 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from ..decoding.modes import SPECULATIVE_MODES
+
 __all__ = ["card_data", "eval_results", "is_hub_id", "MODE_METRICS", "TAGS"]
 
 TAGS = ["diffusion", "dllm", "text-generation", "nemodiff"]
 # eval.json key -> (metric type, human-readable name); accuracy metrics come from the rows themselves
 MODE_METRICS = {"tpf": ("tpf", "tokens per forward (TPF)"), "tokens_per_s": ("tokens_per_s", "tokens/s"),
                 "lossless": ("lossless", "lossless (share of outputs equal to AR greedy decoding)")}
-SPECULATIVE_MODES = ("linear_spec", "quadratic_spec")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # a relative data file or glob (``data/train.jsonl``) looks like ``owner/name`` when it is not on this machine
 _DATA_FILE_SUFFIXES = {".json", ".jsonl", ".gz", ".parquet", ".arrow", ".txt", ".csv"}

@@ -16,12 +16,12 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
+from ..decoding.modes import ALL_MODES
 from .card_metadata import card_data
 from .errors import ExportError
 
 __all__ = ["read_eval_rows", "render_model_card", "write_model_card", "eval_table"]
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 # eval.json keys that are bookkeeping, not accuracy metrics
 _NOT_METRICS = {
     "mode", "task", "samples", "generated_tokens", "forwards", "prefill_forwards", "tpf", "tpf_incl_prefill",
@@ -72,7 +72,7 @@ def eval_table(rows: list[dict[str, Any]]) -> str:
     rows = [r for r in rows if not r.get("sweep")]  # sweep points (extra τ / block sizes) stay in eval.json
     metrics = _metric_names(rows)
     head = ["mode", "task", "samples", "TPF", "tokens/s", *metrics, "lossless"]
-    order = {m: i for i, m in enumerate(MODES)}
+    order = {m: i for i, m in enumerate(ALL_MODES)}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (str(r.get("task")), order.get(r.get("mode"), 99))):
         lossless = r.get("lossless")
@@ -148,7 +148,7 @@ from huggingface_hub import snapshot_download
 from nemodiff_train.models.hf import load_dlm
 from nemodiff_train.models.cached import HFCachedLM
 from nemodiff_train.decoding import DecodeConfig, generate
-from nemodiff_train.eval.stop_tokens import stop_token_ids   # EOS and <|im_end|>, as nemodiff-eval
+from nemodiff_train.models.stop_tokens import stop_token_ids   # EOS and <|im_end|>, as nemodiff-eval
 
 dlm = load_dlm(snapshot_download("{repo}", revision="main"))   # load_dlm reads a local directory
 lm = HFCachedLM(dlm)

@@ -8,7 +8,7 @@ the DLM settings and training provenance under ``nemodiff``, which is all
 (``modeling_nemodiff.py``, :mod:`.remote_code`) and the model card (``README.md``, :mod:`.model_card`).
 
 Stop tokens: ``generation_config.json`` lists the toolkit's whole stop set
-(:func:`nemodiff_train.eval.stop_tokens.stop_token_ids`: EOS and ``<|im_end|>``) as ``eos_token_id``
+(:func:`nemodiff_train.models.stop_tokens.stop_token_ids`: EOS and ``<|im_end|>``) as ``eos_token_id``
 and each of those tokens is a special token of the saved tokenizer, so plain ``generate()`` and the
 remote code's ``generate(mode=...)`` stop where ``nemodiff-eval`` stops.
 
@@ -31,25 +31,25 @@ import torch
 
 from .. import runs
 from ..config.secrets import redact, scrub_env_values
-from ..models.dtypes import ALIASES, DTYPES as _CANONICAL
+from ..models.dtypes import ALIASES, DTYPES
 from ..faults import fault_point
 from .errors import ExportError
 from .provenance import public_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "export_dlm", "export_checkpoint", "training_metadata"]
+__all__ = ["export_dlm", "training_metadata"]
 
-DTYPES = {**_CANONICAL, **{short: _CANONICAL[name] for short, name in ALIASES.items()}}  # fp32/bf16 accepted too
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
+    """The canonical name (a key of :data:`~nemodiff_train.models.dtypes.DTYPES`); fp32 / bf16 accepted too."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    if dtype not in DTYPES:
+    if ALIASES.get(dtype, dtype) not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not supported; choose float32 or bfloat16")
-    return str(DTYPES[dtype]).removeprefix("torch.")
+    return ALIASES.get(dtype, dtype)
 
 
 _SIZE = re.compile(r"^\d+(\.\d+)?[KMGT]B$")
@@ -205,7 +205,7 @@ def _write_stop_tokens(folder: Path, dlm) -> tuple[int, ...]:
     ``config.json`` (whose ``eos_token_id`` is the single EOS) and lose the list.
     Returns the stop ids written (``()`` when the model names none).
     """
-    from ..eval.stop_tokens import stop_token_ids
+    from ..models.stop_tokens import stop_token_ids
 
     tok = dlm.tokenizer
     stops = stop_token_ids(tok, getattr(dlm.hf, "generation_config", None))
@@ -323,74 +323,3 @@ def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict |
     # debug: the CLIs (nemodiff-export, the trainer's export at the end) print their own one line
     log.debug("exported %s (%s%s)", out, name, ", remote code" if remote_code else "")
     return out
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32",
-                      metadata: dict | None = None, remote_code: bool = False, eval_json: str | Path | None = None,
-                      overwrite: bool = False, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                      merge: bool = False) -> Path:
-    """Export a run directory (its latest complete checkpoint), a checkpoint directory or an HF directory.
-
-    A run's ``<run>/eval/eval.json`` is used for the model card when ``eval_json`` is not given.
-    Other arguments as :func:`export_dlm`; ``metadata`` adds to what the run records. A Megatron run
-    directory is refused here: :func:`nemodiff_train.orchestrate.export_any` converts it first.
-
-    A drafter-adapter run (``adapter=lora``) or adapter export exports as an adapter
-    (:func:`nemodiff_train.export.adapter.export_adapter`: no base weights), or with ``merge`` as a full
-    model with the adapter folded in (:func:`~nemodiff_train.export.adapter.export_merged`, diffusion-only).
-    """
-    from .checkpoint import load_source, resolve_source
-
-    out = Path(out)
-    _dtype_name(dtype)
-    _shard_size(max_shard_size)
-    if runs.is_megatron_run(checkpoint):  # its engine converts it first; export/ imports no engine
-        raise ExportError(f"{checkpoint} is a Megatron run directory: export it with nemodiff-export "
-                          "(nemodiff_train.orchestrate.export_any), which converts its checkpoint first")
-    src = resolve_source(checkpoint)
-    protect = [Path(checkpoint)] + [p for p in (src.run_dir, src.ckpt_dir, src.hf_dir) if p is not None]
-    _check_out(out, overwrite, protect)
-    if eval_json is None and src.run_dir is not None and (src.run_dir / runs.EVAL_DIR / runs.EVAL_JSON).is_file():
-        eval_json = src.run_dir / runs.EVAL_DIR / runs.EVAL_JSON
-    adapter = _export_adapter_source(src, out, dtype=dtype, metadata=metadata, remote_code=remote_code,
-                                     eval_json=eval_json, overwrite=overwrite, max_shard_size=max_shard_size,
-                                     merge=merge, protect=protect)
-    if adapter is not None:
-        return adapter
-    if merge:
-        raise ExportError(f"merge=true: {checkpoint} is not a drafter-adapter run or export (adapter=lora); "
-                          "a full conversion has nothing to merge")
-    dlm, meta = load_source(src)
-    meta.update(metadata or {})
-    return export_dlm(dlm, out, dtype=dtype, metadata=meta, remote_code=remote_code, eval_json=eval_json,
-                      overwrite=overwrite, max_shard_size=max_shard_size, _protect=protect)
-
-
-def _export_adapter_source(src, out: Path, *, dtype, metadata, remote_code, eval_json, overwrite, max_shard_size,
-                           merge, protect) -> Path | None:
-    """Export a drafter-adapter run or adapter export (None when ``src`` is neither)."""
-    from .adapter import export_adapter, export_merged, is_adapter_export, is_adapter_run, load_adapter_export, \
-        load_adapter_run, recorded_base
-    from .checkpoint import _run_config, checkpoint_metadata
-
-    if src.kind == "hf":
-        if not is_adapter_export(src.hf_dir):
-            return None
-        dlm = load_adapter_export(src.hf_dir)
-        record = dict(dlm.hf.config.nemodiff)
-        base_path = next((p for p, rev in recorded_base(src.hf_dir, record["adapter"]) if rev is None), None)
-        hub_id, revision = record["adapter"].get("base_hub_id"), record["adapter"].get("base_revision")
-        meta = {k: v for k, v in record.items() if k != "adapter"}
-    else:
-        run_cfg = _run_config(src.run_dir)
-        if not is_adapter_run(run_cfg):
-            return None
-        dlm, base_path, hub_id, revision = load_adapter_run(src, run_cfg)
-        meta = checkpoint_metadata(src, dict(dlm.hf.config.nemodiff or {}), run_cfg)
-    meta.update(metadata or {})
-    if merge:
-        return export_merged(dlm, out, dtype=dtype, metadata=meta, remote_code=remote_code, eval_json=eval_json,
-                             overwrite=overwrite, max_shard_size=max_shard_size, _protect=protect)
-    return export_adapter(dlm, out, base_path=base_path, base_hub_id=hub_id, base_revision=revision, metadata=meta,
-                          dtype=dtype,
-                          remote_code=remote_code, overwrite=overwrite, eval_json=eval_json)

@@ -14,7 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from nemodiff_train.cli.train import preflight
-from nemodiff_train.config.load import CONF_DIR, ConfigError, list_recipes, register_schema, to_config
+from nemodiff_train.config.errors import ConfigError
+from nemodiff_train.config.load import CONF_DIR, list_recipes, register_schema, to_config
 
 from .harness import base_args, check_ok, launch
 

@@ -13,7 +13,8 @@ import pytest
 from nemodiff_train.data import report as R
 from nemodiff_train.data.ingest import _checked_items
 from nemodiff_train.data.prepare import DataPrepConfig, prepare
-from nemodiff_train.data.sources import Row, Skip, SourceError, SourceSpec, iter_texts
+from nemodiff_train.data.readers import Row, Skip, SourceError
+from nemodiff_train.data.sources import SourceSpec, iter_texts
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # a 100 MB line and preparation + training runs
 

@@ -39,7 +39,7 @@ def test_adapter_run_trains_only_the_adapter_and_exports_it(assets, adapter_run)
     from transformers import AutoModelForCausalLM
 
     from nemodiff_train.decoding import DecodeConfig, generate
-    from nemodiff_train.export import is_adapter_export, load_adapter_export
+    from nemodiff_train.models.adapter_export import is_adapter_export, load_adapter_export
     from nemodiff_train.models.cached import HFCachedLM
 
     manifest = json.loads((adapter_run / "checkpoints" / "step_00000006" / "manifest.json").read_text())
@@ -130,7 +130,7 @@ def test_adapter_export_through_transformers_trust_remote_code(assets, adapter_r
     import sys
 
     from nemodiff_train.decoding import DecodeConfig, generate
-    from nemodiff_train.export import load_adapter_export
+    from nemodiff_train.models.adapter_export import load_adapter_export
     from nemodiff_train.models.cached import HFCachedLM
 
     prompts = [[10, 20, 30, 40], [50, 60, 70, 80, 90, 100]]

@@ -8,9 +8,9 @@ import pytest
 
 from nemodiff_train.assets import embedded_model_dir
 from nemodiff_train.cli.evaluate import to_eval_config
-from nemodiff_train.eval.loading import load_for_eval
+from nemodiff_train.models.loading import load_for_decoding
 from nemodiff_train.eval.runner import run_evaluation
-from nemodiff_train.eval.tasks import get_task
+from nemodiff_train.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def test_headroom_on_embedded_model(tmp_path):
     results = run_evaluation(cfg)
     assert json.loads((tmp_path / "headroom.json").read_text()) == results
     assert [r["task"] for r in results] == ["code_completion", "arithmetic"]
-    dlm, _, eos, _ = load_for_eval(embedded_model_dir(), device="cpu")
+    dlm, _, eos, _ = load_for_decoding(embedded_model_dir(), device="cpu")
     for out in results:
         task = get_task(out["task"], tokenizer=dlm.tokenizer, limit=2)
         refs = [dlm.tokenizer.encode(s.reference, add_special_tokens=False)[:40] + [eos[0]] for s in task.samples()]

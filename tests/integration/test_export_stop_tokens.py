@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from nemodiff_train.decoding import DecodeConfig, generate
-from nemodiff_train.eval.loading import load_for_eval
-from nemodiff_train.eval.stop_tokens import stop_token_ids
+from nemodiff_train.models.loading import load_for_decoding
+from nemodiff_train.models.stop_tokens import stop_token_ids
 from nemodiff_train.export import export_dlm
 from nemodiff_train.models.cached import HFCachedLM
 from tests.unit.test_export_support import make_dlm
@@ -54,7 +54,7 @@ def _plant_im_end(dlm, mode: str) -> int:
 
 def _eval_stops_and_tokens(out: Path, mode: str) -> tuple[tuple[int, ...], list[int]]:
     """What nemodiff-eval does with the export: its stop ids and its decode of PROMPT in ``mode``."""
-    dlm, lm, stops, _ = load_for_eval(out, device="cpu")
+    dlm, lm, stops, _ = load_for_decoding(out, device="cpu")
     return stops, _decode(lm, mode, stops)
 
 
@@ -146,4 +146,4 @@ def test_embedded_model_export_lists_eos_and_im_end(tmp_path):
     assert expected == (0, 2)  # what nemodiff-eval stops at on the embedded model
     assert tuple(GenerationConfig.from_pretrained(out).eos_token_id) == expected
     assert set(expected) <= set(tok.all_special_ids)
-    assert load_for_eval(out, device="cpu")[2] == expected
+    assert load_for_decoding(out, device="cpu")[2] == expected

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from nemodiff_train.assets import embedded_model_dir  # noqa: E402
-from nemodiff_train.eval import scoring  # noqa: E402
+from nemodiff_train.tasks import scoring  # noqa: E402
 from nemodiff_train.cli.lm_eval import TASKS_DIR, with_packaged_tasks  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,8 @@ import shutil
 import pytest
 import torch
 
-from nemodiff_train.config.load import ConfigError, compose
+from nemodiff_train.config.errors import ConfigError
+from nemodiff_train.config.load import compose
 from tests.helpers.tiny_models import save_tiny_model
 from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
 

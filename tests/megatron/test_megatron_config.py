@@ -10,7 +10,8 @@ import signal
 
 import pytest
 
-from nemodiff_train.config.load import ConfigError, compose, list_recipes
+from nemodiff_train.config.errors import ConfigError
+from nemodiff_train.config.load import compose, list_recipes
 
 MINISTRAL3 = {  # the published Ministral-3 configs (their config.json on the Hub)
     "3b": dict(num_hidden_layers=26, hidden_size=3072, intermediate_size=9216, tie_word_embeddings=True, theta=1e6),

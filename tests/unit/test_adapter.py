@@ -232,7 +232,8 @@ def test_two_stream_training_trains_only_the_drafter(tmp_path):
 
 
 def test_adapter_config_group():
-    from nemodiff_train.config.load import ConfigError, compose
+    from nemodiff_train.config.errors import ConfigError
+    from nemodiff_train.config.load import compose
 
     assert compose(["recipe=tiny_cpu"]).adapter.name == "none"
     cfg = compose(["recipe=tiny_cpu", "adapter=lora", "adapter.rank=8"])

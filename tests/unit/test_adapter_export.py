@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from nemodiff_train.decoding import MODES, DecodeConfig, generate
-from nemodiff_train.export import export_adapter, export_merged, is_adapter_export, load_adapter_export, push_to_hub
+from nemodiff_train.export import export_adapter, export_merged, push_to_hub
+from nemodiff_train.models.adapter_export import is_adapter_export, load_adapter_export
 from nemodiff_train.export.remote_code import MODELING_FILE
 from nemodiff_train.models.adapter import adapter_tokens
 from nemodiff_train.models.cached import HFCachedLM
@@ -65,6 +66,19 @@ def test_adapter_export_files_and_reload(drafter, tmp_path):
     for key, value in dlm.hf.state_dict().items():
         assert torch.equal(back.hf.state_dict()[key], value), key
     assert decode_all(HFCachedLM(back)) == decode_all(HFCachedLM(dlm))
+
+
+def test_bench_loads_an_adapter_export_with_the_evaluators_loader(drafter, tmp_path):
+    """nemodiff-bench decodes an adapter export (base + adapter, gate passed through its forward counter)."""
+    from nemodiff_train.bench.runner import BenchConfig, run_bench
+
+    base, dlm = drafter
+    out = export_adapter(dlm, tmp_path / "adapter", base_path=str(base), remote_code=False)
+    report = run_bench(BenchConfig(model=str(out), out=str(tmp_path / "bench"), prompt_len=5, max_new_tokens=6,
+                                   block_size=4, warmups=0, runs=1, batch_sizes=[1], sol_repeats=1, cache="dynamic"))
+    rows = {r["mode"]: r for r in report["results"]}
+    assert report["model"] == str(out) and set(rows) == {*MODES, "hf_generate"}
+    assert rows["linear_spec"]["same_as_ar"] == rows["quadratic_spec"]["same_as_ar"] == 1.0  # lossless at T = 0
 
 
 def test_remote_code_loads_base_plus_adapter(drafter, tmp_path):

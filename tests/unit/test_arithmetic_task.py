@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nemodiff_train.eval import scoring
-from nemodiff_train.eval.tasks import ArithmeticTask, Sample, get_task
+from nemodiff_train.tasks import scoring
+from nemodiff_train.tasks import ArithmeticTask, Sample, get_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import arithmetic_task as arith  # noqa: E402

@@ -1,9 +1,9 @@
-"""The interleaved timing protocol (nemodiff_train/bench/protocol.py) and the forward counter of
+"""The interleaved timing protocol (nemodiff_train/timing.py) and the forward counter of
 nemodiff-bench: call order, what is timed and kept, and the shapes the decoders use."""
 
 import pytest
 
-from nemodiff_train.bench.protocol import TimedRun, run_interleaved, spread
+from nemodiff_train.timing import TimedRun, run_interleaved, spread
 from nemodiff_train.bench.runner import BenchConfig, BenchError, ShapeCounter
 from nemodiff_train.decoding import DecodeConfig, generate
 from tests.helpers.decoding import one_thread, tiny_lm  # noqa: F401 (autouse fixture)

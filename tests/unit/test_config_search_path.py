@@ -3,7 +3,8 @@
 import pytest
 
 import nemodiff_train.config.load as load
-from nemodiff_train.config.load import ConfigError, compose
+from nemodiff_train.config.errors import ConfigError
+from nemodiff_train.config.load import compose
 
 pytestmark = pytest.mark.unit
 

@@ -16,7 +16,7 @@ from nemodiff_train.assets import embedded_data_file, embedded_model_dir
 from nemodiff_train.data.distill import DistillError, DistillSettings, generate_distill_set
 from nemodiff_train.data.distill_teacher import base_generation_config, base_teacher_identity, load_base_teacher
 from nemodiff_train.data.sources import SourceSpec
-from nemodiff_train.data.stop_tokens import stop_token_ids
+from nemodiff_train.models.stop_tokens import stop_token_ids
 from nemodiff_train.data.tokenizer import load_tokenizer
 from tests.helpers.tiny_run import make_model_dir
 
@@ -50,12 +50,8 @@ def _prompt_ids(tok, messages):
     return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
 
 
-def test_the_data_layer_stop_set_is_the_evaluators(embedded, tiny):
-    from nemodiff_train.eval.stop_tokens import stop_token_ids as eval_stop_token_ids
-
+def test_the_teachers_stop_set_is_eos_then_the_chat_terminator(embedded):
     _, tok, _ = embedded
-    for t, g in [(tok, base_generation_config("embedded")), (tiny[2], None), (tiny[2], tiny[1].generation_config)]:
-        assert stop_token_ids(t, g) == eval_stop_token_ids(t, g)
     assert stop_token_ids(tok, base_generation_config("embedded")) == (0, 2)  # <|endoftext|>, <|im_end|>
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from nemodiff_train.data import DataPrepConfig, SourceError, SourceSpec, prepare
-from nemodiff_train.data.sources import Row, Skip, iter_messages, iter_texts, resolve_files
+from nemodiff_train.data.readers import Row, Skip
+from nemodiff_train.data.sources import iter_messages, iter_texts, resolve_files
 from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
 
 pytestmark = pytest.mark.unit

@@ -7,9 +7,11 @@ import json
 import pytest
 
 from nemodiff_train.cli.evaluate import EvalConfigError, to_eval_config
-from nemodiff_train.eval.loading import eos_token_ids, resolve_model_dir
+from nemodiff_train.models.loading import resolve_model_dir
+from nemodiff_train.models.stop_tokens import stop_token_ids
 from nemodiff_train.eval.report import format_table, write_outputs
-from nemodiff_train.eval.runner import EvalConfig, SweepConfig, _modes_to_run
+from nemodiff_train.decoding.modes import with_reference
+from nemodiff_train.eval.runner import EvalConfig, SweepConfig
 from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -63,9 +65,9 @@ def test_to_eval_config_names_bad_keys():
 
 
 def test_ar_runs_first_and_is_added_for_spec_modes():
-    assert _modes_to_run(["quadratic_spec", "diffusion"]) == (["ar", "diffusion", "quadratic_spec"], True)
-    assert _modes_to_run(["linear_spec", "ar"]) == (["ar", "linear_spec"], False)
-    assert _modes_to_run(["diffusion"]) == (["diffusion"], False)
+    assert with_reference(["quadratic_spec", "diffusion"]) == (["ar", "diffusion", "quadratic_spec"], True)
+    assert with_reference(["linear_spec", "ar"]) == (["ar", "linear_spec"], False)
+    assert with_reference(["diffusion"]) == (["diffusion"], False)
 
 
 def test_resolve_model_dir(tmp_path):
@@ -92,8 +94,8 @@ def test_eos_ids_collect_tokenizer_generation_config_and_im_end():
         eos_token_id = [tok.eos_token_id, 7]
 
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert eos_token_ids(tok, GenCfg()) == (tok.eos_token_id, 7, im_end)
-    assert eos_token_ids(tok, None) == (tok.eos_token_id, im_end)
+    assert stop_token_ids(tok, GenCfg()) == (tok.eos_token_id, 7, im_end)
+    assert stop_token_ids(tok, None) == (tok.eos_token_id, im_end)
 
 
 def test_report_files_and_table(tmp_path):

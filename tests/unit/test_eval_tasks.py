@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from nemodiff_train.eval import scoring
-from nemodiff_train.eval.tasks import CODE_COMPLETION_FILE, CodeCompletionTask, Sample, Task, get_task
+from nemodiff_train.tasks import scoring
+from nemodiff_train.tasks import CODE_COMPLETION_FILE, CodeCompletionTask, Sample, Task, get_task
 from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
 
 pytestmark = pytest.mark.unit

@@ -18,7 +18,8 @@ import torch
 
 from nemodiff_train.decoding import MODES, DecodeConfig, generate
 from nemodiff_train.export import ExportError, export_dlm
-from nemodiff_train.export.remote_code import MODELING_FILE, inline_decoding, modeling_source
+from nemodiff_train.export.inline import inline_decoding
+from nemodiff_train.export.remote_code import MODELING_FILE, modeling_source
 from nemodiff_train.models.cached import HFCachedLM
 from tests.helpers.tiny_models import FAMILIES
 from tests.unit.test_export_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
@@ -193,7 +194,7 @@ def _kept_statements(file: Path) -> list[str]:
 def test_inlined_code_is_byte_identical_to_the_package_sources():
     """Every definition of every inlined module (decoders, the CachedLM adapter and what it imports) is
     in modeling_nemodiff.py byte for byte, in the section named after its file, in source order."""
-    from nemodiff_train.export.remote_code import DECODING_DIR, MODELS_DIR
+    from nemodiff_train.export.inline import DECODING_DIR, MODELS_DIR
 
     source = modeling_source("qwen3", "0.0.0")
     sections = re.split(r"\n# -{96}\n# inlined from nemodiff_train/(\S+)\.py\n# -{96}\n", source)

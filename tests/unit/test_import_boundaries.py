@@ -1,16 +1,18 @@
 """The package's layers, checked by parsing every import (lazy ones inside functions included) with ``ast``.
 
 * the engines are siblings: ``engines/torch`` and ``engines/megatron`` never import each other;
-* the engines only train: they import no ``eval/``, ``export/``, ``cli/`` or ``orchestrate``;
-* ``export/`` and ``eval/`` import no engine, no ``cli/`` and no ``orchestrate`` (``orchestrate``
-  composes them; ``cli/`` is the top);
+* the engines only train: they import no ``eval/``, ``export/``, ``bench/``, ``cli/`` or ``orchestrate``;
+* ``export/``, ``eval/`` and ``bench/`` import no engine, no ``cli/``, no ``orchestrate`` (``orchestrate``
+  composes them; ``cli/`` is the top) and none of each other: what they share (loading an export,
+  the stop set, the timing protocol, the task registry) sits below them;
 * the third-party ``megatron`` packages are imported only inside ``engines/megatron``;
-* the lower layers (``core/``, ``decoding/``, ``models/``, ``data/``, ``runs/``, ``config/``) import
-  nothing above them;
+* the lower layers (``core/``, ``decoding/``, ``models/``, ``data/``, ``runs/``, ``config/``,
+  ``tasks/``, ``timing``) import nothing above them;
 * ``core/`` and ``decoding/`` are pure PyTorch: no transformers, no ``torch.distributed``, and no
   other package layer (``decoding/`` reaches models only through its ``CachedLM`` interface).
 
-The checker itself is tested on synthetic sources, so a broken checker cannot pass silently.
+The package also has no import cycle (lazy imports included): its import graph is checked for one.
+The checkers themselves are tested on synthetic sources, so a broken checker cannot pass silently.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ PKG = "nemodiff_train"
 ROOT = Path(__file__).resolve().parents[2] / PKG
 
 ENGINES = (f"{PKG}.engines.torch", f"{PKG}.engines.megatron")
-ABOVE_ENGINES = (f"{PKG}.eval", f"{PKG}.export", f"{PKG}.cli", f"{PKG}.orchestrate")
-LOWER = ("core", "decoding", "models", "data", "runs", "config")
+SIBLINGS = (f"{PKG}.eval", f"{PKG}.export", f"{PKG}.bench")  # above the engines, beside each other
+ABOVE_ENGINES = (*SIBLINGS, f"{PKG}.cli", f"{PKG}.orchestrate")
+LOWER = ("core", "decoding", "models", "data", "runs", "config", "tasks", "timing")
 PURE_TORCH_FORBIDDEN = ("transformers", "torch.distributed")
 TOP = (f"{PKG}.cli", f"{PKG}.orchestrate")
 
@@ -34,8 +37,7 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     (ENGINES[0], (ENGINES[1],), ()),
     (ENGINES[1], (ENGINES[0],), ()),
     (f"{PKG}.engines", ABOVE_ENGINES, ()),
-    (f"{PKG}.export", (f"{PKG}.engines", *TOP), ()),
-    (f"{PKG}.eval", (f"{PKG}.engines", *TOP), ()),
+    *[(s, (f"{PKG}.engines", *TOP, *(o for o in SIBLINGS if o != s)), ()) for s in SIBLINGS],
     *[(layer, ("megatron",), ()) for layer in (ENGINES[0], *ABOVE_ENGINES, *(f"{PKG}.{m}" for m in LOWER))],
     *[(f"{PKG}.{layer}", (f"{PKG}.engines", *ABOVE_ENGINES), ()) for layer in LOWER],
     (f"{PKG}.core", PURE_TORCH_FORBIDDEN + (f"{PKG}.",), (f"{PKG}.core",)),
@@ -124,6 +126,13 @@ def test_every_layer_is_checked():
     (f"{PKG}.eval.lm_eval_plugin", "from ..cli._console import quiet_libraries"),
     (f"{PKG}.orchestrate", "def f():\n    import megatron.bridge\n"),
     (f"{PKG}.export.writer", "from megatron.core import parallel_state"),
+    (f"{PKG}.export.writer", "def f():\n    from ..eval.loading import resolve_model_dir\n"),
+    (f"{PKG}.eval.loading", "from ..export.adapter import load_adapter_export"),
+    (f"{PKG}.eval.runner", "from ..bench.protocol import run_interleaved"),
+    (f"{PKG}.bench.runner", "from ..eval import tasks"),
+    (f"{PKG}.bench.runner", "from ..export.writer import export_dlm"),
+    (f"{PKG}.tasks.scoring", "from ..eval.report import print_table"),
+    (f"{PKG}.timing", "from .bench import runner"),
 ])
 def test_the_checker_catches_a_violation(module, source):
     assert violations(source, module), f"{source!r} in {module} should be refused"
@@ -132,7 +141,9 @@ def test_the_checker_catches_a_violation(module, source):
 @pytest.mark.parametrize("module, source", [
     (f"{PKG}.engines.torch.trainer", "from ...core.losses import joint_loss_parts\nfrom .. import TrainOutcome"),
     (f"{PKG}.engines.megatron.train", "from ... import runs\nfrom ...data.prepare import prepare"),
-    (f"{PKG}.export.writer", "from .. import runs\nfrom ..eval.stop_tokens import stop_token_ids"),
+    (f"{PKG}.export.writer", "from .. import runs\nfrom ..models.stop_tokens import stop_token_ids"),
+    (f"{PKG}.bench.runner", "from ..timing import run_interleaved\nfrom ..tasks import get_task"),
+    (f"{PKG}.eval.runner", "from ..models.loading import load_for_decoding\nfrom ..timing import TimedRun"),
     (f"{PKG}.core.noising", "from .masks import document_positions\nimport torch"),
     (f"{PKG}.decoding.ar", "from .interface import CachedLM"),
     (f"{PKG}.orchestrate", "from .engines.megatron.train import run\nfrom .export import export_checkpoint"),
@@ -141,3 +152,63 @@ def test_the_checker_catches_a_violation(module, source):
 ])
 def test_the_checker_allows_legitimate_imports(module, source):
     assert violations(source, module) == []
+
+
+def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
+    """``module -> modules of the package it imports`` (lazy imports included), from ``{module: (source, is_package)}``.
+
+    An import names the deepest module of ``sources`` it reaches (``from .x import f`` → ``x``). Edges to
+    the module's own enclosing packages are left out: Python imports those before the module anyway.
+    """
+    graph: dict[str, set[str]] = {m: set() for m in sources}
+    for module, (source, is_package) in sources.items():
+        for _, target in imports_of(source, module, is_package):
+            while target and target not in sources:
+                target = target.rpartition(".")[0]
+            if target and target != module and not _within(module, target):
+                graph[module].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle ``[a, b, ..., a]`` of ``graph``, or None (depth-first search, iterative)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    for root in sorted(graph):
+        if root in state:
+            continue
+        path, stack = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    sources = {module: (path.read_text(), is_package) for path, module, is_package in _package_modules()}
+    graph = import_graph(sources)
+    assert sum(map(len, graph.values())) > 100  # the graph was built (a broken resolver gives no edges)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_lazy_cycle_and_ignores_parent_packages():
+    p = f"{PKG}.export"
+    sources = {p: ("from .writer import export_dlm", True),
+               f"{p}.writer": ("from . import errors\ndef f():\n    from .adapter import export_adapter\n", False),
+               f"{p}.adapter": ("from .writer import export_dlm", False),
+               f"{p}.errors": ("", False)}
+    graph = import_graph(sources)
+    assert graph[f"{p}.writer"] == {f"{p}.errors", f"{p}.adapter"}  # `from . import errors`: not the package
+    cycle = find_cycle(graph)
+    assert cycle is not None and cycle[0] == cycle[-1] and sorted(cycle[1:]) == [f"{p}.adapter", f"{p}.writer"]
+    sources[f"{p}.adapter"] = ("from .errors import ExportError", False)
+    assert find_cycle(import_graph(sources)) is None

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nemodiff_train.config.load import ConfigError, compose, load_saved_config, save_config, to_config
+from nemodiff_train.config.errors import ConfigError
+from nemodiff_train.config.load import compose, load_saved_config, save_config, to_config
 from nemodiff_train.config.secrets import is_secret_key, redact, scrub_env_values, secret_env_interpolations
 
 pytestmark = pytest.mark.unit

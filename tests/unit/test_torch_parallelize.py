@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemodiff_train.config.load import ConfigError, compose
+from nemodiff_train.config.errors import ConfigError
+from nemodiff_train.config.load import compose
 from nemodiff_train.config.schema import Config
 from nemodiff_train.engines.torch.distributed import DistEnv
 from nemodiff_train.engines.torch.main_work import MainWork, MainWorkError

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import runs
-from ...config.load import ConfigError
+from ...config.errors import ConfigError
 from ...config.schema import Config
 from .model import build_provider
 

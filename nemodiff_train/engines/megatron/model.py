@@ -144,7 +144,7 @@ def _random_init_source(cfg: Config, src: Path) -> Path:
     """``engine.init_from=random``: ``src`` is used as is (config + tokenizer; weights, if any, are not
     read). An untied head is the provider's setting; a mask token outside the vocabulary cannot be
     added without weights to extend, so it is refused."""
-    from ...config.load import ConfigError
+    from ...config.errors import ConfigError
 
     problems = [r for r in _conversion_reasons(cfg, src) if r != UNTIE]
     if problems:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...config.load import ConfigError
+from ...config.errors import ConfigError
 from ...config.schema import Config
 from ...models.dtypes import torch_dtype
 from .distributed import DistEnv

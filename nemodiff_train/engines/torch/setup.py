@@ -72,7 +72,7 @@ def _add_adapter(dlm: DLMModel, cfg: Config, path: Path) -> None:
     """
     import json
 
-    from ...config.load import ConfigError
+    from ...config.errors import ConfigError
 
     base_rows = json.loads((path / "config.json").read_text()).get("vocab_size")
     rows = dlm.hf.get_input_embeddings().weight.shape[0]
@@ -109,7 +109,7 @@ def prepare_stage_data(cfg: Config, stage_index: int, run_dir: Path, work: MainW
     data = cfg.stages[stage_index].data
     current = data.kind == "distill" and data.distill.teacher == "current"
     if current and work.env.world_size > 1 and cfg.engine.distributed == "fsdp2":
-        from ...config.load import ConfigError
+        from ...config.errors import ConfigError
 
         raise ConfigError(f"stages.{stage_index}.data.distill.teacher: 'current' generates on rank 0 with the whole "
                           "model, but engine.distributed=fsdp2 shards it across ranks; use engine.distributed=ddp "

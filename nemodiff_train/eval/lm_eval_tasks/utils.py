@@ -2,7 +2,7 @@
 
 lm-eval imports this file by path for the YAML's ``!function`` entries, so it reads the held-out
 rows shipped in the package by their location, whatever the working directory, and scores with
-the same functions as ``nemodiff-eval``'s ``code_completion`` task (``nemodiff_train.eval.scoring``).
+the same functions as ``nemodiff-eval``'s ``code_completion`` task (``nemodiff_train.tasks.scoring``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def load_code_completion(**metadata):
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """``first_line_exact`` and ``ast_valid`` of one generated body (lm-eval passes ``[text]``)."""
-    from nemodiff_train.eval import scoring
+    from nemodiff_train.tasks import scoring
 
     (text,) = results
     first = scoring.first_nonempty_line

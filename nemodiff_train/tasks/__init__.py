@@ -1,5 +1,8 @@
 """Evaluation tasks: where the samples come from, how a prompt becomes token ids, how output is scored.
 
+Below ``eval/`` and ``bench/`` (``nemodiff-eval`` scores them, ``nemodiff-bench`` times its prompts), so
+neither imports the other.
+
 A task is small on purpose: ``samples()`` lists :class:`Sample` rows, ``render()`` turns one into
 prompt ids for a given tokenizer, ``score()`` grades one output text. The evaluator does the rest.
 
@@ -59,7 +62,7 @@ class Task:
         chat_template: wrap the prompt as a user turn with the tokenizer's chat template and
             ``add_generation_prompt``; ``None`` = when the tokenizer has a template.
         token_budget: compare at most this many reference tokens (see
-            :func:`~nemodiff_train.eval.scoring.token_accuracy`).
+            :func:`~nemodiff_train.tasks.scoring.token_accuracy`).
     """
 
     metric_names: tuple[str, ...] = ("exact_match", "token_accuracy")

@@ -1,7 +1,8 @@
 """The one definition of the tokens that end a generation (the *stop set*).
 
-The evaluator (``nemodiff-eval``), the lm-eval plugin and the exporter all take the stop set from
-:func:`stop_token_ids`, so an exported model stops under plain ``transformers`` ``generate()``
+The evaluator (``nemodiff-eval``), the lm-eval plugin, the benchmark, the distill stage's teacher and
+the exporter all take the stop set from :func:`stop_token_ids` (it lives in ``models/`` so that every
+one of those layers may import it), so an exported model stops under plain ``transformers`` ``generate()``
 exactly where ``nemodiff-eval`` stops: the exporter writes the set into ``generation_config.json``
 (``eos_token_id`` list) and makes every one of its tokens a special token of the saved tokenizer.
 

@@ -1,4 +1,5 @@
-"""The interleaved timing protocol shared by ``nemodiff-bench`` and ``nemodiff-eval``.
+"""The interleaved timing protocol shared by ``nemodiff-bench`` and ``nemodiff-eval`` (below both, so
+neither imports the other).
 
 Every timed run decodes the same prompts; the runs take turns chunk by chunk (one chunk = one decoder
 call, ``batch`` prompts or a single prompt), so a burst of load on a shared machine hits every mode

@@ -1,7 +1,8 @@
-"""Model loading shared by the evaluator and the lm-eval plugin.
+"""Loading a model for decoding, shared by ``nemodiff-eval``, the lm-eval plugin and ``nemodiff-bench``.
 
-Accepts a Hugging Face directory or a training run directory (``config.yaml`` + ``hf/``), picks the
-device and dtype, and collects every id that should end generation (:mod:`.stop_tokens`).
+Accepts a Hugging Face directory, an adapter export (:mod:`.adapter_export`) or a training run
+directory (``config.yaml`` + ``hf/``), picks the device and dtype, and collects every id that should
+end generation (:mod:`.stop_tokens`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from pathlib import Path
 import torch
 
 from .. import runs
-from ..models.dtypes import DTYPES
-from .stop_tokens import CHAT_END_TOKENS, stop_token_ids  # noqa: F401  - re-exported
+from .dtypes import DTYPES
+from .stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_model_dir", "pick_device", "pick_dtype", "eos_token_ids", "load_for_eval", "DTYPES"]
-
+__all__ = ["resolve_model_dir", "pick_device", "pick_dtype", "load_dlm_for_decoding", "load_for_decoding"]
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -56,13 +56,20 @@ def pick_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def eos_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
-    """Ids that end a generation: :func:`~nemodiff_train.eval.stop_tokens.stop_token_ids` (the one definition)."""
-    return stop_token_ids(tokenizer, generation_config)
+def load_dlm_for_decoding(hf_dir: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str):
+    """A full export or an adapter export (its base + the adapter, switched per pass by the decoders), in eval mode."""
+    from .adapter_export import is_adapter_export, load_adapter_export
+    from .hf import load_dlm
+
+    if is_adapter_export(hf_dir):
+        dlm = load_adapter_export(hf_dir, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    else:
+        dlm = load_dlm(hf_dir, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return dlm.eval()
 
 
-def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto",
-                  attn_implementation: str | None = None):
+def load_for_decoding(model: str | Path, dtype: str = "float32", device: str = "auto",
+                      attn_implementation: str | None = None):
     """Load a DLM for decoding.
 
     Args:
@@ -76,9 +83,8 @@ def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto
     """
     from transformers import AutoConfig
 
-    from ..models.arch import pick_attn_implementation
-    from ..models.cached import HFCachedLM
-    from ..models.hf import load_dlm
+    from .arch import pick_attn_implementation
+    from .cached import HFCachedLM
 
     hf_dir = resolve_model_dir(model)
     dev = pick_device(device)
@@ -90,15 +96,9 @@ def load_for_eval(model: str | Path, dtype: str = "float32", device: str = "auto
     # sdpa where the architecture has it (decoding masks change shape every call, which suits a dense
     # mask better than a BlockMask rebuilt per call), else eager; never a hard-coded kernel.
     attn = pick_attn_implementation(AutoConfig.from_pretrained(hf_dir), dev.type, attn_implementation, training=False)
-    from ..export.adapter import is_adapter_export, load_adapter_export
-
-    if is_adapter_export(hf_dir):  # a drafter adapter: its base + the adapter, switched per pass by the decoders
-        dlm = load_adapter_export(hf_dir, dtype=pick_dtype(dtype), device=dev, attn_implementation=attn)
-    else:
-        dlm = load_dlm(hf_dir, dtype=pick_dtype(dtype), device=dev, attn_implementation=attn)
-    dlm.eval()
+    dlm = load_dlm_for_decoding(hf_dir, pick_dtype(dtype), dev, attn)
     if dlm.tokenizer is None:
         raise ValueError(f"{hf_dir} has no tokenizer files; evaluation needs one to render prompts and decode outputs")
-    eos = eos_token_ids(dlm.tokenizer, getattr(dlm.hf, "generation_config", None))
+    eos = stop_token_ids(dlm.tokenizer, getattr(dlm.hf, "generation_config", None))
     log.info("loaded %s on %s (%s); eos ids %s; mask id %d", hf_dir, dev, dtype, eos, dlm.settings.mask_token_id)
     return dlm, HFCachedLM(dlm), eos, hf_dir
