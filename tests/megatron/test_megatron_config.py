@@ -43,11 +43,30 @@ def qwen3_config():
     return tiny_config("qwen3", tie=False, architectures=["Qwen3ForCausalLM"])
 
 
-MEGATRON_RECIPES = [r for r in list_recipes() if r.startswith("nld_")]
+# the six reference recipes (Nemotron-Labs-Diffusion's sizes x stages); variants (nld_8b_sft_distill) are
+# checked below on what they change
+MEGATRON_RECIPES = [r for r in list_recipes() if r.startswith("nld_") and r.count("_") == 2]
 
 
 def test_the_nld_recipes_are_shipped():
     assert sorted(MEGATRON_RECIPES) == sorted(f"nld_{s}_{k}" for s in ("3b", "8b", "14b") for k in ("pretrain", "sft"))
+    variants = sorted(set(r for r in list_recipes() if r.startswith("nld_")) - set(MEGATRON_RECIPES))
+    assert variants == ["nld_8b_sft_distill"]
+
+
+def test_the_distill_variant_is_nld_8b_sft_with_a_distill_stage(tmp_path):
+    """nld_8b_sft_distill (docs/distill.md): the same model, engine and parallelism as nld_8b_sft; its stage
+    trains on the untouched base's answers (kind distill, teacher base), which the Megatron engine reads
+    as SFT rows once they are generated."""
+    from nemodiff_train.engines.megatron.config import to_container
+
+    sft = compose(["recipe=nld_8b_sft", f"run.dir={tmp_path / 'a'}"])
+    distill = compose(["recipe=nld_8b_sft_distill", f"run.dir={tmp_path / 'b'}"])
+    assert distill.engine == sft.engine and distill.model == sft.model and distill.diffusion == sft.diffusion
+    (stage,) = distill.stages
+    assert stage.kind == stage.data.kind == "distill" and stage.data.distill.teacher == "base"
+    c = to_container(distill, hf_dir=None, hf_config=ministral3_config("8b"))
+    assert c.model.tensor_model_parallel_size == 4 and c.model.seq_length == 2 * stage.data.seq_len
 
 
 @pytest.mark.parametrize("recipe", MEGATRON_RECIPES)
