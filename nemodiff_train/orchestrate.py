@@ -100,7 +100,7 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
                                      limit=e.limit, max_new_tokens=e.max_new_tokens,
                                      block_size=e.block_size or cfg.diffusion.inference_block_size,
                                      threshold=e.threshold, seed=cfg.run.seed, batch_size=e.batch_size,
-                                     base_model=str(resolve_model_path(cfg.model.path)) if e.compare_base else None,
+                                     base_model=str(resolve_model_path(cfg.model.path, cfg.model.revision)) if e.compare_base else None,
                                      sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size),
                                                        list(e.sweep.tasks))))
     message(f"evaluation written to {out}")

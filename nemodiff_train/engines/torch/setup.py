@@ -16,6 +16,18 @@ from .main_work import MainWork
 __all__ = ["build_model", "build_teacher", "prepare_stage_data"]
 
 
+def _base_path(cfg: Config, work: MainWork) -> Path:
+    """``model.path`` at ``model.revision`` as a local directory (resolved once per node: the worker's
+    result file is what the node's other ranks read)."""
+    m = cfg.model
+    return Path(work.run("model", lambda: str(resolve_model_path(m.path, m.revision)), per_node=True))
+
+
+def _mask_token(cfg: Config) -> int | str:
+    m = cfg.model
+    return m.mask_token_id if m.mask_token_id is not None else m.mask_token
+
+
 def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLMModel:
     """Load the AR checkpoint as a float32 DLM (master weights); rank 0 records it in ``<run>/hf_base``.
 
@@ -26,14 +38,13 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     The compute dtype (``model.dtype``) is applied by :mod:`.parallelize`, never to the weights.
     """
     m = cfg.model
-    mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
     attn = m.attn_implementation  # None: load_dlm picks what the architecture supports (flex on CUDA, sdpa, eager)
-    path = Path(work.run("model", lambda: str(resolve_model_path(m.path, m.revision)), per_node=True))
+    path = _base_path(cfg, work)
     shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
     # a frozen base keeps its head as it is (tied or not): an untied copy would only cost memory
     untie = m.untie_head and cfg.adapter.name == "none"
-    dlm = load_dlm(path, mask_token=mask, untie_head=untie, dtype=torch.float32, attn_implementation=attn,
+    dlm = load_dlm(path, mask_token=_mask_token(cfg), untie_head=untie, dtype=torch.float32, attn_implementation=attn,
                    device="cpu" if shard_later else env.device,
                    settings={"train_block_size": d.block_size, "inference_block_size": d.inference_block_size,
                              "attention_pattern": d.pattern})
@@ -53,10 +64,10 @@ def build_teacher(cfg: Config, env: DistEnv, work: MainWork) -> DLMModel | None:
     if cfg.diffusion.teacher_kl <= 0:
         return None
     m = cfg.model
-    path = Path(work.run("teacher_model", lambda: str(resolve_model_path(m.path)), per_node=True))
-    mask = m.mask_token_id if m.mask_token_id is not None else m.mask_token
     dtype = torch.bfloat16 if m.dtype == "bfloat16" and env.device.type == "cuda" else torch.float32
-    teacher = load_dlm(path, mask_token=mask, untie_head=False, dtype=dtype, attn_implementation=m.attn_implementation,
+    # the same base as the student's, at the same pinned revision (model.revision)
+    teacher = load_dlm(_base_path(cfg, work), mask_token=_mask_token(cfg), untie_head=False, dtype=dtype,
+                       attn_implementation=m.attn_implementation,
                        device=env.device, settings={"train_block_size": cfg.diffusion.block_size})
     teacher.eval()
     for p in teacher.parameters():
