@@ -120,9 +120,9 @@ def export_any(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32
     card as a torch run. Other arguments as :func:`nemodiff_train.export.export_checkpoint`.
     """
     from .export import ExportError, export_checkpoint
-    from .export.writer import _check_out
+    from .export import check_replaceable
 
-    _check_out(Path(out), overwrite)  # before a long conversion: replace only an earlier export, never `out=.`
+    check_replaceable(Path(out), overwrite)  # before a long conversion: replace only an earlier export, never `out=.`
     try:
         with engine_of_run(checkpoint).export_source(Path(checkpoint), Path(out), overwrite=overwrite) as source:
             return export_checkpoint(source.path, out, dtype=dtype, remote_code=remote_code,

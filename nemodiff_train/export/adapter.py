@@ -28,8 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +80,17 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
     from .provenance import hub_snapshot, public_reference, relative_base_path
     from .remote_code import modeling_source
     from ..models.dtypes import DTYPES
-    from .writer import _check_out, _commit, _dtype_name, _version, nemodiff_record, write_model_files
+    from .output_dir import atomic_directory, check_replaceable
+    from .options import dtype_name
+    from .writer import nemodiff_record, package_version, write_model_files
 
     if dlm.adapter is None:
         raise ExportError("export_adapter: the model has no drafter adapter (adapter=lora)")
     if not (base_path or base_hub_id):
         raise ExportError("export_adapter: no base reference (a base path or a Hub id) to record")
     out = Path(out)
-    name = _dtype_name(dtype)
-    _check_out(out, overwrite)
+    name = dtype_name(dtype)
+    check_replaceable(out, overwrite)
     rows = read_eval_rows(Path(eval_json)) if eval_json is not None else None
     record = nemodiff_record(dlm, metadata, name)
     snapshot = hub_snapshot(str(base_path)) if base_path else None
@@ -102,7 +102,7 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
     if base_revision:
         record["base_model_revision"] = base_revision
     model_type = getattr(dlm.hf.config, "model_type", None)
-    source = modeling_source(model_type, _version()) if remote_code else None
+    source = modeling_source(model_type, package_version()) if remote_code else None
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_hub_id or relative,
         "revision": base_revision,
@@ -110,10 +110,7 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
         "target_modules": list(dlm.adapter.target_modules), "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
         "nemodiff": record}
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_directory(out, verify=_verify_adapter) as tmp:
         tensors = {k: v.detach().to(device="cpu", dtype=DTYPES[name]).contiguous()
                    for k, v in peft_state_dict(dlm.adapter).items()}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -122,12 +119,15 @@ def export_adapter(dlm, out: str | Path, *, base_path: str | None, base_hub_id: 
         if getattr(dlm.hf, "generation_config", None) is not None:
             dlm.hf.generation_config.save_pretrained(tmp)
         write_model_files(tmp, dlm, record, name, source, model_type, rows)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.debug("exported adapter %s", out)
     return out
+
+
+def _verify_adapter(folder: Path) -> None:
+    """The files an adapter export cannot load without are there (a guard against a partial save)."""
+    missing = [f for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "config.json") if not (folder / f).is_file()]
+    if missing:
+        raise ExportError(f"adapter export incomplete: {missing} not written")
 
 
 def export_merged(dlm, out: str | Path, **kwargs) -> Path:

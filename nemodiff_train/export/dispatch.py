@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .. import runs
 from .errors import ExportError
-from .writer import DEFAULT_MAX_SHARD_SIZE, _check_out, _dtype_name, _shard_size, export_dlm
+from .output_dir import check_replaceable
+from .options import DEFAULT_MAX_SHARD_SIZE, dtype_name, shard_size
+from .writer import export_dlm
 
 __all__ = ["export_checkpoint"]
 
@@ -33,14 +35,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     from .checkpoint import load_source, resolve_source
 
     out = Path(out)
-    _dtype_name(dtype)
-    _shard_size(max_shard_size)
+    dtype_name(dtype)
+    shard_size(max_shard_size)
     if runs.is_megatron_run(checkpoint):  # its engine converts it first; export/ imports no engine
         raise ExportError(f"{checkpoint} is a Megatron run directory: export it with nemodiff-export "
                           "(nemodiff_train.orchestrate.export_any), which converts its checkpoint first")
     src = resolve_source(checkpoint)
     protect = [Path(checkpoint)] + [p for p in (src.run_dir, src.ckpt_dir, src.hf_dir) if p is not None]
-    _check_out(out, overwrite, protect)
+    check_replaceable(out, overwrite, protect)
     if eval_json is None and src.run_dir is not None and (src.run_dir / runs.EVAL_DIR / runs.EVAL_JSON).is_file():
         eval_json = src.run_dir / runs.EVAL_DIR / runs.EVAL_JSON
     adapter = _export_adapter_source(src, out, dtype=dtype, metadata=metadata, remote_code=remote_code,

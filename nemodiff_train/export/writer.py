@@ -12,17 +12,14 @@ Stop tokens: ``generation_config.json`` lists the toolkit's whole stop set
 and each of those tokens is a special token of the saved tokenizer, so plain ``generate()`` and the
 remote code's ``generate(mode=...)`` stop where ``nemodiff-eval`` stops.
 
-Everything is written into ``<out>.tmp-<pid>`` and renamed to ``out`` at the end; a failure removes
-the temporary directory, so ``out`` is either the complete export or untouched.
+Everything is written through :func:`.output_dir.atomic_directory`, so ``out`` is either the complete,
+verified export or untouched.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,72 +28,20 @@ import torch
 
 from .. import runs
 from ..config.secrets import redact, scrub_env_values
-from ..models.dtypes import ALIASES, DTYPES
+from ..models.dtypes import DTYPES
 from ..faults import fault_point
 from .errors import ExportError
+from .options import DEFAULT_MAX_SHARD_SIZE, dtype_name, shard_size
+from .output_dir import atomic_directory, check_replaceable
 from .provenance import public_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_dlm", "training_metadata"]
-
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+__all__ = ["export_dlm", "training_metadata", "nemodiff_record", "write_model_files", "package_version"]
 
 
-def _dtype_name(dtype: str | torch.dtype) -> str:
-    """The canonical name (a key of :data:`~nemodiff_train.models.dtypes.DTYPES`); fp32 / bf16 accepted too."""
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    if ALIASES.get(dtype, dtype) not in DTYPES:
-        raise ExportError(f"dtype {dtype!r} is not supported; choose float32 or bfloat16")
-    return ALIASES.get(dtype, dtype)
-
-
-_SIZE = re.compile(r"^\d+(\.\d+)?[KMGT]B$")
-
-
-def _shard_size(value: str | int) -> str | int:
-    """``max_shard_size`` as save_pretrained takes it: bytes (int or digit string) or e.g. ``500MB``, ``5GB``."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and _SIZE.match(value.strip().upper()):
-        return value.strip().upper()
-    raise ExportError(f"max_shard_size {value!r} is not a size (e.g. 500MB, 5GB, or a number of bytes)")
-
-
-def is_earlier_export(path: Path) -> bool:
-    """``path`` holds an export of this toolkit: a ``config.json`` with a ``nemodiff`` record, or an
-    adapter export (``adapter_config.json`` with one). Only such a directory may be replaced."""
-    for name in ("config.json", "adapter_config.json"):
-        try:
-            record = json.loads((Path(path) / name).read_text()).get("nemodiff")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(record, dict) and record:
-            return True
-    return False
-
-
-def _check_out(out: Path, overwrite: bool, protect: list[Path] = ()) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"out {out} exists and is not a directory")
-    resolved = out.resolve()
-    for p in protect:
-        p = Path(p).resolve()
-        if p == resolved or resolved in p.parents:
-            raise ExportError(f"out {out} would replace the checkpoint it exports from ({p}); choose another directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"out {out} exists and is not empty; pass overwrite=true to replace it")
-        if not is_earlier_export(out):  # overwrite replaces what we wrote, never `out=.` or `out=$HOME`
-            raise ExportError(f"out {out.resolve()} is not an earlier nemodiff export (no config.json with a "
-                              "'nemodiff' record, no adapter export): overwrite=true replaces only those; "
-                              "choose an empty or new directory (nothing was changed)")
-
-
-def _version() -> str:
+def package_version() -> str:
+    """This toolkit's version, recorded in every export and stamped into its remote code."""
     from .. import __version__
 
     return __version__
@@ -125,7 +70,7 @@ def nemodiff_record(dlm, metadata: dict | None, dtype: str) -> dict[str, Any]:
     rec.setdefault("recipe", None)
     if not rec.get("data_sources"):
         rec["data_sources"] = _data_sources(rec.get("stages"))
-    rec["nemodiff_version"] = _version()
+    rec["nemodiff_version"] = package_version()
     rec["export_dtype"] = dtype
     # published: no absolute local path (.provenance), no credential key, no secret environment value
     return _json_safe(scrub_env_values(redact(public_record(rec))))
@@ -257,18 +202,6 @@ def _verify(folder: Path) -> None:
         raise ExportError(f"export incomplete: {missing} not written")
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    if out.is_dir() and any(out.iterdir()):
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out.is_dir():
-        out.rmdir()
-    tmp.rename(out)
-
-
 def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict | None = None,
                remote_code: bool = False, eval_json: str | Path | None = None, overwrite: bool = False,
                max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, _protect: list[Path] = ()) -> Path:
@@ -294,32 +227,17 @@ def export_dlm(dlm, out: str | Path, *, dtype: str = "float32", metadata: dict |
     from .remote_code import modeling_source
 
     out = Path(out)
-    name = _dtype_name(dtype)
-    max_shard_size = _shard_size(max_shard_size)
-    _check_out(out, overwrite, list(_protect))
+    name = dtype_name(dtype)
+    max_shard_size = shard_size(max_shard_size)
+    check_replaceable(out, overwrite, _protect)
     rows = read_eval_rows(Path(eval_json)) if eval_json is not None else None
     record = nemodiff_record(dlm, metadata, name)
     model_type = getattr(dlm.hf.config, "model_type", None)
-    source = modeling_source(model_type, _version()) if remote_code else None  # fails before writing
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    created = [p for p in reversed(tmp.parents) if not p.exists()]  # removed again on failure
-    try:
-        tmp.mkdir(parents=True)
+    source = modeling_source(model_type, package_version()) if remote_code else None  # fails before writing
+    with atomic_directory(out, verify=_verify) as tmp:
         _save_weights(dlm.hf, tmp, DTYPES[name], max_shard_size)
         fault_point("export")  # NEMODIFF_FAULT=export:<n>: a fault with the weights half-exported
         write_model_files(tmp, dlm, record, name, source, model_type, rows)
-        _verify(tmp)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in reversed(created):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        raise
     # debug: the CLIs (nemodiff-export, the trainer's export at the end) print their own one line
     log.debug("exported %s (%s%s)", out, name, ", remote code" if remote_code else "")
     return out
