@@ -64,25 +64,25 @@ def test_adapter_run_trains_only_the_adapter_and_exports_it(assets, adapter_run)
             assert got == ref, (mode, prompt)
 
 
-def test_adapter_run_resumes_exactly_from_its_adapter_checkpoint(assets, tmp_path):
-    """Killed in step 7 (NEMODIFF_FAULT), the run resumes from its adapter-only step-6 checkpoint (the
-    frozen base reloaded from model.path) and logs the uninterrupted run's losses for steps 7 and 8."""
+def test_adapter_run_resumes_exactly_from_its_adapter_checkpoint(assets, adapter_run, tmp_path):
+    """Killed in step 5 (NEMODIFF_FAULT), the run resumes from its adapter-only step-4 checkpoint (the
+    frozen base reloaded from model.path) and logs the uninterrupted run's losses for steps 5 and 6
+    (the module's adapter run: same recipe and steps; its export settings do not touch training)."""
     import subprocess
     import sys
 
     from tests.integration.test_train_cli import _env
 
-    ref = tmp_path / "ref"
-    _train(_args(assets, ref, "stages.0.steps=8", "export.at_end=false"))
     run = tmp_path / "killed"
-    args = _args(assets, run, "stages.0.steps=8", "export.at_end=false")
+    args = _args(assets, run, "export.at_end=false")
     killed = subprocess.run([sys.executable, "-m", "nemodiff_train.cli.train", *args], capture_output=True,
-                            text=True, env=dict(_env(), NEMODIFF_FAULT="step:7:kill"), timeout=600)
-    assert killed.returncode != 0 and (run / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+                            text=True, env=dict(_env(), NEMODIFF_FAULT="step:5:kill"), timeout=600)
+    assert killed.returncode != 0 and (run / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    assert not (run / "checkpoints" / "step_00000006").exists()
     out = _train(args)
     assert "resuming from" in out.stdout + out.stderr
-    a, b = _train_losses(run), _train_losses(ref)
-    for step in (7, 8):
+    a, b = _train_losses(run), _train_losses(adapter_run)
+    for step in (5, 6):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-7), step
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-6, abs=1e-7), step
 
@@ -148,7 +148,7 @@ def test_adapter_export_through_transformers_trust_remote_code(assets, adapter_r
     assert got["modes"]["linear_spec"] == got["base"] and got["modes"]["quadratic_spec"] == got["base"]
 
 
-def test_check_against_base_tool_compares_with_plain_generate(assets, adapter_run, tmp_path):
+def test_check_against_base_tool_compares_with_plain_generate(assets, adapter_run, tmp_path, capsys):
     """tools/check_against_base.py: the adapter's self-speculation outputs from nemodiff-eval equal plain
     transformers generate() of the untouched base (exit 0); one altered output token is caught (exit 1)."""
     import subprocess
@@ -174,5 +174,12 @@ def test_check_against_base_tool_compares_with_plain_generate(assets, adapter_ru
     victim = next(s for s in samples if s["mode"] == "quadratic_spec")
     victim["output_ids"][-1] += 1
     (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    bad = subprocess.run(tool, capture_output=True, text=True, env=_env(), timeout=600)
-    assert bad.returncode == 1 and "MISMATCH" in bad.stdout and "3 of 4 samples" in bad.stdout, bad.stdout
+    # the same tool in this process (its main(argv); the command line ran above): one process start less
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_against_base", root / "tools" / "check_against_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(tool[2:]) == 1
+    printed = capsys.readouterr().out
+    assert "MISMATCH" in printed and "3 of 4 samples" in printed, printed

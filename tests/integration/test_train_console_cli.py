@@ -21,7 +21,8 @@ def test_two_stage_log_reads_top_to_bottom(tmp_path):
     cmd = [sys.executable, "-m", "nemodiff_train.cli.train", "recipe=demo_cpu", f"run.dir={run}",
            "stages.0.steps=2", "stages.1.steps=2", "stages.0.data.max_documents=20",
            "stages.1.data.max_documents=200", "logging.every=1", "logging.val_every=2", "logging.val_batches=1",
-           "checkpoint.every=2", "eval.at_end=false"]
+           "checkpoint.every=2", "eval.at_end=false",
+           "eval.probe.samples=1", "eval.probe.max_new_tokens=24"]  # a short probe: its log lines, not its TPF
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
