@@ -116,7 +116,9 @@ class TwoStreamCoreAttention(torch.nn.Module):
     """Drop-in ``core_attention`` for Megatron's ``SelfAttention`` (same constructor and forward).
 
     forward: ``query [2L, b, np, hn]``, ``key/value [2L, b, ng, hn]`` (RoPE not applied),
-    ``attention_mask`` = ``[b, L]`` doc ids or None → ``[2L, b, np·hn]``.
+    ``attention_mask`` = ``[b, L]`` doc ids or None → ``[2L, b, np·hn]``; with CP, ``2L/cp`` local
+    positions and the whole row's doc ids, ``[b, L]`` or ``[b, L, k]`` (k equal columns: the layout
+    that survives a multimodal wrapper's own CP slicing, see :mod:`.step`).
     """
 
     _cache: "_Prepared | None" = None  # shared by every layer of the process
@@ -158,12 +160,14 @@ class TwoStreamCoreAttention(torch.nn.Module):
 
         return dist.get_world_size(g), dist.get_rank(g)
 
-    def _prepare(self, doc_ids: torch.Tensor | None, b: int, length: int, device, dtype) -> _Prepared:
+    def _prepare(self, mask_arg: torch.Tensor | None, b: int, length: int, device, dtype) -> _Prepared:
+        """Tables and mask for the ``attention_mask`` argument ``mask_arg`` (cached on its identity)."""
         cp, cp_rank = self._cp()
         c = TwoStreamCoreAttention._cache
-        if c is not None and c.key_ref() is not None and c.key_ref() is doc_ids and c.cos.dtype == dtype \
+        if c is not None and c.key_ref() is not None and c.key_ref() is mask_arg and c.cos.dtype == dtype \
                 and c.cos.device == device and c.cp_key == (cp, cp_rank):
             return c
+        doc_ids = mask_arg[..., 0] if mask_arg is not None and mask_arg.dim() == 3 else mask_arg
         if doc_ids is None:
             pos = torch.arange(length, device=device).expand(b, length)
         else:
@@ -190,7 +194,7 @@ class TwoStreamCoreAttention(torch.nn.Module):
             mask = flex_block_mask(self.pattern, layout, b, device=device)
         else:
             mask = dense_mask(self.pattern, layout, b, device=device)
-        key_ref = weakref.ref(doc_ids) if doc_ids is not None else (lambda: None)
+        key_ref = weakref.ref(mask_arg) if mask_arg is not None else (lambda: None)
         prepared = _Prepared(key_ref, cos, sin, qscale, mask, "flex" if flex else "sdpa", (cp, cp_rank))
         if doc_ids is not None:
             TwoStreamCoreAttention._cache = prepared
@@ -207,12 +211,12 @@ class TwoStreamCoreAttention(torch.nn.Module):
         cp = self._cp()[0]
         if (s * cp) % 2:
             raise ValueError(f"two-stream rows have even length 2L, got {s * cp}")
-        doc_ids = attention_mask if (attention_mask is not None and attention_mask.dtype != torch.bool) else None
+        mask_arg = attention_mask if (attention_mask is not None and attention_mask.dtype != torch.bool) else None
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             raise ValueError("pass the [b, L] document ids (or None) as attention_mask, not a boolean mask")
         length = s * cp // 2
-        p = self._prepare(doc_ids, b, length, query.device, query.dtype)
-        q = query.permute(1, 2, 0, 3)  # [b, np, 2L, hn]
+        p = self._prepare(mask_arg, b, length, query.device, query.dtype)
+        q = query.permute(1, 2, 0, 3)  # [b, np, 2L/cp, hn]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         q = q * p.cos + rotate_half(q) * p.sin
@@ -234,7 +238,7 @@ class TwoStreamCoreAttention(torch.nn.Module):
                 log.warning("flex-attention failed (%s: %s); falling back to SDPA with a dense mask",
                             type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
                 TwoStreamCoreAttention._cache = None
-                p = self._prepare(doc_ids, b, length, query.device, query.dtype)
+                p = self._prepare(mask_arg, b, length, query.device, query.dtype)
         if out is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=p.mask, dropout_p=self.dropout if self.training else 0.0,

@@ -300,10 +300,6 @@ def provider_overrides(cfg: Config, hf, stage_index: int, *, cpu: bool = False, 
     dtype = torch.bfloat16 if bf16 else torch.float32
     if e.recompute not in (None, "selective", "full"):
         raise ValueError(f"engine.recompute: {e.recompute!r} is not one of [null, selective, full]")
-    if multimodal and e.cp > 1:
-        raise ValueError("engine.cp: context parallelism is not supported for multimodal wrappers (Ministral-3): "
-                         "the wrapper builds the language model's input over the whole sequence on every rank; "
-                         "use engine.cp=1 with tp/pp")
     values: dict[str, Any] = {
         SETTINGS_ATTR: {
             "pattern": cfg.diffusion.pattern,

@@ -22,7 +22,10 @@ row), then each CP rank keeps its positions of ``[x_t ; x_0]`` in Megatron's ord
 (:func:`.context_parallel.split_for_cp`): tokens, positions, labels, and the loss masks restricted to
 the positions it owns. Each rank's sums and counts cover its own positions only; Megatron adds
 numerators, token counts and reports over the data × context-parallel group (``dp_cp``), so the
-result is the one-rank step's.
+result is the one-rank step's. A multimodal wrapper (Ministral-3) slices its inputs for CP itself,
+after merging image embeddings, with the same Megatron function and order: it gets the whole row,
+and the document ids as ``[b, L, 2·cp]`` (equal columns), so that its slice along dimension 2 (what
+Megatron does to an ``attention_mask``) leaves every row's ids whole for the attention.
 """
 
 from __future__ import annotations
@@ -52,13 +55,20 @@ class StepBatch:
     mask_prob: torch.Tensor  # [b, L]
     supervised: torch.Tensor  # [b, L] bool, AR targets that count (with CP: only the clean positions held here)
     local_positions: torch.Tensor | None = None  # [2L/cp] global positions held here (None: no CP)
+    attention_mask: torch.Tensor | None = None  # what the model gets as attention_mask (None: doc_ids)
+
+    @property
+    def model_attention_mask(self) -> torch.Tensor:
+        return self.doc_ids if self.attention_mask is None else self.attention_mask
 
 
 def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, block_size: int,
-               half_life_ratio: float, device: torch.device | str, cp: int = 1, cp_rank: int = 0) -> StepBatch:
+               half_life_ratio: float, device: torch.device | str, cp: int = 1, cp_rank: int = 0,
+               model_slices: bool = False) -> StepBatch:
     """Noise a collated sample dict (``tokens``, ``doc_ids``, ``loss_mask``, ``sample_index``, ``noise_seed``).
 
-    With ``cp > 1`` the whole row is noised, then this rank's positions are kept (module docstring).
+    With ``cp > 1`` the whole row is noised, then this rank's positions are kept (module docstring);
+    ``model_slices``: the model slices the inputs itself (multimodal wrappers), so they stay whole.
     """
     x0 = sample["tokens"].long().cpu()
     doc = sample["doc_ids"].long().cpu()
@@ -80,10 +90,15 @@ def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, b
         owned = torch.zeros(2 * length, dtype=torch.bool)
         owned[local] = True
         masked, supervised = masked & owned[:length], supervised & owned[length:]
-    ids, pos, labels = (split_for_cp(t, cp, cp_rank) for t in (inputs.input_ids, inputs.position_ids, labels))
+    ids, pos, attn = inputs.input_ids, inputs.position_ids, None
+    if cp > 1 and model_slices:
+        attn = doc.unsqueeze(-1).expand(*doc.shape, 2 * cp).contiguous()
+    elif cp > 1:
+        ids, pos, labels = (split_for_cp(t, cp, cp_rank) for t in (ids, pos, labels))
     dev = torch.device(device)
     return StepBatch(ids.to(dev), pos.to(dev), doc.to(dev), labels.to(dev), masked.to(dev), noise.mask_prob.to(dev),
-                     supervised.to(dev), None if local is None else local.to(dev))
+                     supervised.to(dev), None if local is None else local.to(dev),
+                     None if attn is None else attn.to(dev))
 
 
 def loss_from_token_ce(token_ce: torch.Tensor, batch: StepBatch) -> LossParts:
@@ -122,10 +137,11 @@ class TwoStreamForwardStep:
         sample = next(data_iterator)
         device = _device_of(model)
         cp, cp_rank = _context_parallel()
-        batch = make_batch(sample, device=device, cp=cp, cp_rank=cp_rank, **self.noise_kw)
+        batch = make_batch(sample, device=device, cp=cp, cp_rank=cp_rank, model_slices=_slices_for_cp(model),
+                           **self.noise_kw)
         _account_flops(state, batch.input_ids)
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.doc_ids,
-                    labels=batch.labels)
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                    attention_mask=batch.model_attention_mask, labels=batch.labels)
         if isinstance(out, tuple):  # multimodal wrappers return (output, loss_mask)
             out = out[0]
         return out, partial(self.loss_func, batch)
@@ -154,6 +170,16 @@ def _context_parallel() -> tuple[int, int]:
     if not parallel_state.model_parallel_is_initialized():
         return 1, 0
     return parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+
+
+def _slices_for_cp(model) -> bool:
+    """Whether the model slices its inputs for CP itself: the multimodal wrappers (a ``language_model``
+    inside, e.g. Megatron-Bridge's ``Ministral3Model``) do; Megatron's ``GPTModel`` does not."""
+    if isinstance(model, (list, tuple)):
+        model = model[0]
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DDP / Float16Module wrappers
+    return getattr(model, "language_model", None) is not None
 
 
 def _device_of(model) -> torch.device:

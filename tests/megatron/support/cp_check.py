@@ -3,7 +3,8 @@
     python -m tests.megatron.support.cp_check --work DIR --out result.json [--nccl]
 
 Spawns two processes (gloo on CPU; ``--nccl`` on two GPUs). Each builds the Megatron model of a tiny
-Qwen3 with the engine's own provider (:func:`nemodiff_train.engines.megatron.model.build_provider`,
+Qwen3 (Megatron's ``GPTModel``: the forward step slices the row) and of a tiny Ministral-3 (the
+multimodal wrapper, which slices the row itself) with the engine's own provider (:func:`nemodiff_train.engines.megatron.model.build_provider`,
 HF weights loaded) and runs the engine's forward step and loss function
 (:class:`nemodiff_train.engines.megatron.step.TwoStreamForwardStep`) on the same micro-batch, twice:
 
@@ -13,7 +14,7 @@ HF weights loaded) and runs the engine's forward step and loss function
 2. ``context_parallel_size=1`` (the two processes are then two data-parallel replicas of the same
    batch): the whole row on one rank.
 
-Rank 0 writes both results and their largest differences to ``--out``; it judges nothing
+Rank 0 writes both results per family and their largest gradient differences to ``--out``; it judges nothing
 (tests/megatron/test_megatron_context_parallel.py asserts). Separate processes: Megatron's parallel
 state is global.
 """
@@ -65,6 +66,8 @@ def _one_setting(cfg, hf_dir: Path, cp: int, device):
                                     block_size=d.block_size, half_life_ratio=d.half_life_ratio, alpha=d.alpha,
                                     beta=d.beta)
         out, loss_func = step(None, iter([_sample(96)]), net)
+        if isinstance(out, tuple):  # multimodal wrappers return (output, loss_mask)
+            out = out[0]
         num, count, report = loss_func(out)
         num.backward()
         group = parallel_state.get_context_parallel_group()
@@ -80,6 +83,16 @@ def _one_setting(cfg, hf_dir: Path, cp: int, device):
         return dict(zip(keys, sums.tolist())), grads, list(out.shape)
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def _compare(cfg, hf_dir: Path, device) -> dict:
+    cp2, g2, shape2 = _one_setting(cfg, hf_dir, 2, device)
+    cp1, g1, shape1 = _one_setting(cfg, hf_dir, 1, device)
+    grad_diff = {n: float((g2[n] - g1[n]).abs().max()) for n in g1}
+    grad_scale = {n: float(g1[n].abs().max()) for n in g1}
+    return {"cp2": cp2, "cp1": cp1, "local_ce_shape_cp2": shape2, "ce_shape_cp1": shape1,
+            "max_grad_abs_diff": max(grad_diff.values()), "max_grad_abs": max(grad_scale.values()),
+            "params": len(g1), "trained_params": sum(1 for n in g1 if grad_scale[n] > 0)}
 
 
 def _worker(rank: int, world: int, port: int, work: str, out: str, nccl: bool):
@@ -105,15 +118,20 @@ def _worker(rank: int, world: int, port: int, work: str, out: str, nccl: bool):
         if rank == 0:
             save_tiny_model(hf_dir, "qwen3", tie=False, initializer_range=0.3)
         dist.barrier()
-        cfg = compose(["recipe=tiny_cpu", "engine=megatron", "engine.device=cpu", f"run.dir={work}/run",
-                       "model.mask_token_id=5", f"model.path={hf_dir}", "diffusion.block_size=4"])
-        cp2, g2, shape2 = _one_setting(cfg, hf_dir, 2, device)
-        cp1, g1, shape1 = _one_setting(cfg, hf_dir, 1, device)
-        grad_diff = {n: float((g2[n] - g1[n]).abs().max()) for n in g1}
-        grad_scale = {n: float(g1[n].abs().max()) for n in g1}
-        result = {"ok": True, "cp2": cp2, "cp1": cp1, "local_ce_shape_cp2": shape2, "ce_shape_cp1": shape1,
-                  "max_grad_abs_diff": max(grad_diff.values()), "max_grad_abs": max(grad_scale.values()),
-                  "params": len(g1), "backend": dist.get_backend()}
+        result = {"ok": True, "backend": dist.get_backend()}
+        for family, src in (("qwen3", hf_dir), ("ministral3", Path(work) / "ministral3")):
+            cfg = compose(["recipe=tiny_cpu", "engine=megatron", "engine.device=cpu", f"run.dir={work}/run_{family}",
+                           "model.mask_token_id=5", f"model.path={src}", "diffusion.block_size=4"])
+            if family == "ministral3":
+                from nemodiff_train.engines.megatron.model import prepare_init_checkpoint
+                from tests.megatron.test_megatron_model_parity import _tiny_ministral3
+
+                if rank == 0:
+                    _tiny_ministral3(src)
+                dist.barrier()
+                src = prepare_init_checkpoint(cfg, Path(work) / f"run_{family}", rank == 0, src=src)
+                dist.barrier()
+            result[family] = _compare(cfg, src, device)
     except Exception as e:  # reported, judged by the test
         result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     finally:
