@@ -1,7 +1,8 @@
 """The Megatron engine with context parallelism (cp = 2, 2 gloo processes) equals cp = 1.
 
-:mod:`tests.megatron.support.cp_check` builds the engine's own Megatron model (tiny Qwen3, HF weights,
-packed documents, an SFT-style prompt) and runs the engine's forward step and loss function at
+:mod:`tests.megatron.support.cp_check` builds the engine's own Megatron models (tiny Qwen3:
+Megatron's ``GPTModel``, whose row the forward step slices; tiny Ministral-3: the multimodal wrapper,
+which slices the row itself) with HF weights, on packed documents with an SFT-style prompt, and runs the engine's forward step and loss function at
 ``context_parallel_size`` 2 and 1 on the same batch. With cp = 2 each rank holds half of every
 ``[x_t ; x_0]`` row in Megatron's order; sums, token counts and gradients summed over the CP group
 (Megatron's ``dp_cp`` reductions) must equal the one-rank step's. Subprocess: Megatron's parallel
