@@ -75,3 +75,17 @@ def test_unknown_model_needs_its_config(tmp_path, capsys):
     assert lcm.main(["recipe=tiny_cpu", "engine=megatron", "model.path=org/unknown", "--gpus", "8",
                      "--hf-config", str(tmp_path / "config.json"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["shape"] == {**vars(shape)}
+
+
+def test_the_published_figures_are_the_tools():
+    """README's table, docs/long_context.md's and the 8B recipes' headers quote this formula's numbers."""
+    root = Path(__file__).resolve().parents[2]
+    readme, doc = (root / "README.md").read_text(), (root / "docs" / "long_context.md").read_text()
+    headers = {n: (root / "recipes" / f"{n}.yaml").read_text() for n in ("nld_8b_pretrain", "nld_8b_sft",
+                                                                         "nld_8b_longctx")}
+    for r in lcm.table(M8B, NLD8B):
+        no, full = f"{r['L_recipe_recompute']:,}", f"{r['L_full_recompute']:,}"
+        assert f"| {r['cp']} | {r['gpus_per_replica']} | {no} | {full}" in readme
+        assert f"| {r['cp']} | {r['gpus_per_replica']} | {no} | {full}" in doc
+        for name, text in headers.items():
+            assert f"cp={r['cp']}: {no} / {full}" in text.replace("\n#  ", "").replace("engine.cp=1", "cp=1"), name
