@@ -139,7 +139,7 @@ class TwoStreamForwardStep:
         cp, cp_rank = _context_parallel()
         batch = make_batch(sample, device=device, cp=cp, cp_rank=cp_rank, model_slices=_slices_for_cp(model),
                            **self.noise_kw)
-        _account_flops(state, batch.input_ids)
+        _account_flops(state, batch.input_ids, 2 * batch.doc_ids.shape[1])
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                     attention_mask=batch.model_attention_mask, labels=batch.labels)
         if isinstance(out, tuple):  # multimodal wrappers return (output, loss_mask)
@@ -190,12 +190,12 @@ def _device_of(model) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _account_flops(state, tokens: torch.Tensor) -> None:
-    """Feed Megatron-Bridge's throughput/TFLOPs logging (sequence = 2L tokens); optional."""
+def _account_flops(state, tokens: torch.Tensor, row_length: int) -> None:
+    """Feed Megatron-Bridge's throughput/TFLOPs logging (sequence = the whole 2L row, also under CP); optional."""
     try:
         from megatron.bridge.training.utils.flop_utils import accumulate_flops_metadata
         from megatron.core.utils import get_model_config  # noqa: F401
 
-        accumulate_flops_metadata(state, tokens, vp_stage=None, config_seq_len=tokens.shape[1])
+        accumulate_flops_metadata(state, tokens, vp_stage=None, config_seq_len=row_length)
     except Exception:  # reporting only; older/newer bridges differ
         pass
