@@ -9,9 +9,10 @@ which slices the row itself) with HF weights, on packed documents with an SFT-st
 state is global, and the test needs two ranks.
 
 A second test runs Megatron-Bridge's real ``pretrain()`` (:mod:`tests.megatron.support.cpu_train`, CPU
-emulation) twice on the tiny_cpu recipe: one process with cp = 1, and two processes (torchrun) with
-``engine.cp=2``; every logged loss, the gradient norm (after the first optimizer step too) and the
-validation losses of ``metrics.jsonl`` must agree.
+emulation) on the tiny_cpu recipe: one process with cp = 1, and two processes (torchrun) with ``engine.cp=2`` in
+two jobs (stopped by SIGTERM after the first step, then resumed from its checkpoint); every logged
+loss, the gradient norm (after the first optimizer step too) and the validation losses of
+``metrics.jsonl`` must agree.
 """
 
 from __future__ import annotations
@@ -72,13 +73,16 @@ def test_pretrain_with_cp2_logs_the_losses_of_cp1(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runs = {1: [sys.executable, "-m", "tests.megatron.support.cpu_train", *args, f"run.dir={tmp_path / 'cp1'}"],
-            2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "-m", "tests.megatron.support.cpu_train", "--torchrun", *args, "engine.cp=2",
-                f"run.dir={tmp_path / 'cp2'}"]}
-    for cp, cmd in runs.items():
+    one_rank = [sys.executable, "-m", "tests.megatron.support.cpu_train", *args, f"run.dir={tmp_path / 'cp1'}"]
+    two_ranks = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                 "-m", "tests.megatron.support.cpu_train", "--torchrun", *args, "engine.cp=2",
+                 f"run.dir={tmp_path / 'cp2'}"]
+    # cp = 2 in two jobs: SIGTERM after the first step (checkpoint, exit 0), then the same command resumes
+    # (cpu_train's --signal is left at SIGTERM: torchrun's parser would take "--signal" for its own option)
+    for cmd in (one_rank, two_ranks + ["--sigterm-at-step", "0"], two_ranks):
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, (cp, (p.stdout + p.stderr)[-3000:])
+        assert p.returncode == 0, (cmd, (p.stdout + p.stderr)[-3000:])
+    assert "at iteration 1" in p.stdout + p.stderr  # the second cp = 2 job resumed from the first one's checkpoint
     one, two = _metrics(tmp_path / "cp1"), _metrics(tmp_path / "cp2")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 2]  # two steps, then validation
     for a, b in zip(one, two):

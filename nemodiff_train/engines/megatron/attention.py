@@ -11,14 +11,15 @@ inference), before attending with the pattern of :mod:`nemodiff_train.core.masks
 * CPU (and the fallback): SDPA with the dense boolean mask.
 
 The "attention mask" Megatron hands through its layers is, for this module, the ``[b, L]`` int64
-document-id tensor of the clean stream (None = one document per row), always the whole row's.
+document-id tensor of the clean stream (None = one document per row), always the whole row's. It is
+a tensor, so full and selective recompute and pipeline stages carry it unchanged. Masks and RoPE
+tables are built once per forward (cached on the identity of that tensor) and shared by all layers.
 
 Context parallelism (``engine.cp > 1``): each rank holds ``2L/cp`` positions of the row in Megatron's
 order (:mod:`.context_parallel`). RoPE is applied to the local queries and keys at their global
 positions, keys and values are all-gathered over the CP group (backward reduce-scatters their
-gradients), and the local queries attend with their rows of the same mask. It is a tensor, so full and
-selective recompute and pipeline stages carry it unchanged. Masks and RoPE tables are built once
-per forward (cached on the identity of that tensor) and shared by all layers.
+gradients), and the local queries attend with their rows of the same mask (dense rows for SDPA, a
+``BlockMask`` of ``2L/cp`` query rows for flex-attention).
 """
 
 from __future__ import annotations
