@@ -24,6 +24,7 @@ SCRIPTS = {
     # script: (recipe, default engine); the node count must be the recipe's "Hardware:" line
     "pretrain_3b.sh": ("nld_3b_pretrain", None),
     "pretrain_8b.sh": ("nld_8b_pretrain", "megatron"),
+    "pretrain_8b_longctx.sh": ("nld_8b_longctx", "megatron"),
     "pretrain_14b.sh": ("nld_14b_pretrain", "megatron"),
     "sft_3b.sh": ("nld_3b_sft", None),
     "sft_8b.sh": ("nld_8b_sft", "megatron"),

@@ -6,6 +6,7 @@ Hub access): the provider path through AutoBridge's Ministral-3 bridge is the re
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -43,15 +44,37 @@ def qwen3_config():
     return tiny_config("qwen3", tie=False, architectures=["Qwen3ForCausalLM"])
 
 
-# the six reference recipes (Nemotron-Labs-Diffusion's sizes x stages); variants (nld_8b_sft_distill) are
-# checked below on what they change
-MEGATRON_RECIPES = [r for r in list_recipes() if r.startswith("nld_") and r.count("_") == 2]
+# the six reference recipes (Nemotron-Labs-Diffusion's sizes x stages); variants (nld_8b_sft_distill,
+# nld_8b_longctx) are checked below on what they change
+MEGATRON_RECIPES = [r for r in list_recipes() if re.fullmatch(r"nld_(3b|8b|14b)_(pretrain|sft)", r)]
 
 
 def test_the_nld_recipes_are_shipped():
     assert sorted(MEGATRON_RECIPES) == sorted(f"nld_{s}_{k}" for s in ("3b", "8b", "14b") for k in ("pretrain", "sft"))
     variants = sorted(set(r for r in list_recipes() if r.startswith("nld_")) - set(MEGATRON_RECIPES))
-    assert variants == ["nld_8b_sft_distill"]
+    assert variants == ["nld_8b_longctx", "nld_8b_sft_distill"]
+
+
+def test_the_longctx_variant_is_nld_8b_pretrain_at_32k_with_cp8(tmp_path):
+    """nld_8b_longctx (docs/long_context.md): nld_8b_pretrain's model, objective and tensor parallelism on
+    rows of L = 32,768 split over cp = 8 ranks (each holds 2L/8 = 8,192 positions, as a cp = 1 rank of
+    nld_8b_pretrain does), the same clean tokens per step."""
+    from nemodiff_train.engines.megatron.config import to_container
+
+    base = compose(["recipe=nld_8b_pretrain", f"run.dir={tmp_path / 'a'}"])
+    long = compose(["recipe=nld_8b_longctx", f"run.dir={tmp_path / 'b'}"])
+    assert long.model == base.model and long.diffusion == base.diffusion and long.optim == base.optim
+    assert (long.engine.tp, long.engine.pp, long.engine.cp) == (4, 1, 8)
+    (stage,), (base_stage,) = long.stages, base.stages
+    assert stage.data.seq_len == 32768 and stage.data.seq_len * 2 // long.engine.cp == 2 * base_stage.data.seq_len
+    assert stage.global_batch_size * stage.data.seq_len == base_stage.global_batch_size * base_stage.data.seq_len
+    c = to_container(long, hf_dir=None, hf_config=ministral3_config("8b"))
+    m = c.model
+    assert m.context_parallel_size == 8 and m.tensor_model_parallel_size == 4 and m.seq_length == 65536
+    assert m.calculate_per_token_loss and m.sequence_parallel
+    with pytest.raises(ConfigError, match="engine.cp"):  # 2L must split into 2·cp equal chunks
+        to_container(compose(["recipe=nld_8b_longctx", f"run.dir={tmp_path / 'c'}", "stages.0.data.seq_len=32764"]),
+                     hf_dir=None, hf_config=ministral3_config("8b"))
 
 
 def test_the_distill_variant_is_nld_8b_sft_with_a_distill_stage(tmp_path):
@@ -180,7 +203,7 @@ def test_schedules_logging_and_cpu_mode(tmp_path):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("engine.cp=2", "engine.cp"),
+    ("engine.cp=3", "engine.cp"),  # seq_len 32 is not a multiple of 3
     ("engine.megatron_attention=xformers", "engine.megatron_attention"),
     ("engine.stage_index=3", "engine.stage_index"),
 ])

@@ -5,6 +5,7 @@ Importing this package imports nothing from Megatron; its modules do, and only
 "megatron"``, through :mod:`nemodiff_train.orchestrate`) imports them. Pieces:
 
 * :mod:`.attention`  two-stream core attention (RoPE applied per half, per document) and the layer spec
+* :mod:`.context_parallel`  Megatron's CP split of the 2L row, the K/V all-gather, the local mask rows
 * :mod:`.model`      HF checkpoint → Megatron model provider (AutoBridge), mask token, untied head
 * :mod:`.step`       the forward step: ``core.noising`` + ``core.losses`` parts, per-token normalisation
 * :mod:`.data`       prepared data → Megatron indexed datasets, blends, the dataset provider

@@ -11,9 +11,15 @@ inference), before attending with the pattern of :mod:`nemodiff_train.core.masks
 * CPU (and the fallback): SDPA with the dense boolean mask.
 
 The "attention mask" Megatron hands through its layers is, for this module, the ``[b, L]`` int64
-document-id tensor of the clean stream (None = one document per row). It is a tensor, so full and
-selective recompute and pipeline stages carry it unchanged. Masks and RoPE tables are built once
-per forward (cached on the identity of that tensor) and shared by all layers.
+document-id tensor of the clean stream (None = one document per row), always the whole row's. It is
+a tensor, so full and selective recompute and pipeline stages carry it unchanged. Masks and RoPE
+tables are built once per forward (cached on the identity of that tensor) and shared by all layers.
+
+Context parallelism (``engine.cp > 1``): each rank holds ``2L/cp`` positions of the row in Megatron's
+order (:mod:`.context_parallel`). RoPE is applied to the local queries and keys at their global
+positions, keys and values are all-gathered over the CP group (backward reduce-scatters their
+gradients), and the local queries attend with their rows of the same mask (dense rows for SDPA, a
+``BlockMask`` of ``2L/cp`` query rows for flex-attention).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.masks import SequenceLayout, dense_mask, document_positions, flex_block_mask, get_pattern
+from .context_parallel import cp_positions, gather_for_cp, local_mask_rows
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +108,18 @@ def _flex(q, k, v, block_mask, scale):
 class _Prepared:
     """Per-forward data shared by all layers: RoPE tables and the mask (dense or BlockMask)."""
 
-    def __init__(self, key_ref, cos, sin, qscale, mask, kind):
+    def __init__(self, key_ref, cos, sin, qscale, mask, kind, cp_key):
         self.key_ref, self.cos, self.sin, self.qscale, self.mask, self.kind = key_ref, cos, sin, qscale, mask, kind
+        self.cp_key = cp_key  # (cp size, cp rank): tables and mask rows are this rank's
 
 
 class TwoStreamCoreAttention(torch.nn.Module):
     """Drop-in ``core_attention`` for Megatron's ``SelfAttention`` (same constructor and forward).
 
     forward: ``query [2L, b, np, hn]``, ``key/value [2L, b, ng, hn]`` (RoPE not applied),
-    ``attention_mask`` = ``[b, L]`` doc ids or None → ``[2L, b, np·hn]``.
+    ``attention_mask`` = ``[b, L]`` doc ids or None → ``[2L, b, np·hn]``; with CP, ``2L/cp`` local
+    positions and the whole row's doc ids, ``[b, L]`` or ``[b, L, k]`` (k equal columns: the layout
+    that survives a multimodal wrapper's own CP slicing, see :mod:`.step`).
     """
 
     _cache: "_Prepared | None" = None  # shared by every layer of the process
@@ -117,16 +127,15 @@ class TwoStreamCoreAttention(torch.nn.Module):
     def __init__(self, config, layer_number: int, attention_dropout: float | None = None,
                  softmax_scale: float | None = None, **megatron_kwargs):
         """Megatron's ``core_attention`` constructor, called with keywords by ``build_module``; the
-        ones not named here (``attn_mask_type``, ``attention_type``, ``cp_comm_type``,
-        ``pg_collection``) do not apply: the mask is ours and context parallelism is refused."""
+        ones not named here (``attn_mask_type``, ``attention_type``, ``cp_comm_type``) do not apply:
+        the mask is ours, and context parallelism is always the K/V all-gather. The CP group is
+        ``pg_collection.cp`` when Megatron passes one, else ``parallel_state``'s."""
         super().__init__()
         settings = getattr(config, SETTINGS_ATTR, None)
         if not settings:
             raise ValueError(f"TwoStreamCoreAttention needs `config.{SETTINGS_ATTR}` (set by "
                              "nemodiff_train.engines.megatron.model.build_provider)")
-        if getattr(config, "context_parallel_size", 1) != 1:
-            raise NotImplementedError("context parallelism (engine.cp > 1) is not supported by the two-stream "
-                                      "attention: the 2L x 2L mask needs the whole sequence on one rank")
+        self.cp_group = _cp_group(config, megatron_kwargs.get("pg_collection"))
         self.config = config
         self.layer_number = layer_number
         self.pattern = get_pattern(settings["pattern"])
@@ -144,11 +153,22 @@ class TwoStreamCoreAttention(torch.nn.Module):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     # ---- per-forward preparation (cached across layers) -------------------------------------------------
-    def _prepare(self, doc_ids: torch.Tensor | None, b: int, length: int, device, dtype) -> _Prepared:
+    def _cp(self) -> tuple[int, int]:
+        g = self.cp_group
+        if g is None:
+            return 1, 0
+        import torch.distributed as dist
+
+        return dist.get_world_size(g), dist.get_rank(g)
+
+    def _prepare(self, mask_arg: torch.Tensor | None, b: int, length: int, device, dtype) -> _Prepared:
+        """Tables and mask for the ``attention_mask`` argument ``mask_arg`` (cached on its identity)."""
+        cp, cp_rank = self._cp()
         c = TwoStreamCoreAttention._cache
-        if c is not None and c.key_ref() is not None and c.key_ref() is doc_ids and c.cos.dtype == dtype \
-                and c.cos.device == device:
+        if c is not None and c.key_ref() is not None and c.key_ref() is mask_arg and c.cos.dtype == dtype \
+                and c.cos.device == device and c.cp_key == (cp, cp_rank):
             return c
+        doc_ids = mask_arg[..., 0] if mask_arg is not None and mask_arg.dim() == 3 else mask_arg
         if doc_ids is None:
             pos = torch.arange(length, device=device).expand(b, length)
         else:
@@ -165,14 +185,18 @@ class TwoStreamCoreAttention(torch.nn.Module):
             qscale = (1 + self.llama4_beta * torch.log1p(torch.floor(pos2.float() / self.llama4_max)))
             qscale = qscale[:, None, :, None].to(dtype)
         layout = SequenceLayout(length, self.block_size, doc_ids)
-        kind = "sdpa"
-        if device.type == "cuda" and self.backend in ("auto", "flex") and not _flex_failed:
+        flex = device.type == "cuda" and self.backend in ("auto", "flex") and not _flex_failed
+        if cp > 1:  # this rank's positions of the row: its slice of the tables, its rows of the mask
+            local = cp_positions(2 * length, cp, cp_rank, device=device)
+            cos, sin = cos.index_select(2, local), sin.index_select(2, local)
+            qscale = qscale.index_select(2, local) if qscale is not None else None
+            mask = local_mask_rows(self.pattern, layout, local, b, flex=flex, device=device)
+        elif flex:
             mask = flex_block_mask(self.pattern, layout, b, device=device)
-            kind = "flex"
         else:
             mask = dense_mask(self.pattern, layout, b, device=device)
-        key_ref = weakref.ref(doc_ids) if doc_ids is not None else (lambda: None)
-        prepared = _Prepared(key_ref, cos, sin, qscale, mask, kind)
+        key_ref = weakref.ref(mask_arg) if mask_arg is not None else (lambda: None)
+        prepared = _Prepared(key_ref, cos, sin, qscale, mask, "flex" if flex else "sdpa", (cp, cp_rank))
         if doc_ids is not None:
             TwoStreamCoreAttention._cache = prepared
         return prepared
@@ -184,20 +208,24 @@ class TwoStreamCoreAttention(torch.nn.Module):
             raise NotImplementedError("packed_seq_params (THD) is not used: packing is expressed by document ids")
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by the two-stream attention")
-        s, b, nq, hn = query.shape
-        if s % 2:
-            raise ValueError(f"two-stream rows have even length 2L, got {s}")
-        doc_ids = attention_mask if (attention_mask is not None and attention_mask.dtype != torch.bool) else None
+        s, b, nq, hn = query.shape  # s = 2L / cp local positions
+        cp = self._cp()[0]
+        if (s * cp) % 2:
+            raise ValueError(f"two-stream rows have even length 2L, got {s * cp}")
+        mask_arg = attention_mask if (attention_mask is not None and attention_mask.dtype != torch.bool) else None
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             raise ValueError("pass the [b, L] document ids (or None) as attention_mask, not a boolean mask")
-        p = self._prepare(doc_ids, b, s // 2, query.device, query.dtype)
-        q = query.permute(1, 2, 0, 3)  # [b, np, 2L, hn]
+        length = s * cp // 2
+        p = self._prepare(mask_arg, b, length, query.device, query.dtype)
+        q = query.permute(1, 2, 0, 3)  # [b, np, 2L/cp, hn]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         q = q * p.cos + rotate_half(q) * p.sin
         k = k * p.cos + rotate_half(k) * p.sin
         if p.qscale is not None:
             q = q * p.qscale
+        if cp > 1:  # every key and value of the row, in global order (backward: reduce-scatter)
+            k, v = gather_for_cp(k, self.cp_group, dim=2), gather_for_cp(v, self.cp_group, dim=2)
         out = None
         if p.kind == "flex":
             if self.dropout and self.training:
@@ -211,12 +239,24 @@ class TwoStreamCoreAttention(torch.nn.Module):
                 log.warning("flex-attention failed (%s: %s); falling back to SDPA with a dense mask",
                             type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
                 TwoStreamCoreAttention._cache = None
-                p = self._prepare(doc_ids, b, s // 2, query.device, query.dtype)
+                p = self._prepare(mask_arg, b, length, query.device, query.dtype)
         if out is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=p.mask, dropout_p=self.dropout if self.training else 0.0,
                 scale=self.softmax_scale, enable_gqa=nq != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
+
+
+def _cp_group(config, pg_collection):
+    """The context-parallel group of this attention (None when ``context_parallel_size`` is 1)."""
+    if int(getattr(config, "context_parallel_size", 1) or 1) == 1:
+        return None
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group()
+    return group
 
 
 def _use_te(config) -> bool:

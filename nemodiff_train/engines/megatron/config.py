@@ -75,9 +75,11 @@ def _check(cfg: Config) -> None:
     if e.megatron_attention not in ATTENTION_BACKENDS:
         raise ConfigError(f"engine.megatron_attention: {e.megatron_attention!r} is not one of "
                           f"{list(ATTENTION_BACKENDS)}")
-    if e.cp != 1:
-        raise ConfigError("engine.cp: context parallelism is not supported by the two-stream attention yet "
-                          "(the 2L x 2L mask needs the whole row on one rank); use tp/pp/dp")
+    if e.cp > 1:  # every backend of the two-stream attention (auto, flex, sdpa) gathers K/V over the CP group
+        for k, st in enumerate(cfg.stages):
+            if st.data.seq_len % e.cp:
+                raise ConfigError(f"engine.cp: stage {k} ({st.name}) has seq_len={st.data.seq_len}, not a multiple "
+                                  f"of engine.cp={e.cp} (Megatron splits the 2L row into 2·cp equal chunks)")
     if e.ep != 1:
         raise ConfigError("engine.ep: expert parallelism needs a MoE model; the supported families are dense")
     if e.recompute not in (None, "selective", "full"):

@@ -10,6 +10,9 @@ Never imported by ``nemodiff_train`` (the engine runs unchanged in a NeMo contai
 * :mod:`.engine_check`   ``python -m tests.megatron.support.engine_check``: the Megatron engine's
                          ``build_job``/``launch`` measured on one device (tests/gpu/test_megatron_gpu.py on
                          CUDA, tests/megatron/test_megatron_engine_check_cpu.py on CPU);
+* :mod:`.cp_check`     ``python -m tests.megatron.support.cp_check``: the engine's model, forward step and
+                         loss at cp = 2 against cp = 1, two processes (gloo on CPU, ``--nccl`` on 2 GPUs;
+                         tests/megatron/test_megatron_context_parallel.py, tests/gpu/test_megatron_cp_gpu.py);
 * :mod:`.wheels`         megatron wheels carried to a GPU machine → a private site directory.
 """
 

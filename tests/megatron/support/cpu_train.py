@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--signal", default="SIGTERM", choices=["SIGTERM", "SIGUSR1"])
     p.add_argument("--summary", default=None)
     p.add_argument("--export-cli", action="store_true", help="run nemodiff-export with the overrides instead")
+    p.add_argument("--torchrun", action="store_true",
+                   help="keep torchrun's RANK/WORLD_SIZE (several processes, e.g. engine.cp=2) instead of world size 1")
     args = p.parse_args()
 
     import torch
@@ -42,7 +44,10 @@ def main() -> int:
     torch.set_num_threads(2)
     import_megatron()
     cpu_emulation.apply()
-    single_process_env()
+    if not args.torchrun:
+        single_process_env()
+    else:
+        os.environ.setdefault("WANDB_MODE", "disabled")
 
     if args.export_cli:
         from nemodiff_train.cli.export import main as export_main
