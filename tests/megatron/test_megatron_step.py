@@ -70,7 +70,7 @@ def test_context_parallel_shares_sum_to_the_whole_row(cp):
     """Each CP rank keeps its positions of the noised row (Megatron's order); its loss masks cover only
     them, so the ranks' sums and counts add up to the one-rank step's, and the noise is the global row's."""
     from nemodiff_train.engines.megatron.context_parallel import cp_positions
-    from nemodiff_train.engines.megatron.step import loss_from_token_ce, make_batch
+    from nemodiff_train.engines.megatron.step import CPShare, loss_from_token_ce, make_batch
 
     kw = dict(mask_token_id=3, schedule="uniform", eps=1e-3, block_size=4, half_life_ratio=0.25, device="cpu")
     s = _sample()
@@ -80,7 +80,7 @@ def test_context_parallel_shares_sum_to_the_whole_row(cp):
     fields = ("diffusion_sum", "diffusion_count", "ar_sum", "ar_count")
     total = dict.fromkeys(fields, 0.0)
     for r in range(cp):
-        part = make_batch(s, cp=cp, cp_rank=r, **kw)
+        part = make_batch(s, cp=CPShare(cp, r), **kw)
         pos = cp_positions(32, cp, r)
         assert torch.equal(part.input_ids, whole.input_ids[:, pos]) and torch.equal(part.labels, whole.labels[:, pos])
         assert torch.equal(part.doc_ids, whole.doc_ids)  # the attention gets the whole row's documents
@@ -90,4 +90,4 @@ def test_context_parallel_shares_sum_to_the_whole_row(cp):
         assert abs(total[f] - float(getattr(ref, f))) <= 1e-5 * abs(float(getattr(ref, f))), f
     assert total["diffusion_count"] > 0 and total["ar_count"] > 0
     with pytest.raises(ValueError, match="multiple of engine.cp=3"):
-        make_batch(s, cp=3, cp_rank=0, **kw)
+        make_batch(s, cp=CPShare(3, 0), **kw)

@@ -40,7 +40,7 @@ from ...core.noising import apply_noise
 from ...core.sequence import split_streams, two_stream_inputs
 from .context_parallel import check_cp_length, cp_positions, split_for_cp
 
-__all__ = ["TwoStreamForwardStep", "StepBatch", "make_batch", "loss_from_token_ce"]
+__all__ = ["TwoStreamForwardStep", "StepBatch", "CPShare", "make_batch", "loss_from_token_ce"]
 
 
 @dataclass
@@ -62,13 +62,21 @@ class StepBatch:
         return self.doc_ids if self.attention_mask is None else self.attention_mask
 
 
+@dataclass(frozen=True)
+class CPShare:
+    """This rank's share of a row under context parallelism: ``size`` ranks, this one ``rank``;
+    ``model_slices``: the model slices the inputs itself (multimodal wrappers), so they stay whole."""
+
+    size: int = 1
+    rank: int = 0
+    model_slices: bool = False
+
+
 def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, block_size: int,
-               half_life_ratio: float, device: torch.device | str, cp: int = 1, cp_rank: int = 0,
-               model_slices: bool = False) -> StepBatch:
+               half_life_ratio: float, device: torch.device | str, cp: CPShare = CPShare()) -> StepBatch:
     """Noise a collated sample dict (``tokens``, ``doc_ids``, ``loss_mask``, ``sample_index``, ``noise_seed``).
 
-    With ``cp > 1`` the whole row is noised, then this rank's positions are kept (module docstring);
-    ``model_slices``: the model slices the inputs itself (multimodal wrappers), so they stay whole.
+    With ``cp.size > 1`` the whole row is noised, then this rank's positions are kept (module docstring).
     """
     x0 = sample["tokens"].long().cpu()
     doc = sample["doc_ids"].long().cpu()
@@ -83,18 +91,18 @@ def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, b
     targets, supervised = ar_targets(x0, loss_mask, doc)
     labels = torch.cat([x0, targets], dim=1)
     masked, local = noise.masked, None
-    if cp > 1:
+    if cp.size > 1:
         length = x0.shape[1]
-        check_cp_length(length, cp)
-        local = cp_positions(2 * length, cp, cp_rank)
+        check_cp_length(length, cp.size)
+        local = cp_positions(2 * length, cp.size, cp.rank)
         owned = torch.zeros(2 * length, dtype=torch.bool)
         owned[local] = True
         masked, supervised = masked & owned[:length], supervised & owned[length:]
     ids, pos, attn = inputs.input_ids, inputs.position_ids, None
-    if cp > 1 and model_slices:
-        attn = doc.unsqueeze(-1).expand(*doc.shape, 2 * cp).contiguous()
-    elif cp > 1:
-        ids, pos, labels = (split_for_cp(t, cp, cp_rank) for t in (ids, pos, labels))
+    if cp.size > 1 and cp.model_slices:
+        attn = doc.unsqueeze(-1).expand(*doc.shape, 2 * cp.size).contiguous()
+    elif cp.size > 1:
+        ids, pos, labels = (split_for_cp(t, cp.size, cp.rank) for t in (ids, pos, labels))
     dev = torch.device(device)
     return StepBatch(ids.to(dev), pos.to(dev), doc.to(dev), labels.to(dev), masked.to(dev), noise.mask_prob.to(dev),
                      supervised.to(dev), None if local is None else local.to(dev),
@@ -137,8 +145,7 @@ class TwoStreamForwardStep:
         sample = next(data_iterator)
         device = _device_of(model)
         cp, cp_rank = _context_parallel()
-        batch = make_batch(sample, device=device, cp=cp, cp_rank=cp_rank, model_slices=_slices_for_cp(model),
-                           **self.noise_kw)
+        batch = make_batch(sample, device=device, cp=CPShare(cp, cp_rank, _slices_for_cp(model)), **self.noise_kw)
         _account_flops(state, batch.input_ids, 2 * batch.doc_ids.shape[1])
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                     attention_mask=batch.model_attention_mask, labels=batch.labels)
