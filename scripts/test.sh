@@ -89,16 +89,26 @@ if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/d
     why[gpu]="no CUDA device"
 fi
 
+# Workers: most tests spend their time in one-thread subprocesses (a CLI, torchrun), so one pytest
+# process leaves a core idle; two pytest-xdist workers (tests/conftest.py keeps a module on one worker)
+# use both. NEMODIFF_TEST_WORKERS=1 runs serially; explicit test paths run serially too.
+workers=${NEMODIFF_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+xdist=()
+if [[ $split_megatron == 1 && $workers -gt 1 ]] && python -c "import xdist" 2>/dev/null; then
+    xdist=(-n "$workers" --dist loadgroup)
+    echo "== $workers pytest-xdist workers (NEMODIFF_TEST_WORKERS=1: one process) =="
+fi
+
 start=$(date +%s)
 if [[ $split_megatron == 1 && -n $megatron_py && $megatron_py != python ]]; then
-    python -m pytest -q -p no:cacheprovider --durations=15 --ignore=tests/megatron "${select[@]}" "${args[@]}"
+    python -m pytest -q -p no:cacheprovider --durations=15 "${xdist[@]}" --ignore=tests/megatron "${select[@]}" "${args[@]}"
     rc=$?
     echo "== tests/megatron with $megatron_py (megatron-bridge's pins) =="
     "$megatron_py" -m pytest -q -p no:cacheprovider --durations=15 "${select[@]}" "${args[@]}" tests/megatron
     mrc=$?
     (( rc != 0 )) || rc=$mrc
 else
-    python -m pytest -q -p no:cacheprovider --durations=15 "${select[@]}" "${args[@]}"
+    python -m pytest -q -p no:cacheprovider --durations=15 "${xdist[@]}" "${select[@]}" "${args[@]}"
     rc=$?
 fi
 

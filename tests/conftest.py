@@ -31,3 +31,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.slow)
+        _group_for_workers(item)
+
+
+def _group_for_workers(item) -> None:
+    """With pytest-xdist (``scripts/test.sh`` runs two workers, ``--dist loadgroup``): a module's tests stay
+    on one worker, so its module-scoped fixtures (a trained run, an export) are built once; and every
+    Slurm test shares one group, since they share the one local Slurm cluster and its queue."""
+    if item.get_closest_marker("xdist_group") is not None:
+        return
+    group = "slurm" if item.get_closest_marker("slurm") is not None else item.nodeid.split("::")[0]
+    item.add_marker(pytest.mark.xdist_group(name=group))
