@@ -39,6 +39,8 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     """
     m = cfg.model
     attn = m.attn_implementation  # None: load_dlm picks what the architecture supports (flex on CUDA, sdpa, eager)
+    if cfg.engine.cp > 1 and attn is None:
+        attn = "sdpa"  # context parallelism gathers keys for SDPA (models/context_parallel.py)
     path = _base_path(cfg, work)
     shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
