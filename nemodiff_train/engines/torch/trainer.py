@@ -140,6 +140,10 @@ class Run:
             base = sum(p.numel() for p in self.dlm.hf.parameters())
             self.sink.message(f"adapter=lora: base frozen ({base:,} parameters); training {adapter.trainable_parameters():,} "
                               f"(LoRA r={adapter.rank} on {len(adapter.paths)} linear layers + the mask row)")
+        if self.dims.cp > 1:
+            d = self.dims
+            self.sink.message(f"engine.cp={d.cp}: {d.dp} data-parallel group(s) x {d.cp} context-parallel ranks; each "
+                              f"rank holds 2L/{d.cp} positions of every row (docs/context_parallel.md)")
         if self.ckpt:
             self.sink.message(f"resuming from {self.ckpt} (step {self.progress.step})")
 
