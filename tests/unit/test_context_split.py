@@ -126,3 +126,16 @@ def test_loss_parts_of_the_slices_add_up_to_the_rows():
         assert torch.allclose(total, getattr(whole, field), rtol=1e-6), field
     with pytest.raises(ValueError, match="len\\(positions\\)"):
         joint_loss_parts(hidden, lambda h: h, x0, masked, prob, loss_mask, docs, positions=torch.arange(4))
+
+
+def test_engine_mesh_refuses_a_world_cp_does_not_divide():
+    from nemodiff_train.config.errors import ConfigError
+    from nemodiff_train.engines.torch.context import ParallelDims, parallel_dims
+    from nemodiff_train.engines.torch.distributed import DistEnv
+
+    with pytest.raises(ConfigError, match="world size 3 is not a multiple"):
+        parallel_dims(DistEnv(rank=0, world_size=3, local_rank=0, device=torch.device("cpu")), 2)
+    one = parallel_dims(DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 1)
+    assert (one.dp, one.cp, one.shard(32)) == (1, 1, None)
+    with pytest.raises(ConfigError, match="engine.cp=2: .*divisible by 2·engine.cp"):
+        ParallelDims(dp=1, cp=2, dp_rank=0, cp_rank=1).shard(30)
