@@ -188,7 +188,6 @@ def _check_torch_context_parallel(cfg: Config) -> None:
     _need(cfg.model.attn_implementation in (None, "sdpa"), "model.attn_implementation",
           f"{cfg.model.attn_implementation!r}: context parallelism gathers keys and values for SDPA with a dense mask "
           "(flex_attention and eager, e.g. Gemma-2's soft-capping, are not verified under it); use sdpa or leave it unset")
-    _need(cfg.adapter.name == "none", "adapter.name", f"{cfg.adapter.name!r} (the drafter adapter) {why}")
     for key in ("drafter_kl", "certainty", "teacher_kl"):
         _need(getattr(d, key) == 0, f"diffusion.{key}", f"the soft-target term {why}")
     for i, st in enumerate(cfg.stages):

@@ -37,12 +37,26 @@ def _rows(packed: bool, seed: int) -> list[dict]:
     return rows
 
 
-def _dlm(arch: str, pattern: str):
+def _dlm(case: dict):
+    """The case's model; with ``adapter`` a drafter adapter whose LoRA pairs are moved off zero (so it
+    changes the noisy stream's forward and every adapter parameter gets a gradient)."""
     from nemodiff_train.models.hf import DLMModel, DLMSettings
     from tests.helpers.arch_matrix import arch_model
 
-    hf = arch_model(arch, seed=0, attn_implementation="sdpa").train()
-    return DLMModel(hf, DLMSettings(mask_token_id=MASK_ID, train_block_size=BLOCK, attention_pattern=pattern))
+    hf = arch_model(case["arch"], seed=0, attn_implementation="sdpa").train()
+    dlm = DLMModel(hf, DLMSettings(mask_token_id=MASK_ID, train_block_size=BLOCK, attention_pattern=case["pattern"]))
+    if case.get("adapter"):
+        adapter = dlm.add_adapter(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return dlm
+
+
+def _trained(dlm) -> dict:
+    """``{name: parameter}`` of what trains (the adapter's when one is attached)."""
+    return {n: p for n, p in dlm.named_parameters() if p.requires_grad}
 
 
 def _collate(rows, indices, schedule: str):
@@ -56,7 +70,7 @@ def _reference(case: dict, rows):
     """One rank, the whole global batch: parts, the loss, gradients and hidden states."""
     from nemodiff_train.engines.torch.loss import TwoStreamLoss
 
-    dlm = _dlm(case["arch"], case["pattern"])
+    dlm = _dlm(case)
     mb = _collate(rows, list(range(GLOBAL_BATCH)), case["schedule"])
     module = TwoStreamLoss(dlm, BLOCK, chunk_size=16)
     parts = module(mb)
@@ -64,7 +78,7 @@ def _reference(case: dict, rows):
     loss.backward()
     with torch.no_grad():
         hidden = dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, BLOCK)
-    grads = {n: p.grad.clone() for n, p in dlm.hf.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in _trained(dlm).items()}
     return parts.detached(), loss.detach(), grads, hidden
 
 
@@ -87,7 +101,7 @@ def _cp_step(case: dict, rows, env, dims):
     from nemodiff_train.engines.torch.parallelize import parallelize
     from nemodiff_train.models.context_parallel import use_cp_attention
 
-    dlm = _dlm(case["arch"], case["pattern"])
+    dlm = _dlm(case)
     use_cp_attention(dlm.hf)
     par = parallelize(TwoStreamLoss(dlm, BLOCK, chunk_size=16), _config(case["strategy"], dims.cp), env)
     objective = JointObjective(LossWeights(0.3, 1.0))
@@ -102,7 +116,7 @@ def _cp_step(case: dict, rows, env, dims):
         objective.backward_scalar(parts, dens, env.world_size).backward()
         total = total + parts.detached()
     grads = {}
-    for n, p in dlm.hf.named_parameters():
+    for n, p in _trained(dlm).items():
         g = p.grad
         grads[n] = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2: a DTensor shard
     return total.all_reduced(env.device), dens[0], grads, micro, hidden

@@ -5,7 +5,8 @@ every case through the engine's own pieces (tests/helpers/context_parallel.py) a
 one-rank step of the same global batch: the loss, its sums, the masked-token and AR-target counts,
 every parameter gradient (to 1e-5 of the largest gradient) and every local hidden state. Cases:
 both two-stream patterns, both noise schedules, packed documents (boundaries inside chunks), a
-uniform sliding window (Mistral) and per-layer-type windows (Qwen2: one full, one windowed layer).
+uniform sliding window (Mistral), per-layer-type windows (Qwen2: one full, one windowed layer), and
+the drafter adapter (LoRA on for the noisy positions only: its gate is sliced with the row).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ CASES = [
          schedule="uniform"),
     dict(name="qwen2_layer_windows_bd3_packed", arch="qwen2_window", pattern="bd3", packed=True,
          schedule="position_dependent"),
+    dict(name="qwen3_adapter_packed", arch="qwen3", pattern="two_stream", packed=True, schedule="uniform",
+         adapter=True),
 ]
 
 
