@@ -185,9 +185,9 @@ def _check_torch_context_parallel(cfg: Config) -> None:
     """``engine.cp > 1`` with the torch engine: what docs/context_parallel.md verifies, and nothing else."""
     cp, d = cfg.engine.cp, cfg.diffusion
     why = f"is not verified under context parallelism (engine.cp={cp}); train it with engine.cp=1"
-    _need(cfg.model.attn_implementation in (None, "sdpa"), "model.attn_implementation",
-          f"{cfg.model.attn_implementation!r}: context parallelism gathers keys and values for SDPA with a dense mask "
-          "(flex_attention and eager, e.g. Gemma-2's soft-capping, are not verified under it); use sdpa or leave it unset")
+    _need(cfg.model.attn_implementation in (None, "sdpa", "eager"), "model.attn_implementation",
+          f"{cfg.model.attn_implementation!r}: context parallelism gathers keys and values for sdpa or eager attention "
+          "with a dense mask (flex_attention is not verified under it); use sdpa or eager, or leave it unset")
     for key in ("drafter_kl", "certainty", "teacher_kl"):
         _need(getattr(d, key) == 0, f"diffusion.{key}", f"the soft-target term {why}")
     for i, st in enumerate(cfg.stages):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_IMPLEMENTATIONS", "CP_ATTENTION", "MASK_FORM_OF", "UnsupportedModelError", "check_implementation", "mask_form",
+__all__ = ["SUPPORTED_IMPLEMENTATIONS", "CP_ATTENTION", "CP_EAGER", "MASK_FORM_OF", "UnsupportedModelError", "check_implementation", "mask_form",
            "implementation_form", "dense_block_mask", "window_keep"]
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
@@ -28,7 +28,10 @@ SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 CP_ATTENTION = "nemodiff_cp_sdpa"
 """The name :mod:`.context_parallel` registers its attention function under (SDPA over gathered keys)."""
 
-MASK_FORM_OF = {CP_ATTENTION: "sdpa"}
+CP_EAGER = "nemodiff_cp_eager"
+"""The same over the architecture's own eager attention (soft-capping: Gemma-2)."""
+
+MASK_FORM_OF = {CP_ATTENTION: "sdpa", CP_EAGER: "eager"}
 """Attention functions this toolkit registers with transformers, and the implementation whose masks they
 read (the context-parallel attention of :mod:`.context_parallel` is SDPA over gathered keys)."""
 

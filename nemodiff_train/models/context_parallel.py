@@ -7,8 +7,10 @@ the local queries and keys at their GLOBAL position ids. Attention is the only p
 :func:`cp_sdpa_attention`, registered with transformers' ``AttentionInterface`` as
 :data:`CP_ATTENTION`, all-gathers the keys and values of the group (Llama 3's all-gather form), puts
 them back in row order and runs SDPA with the local query rows of exactly the mask the one-rank step
-uses (documents, sliding windows per layer type, the pattern). So every architecture that runs
-through transformers' attention interface gets CP through its own modules, nothing copied per family.
+uses (documents, sliding windows per layer type, the pattern). :func:`cp_eager_attention`
+(:data:`CP_EAGER`) does the same around the architecture's own eager function, for models that need
+it (Gemma-2's attention-logit soft-capping). So every architecture that runs through transformers'
+attention interface gets CP through its own modules, nothing copied per family.
 
 Backward: the gathered keys' and values' gradients are summed over the group and each rank keeps its
 own slice (a reduce-scatter; :class:`_GatherRows`), the transpose of the all-gather.
@@ -16,21 +18,21 @@ own slice (a reduce-scatter; :class:`_GatherRows`), the transpose of the all-gat
 The shard travels to the attention function as a keyword argument of the decoder's forward
 (``context_shard=``), which transformers' decoders hand down to their attention layers unchanged;
 activation checkpointing re-runs the layers with the same keyword arguments. Without it (decoding,
-a rank-0 probe, export) the function is transformers' own SDPA, and the model's masks are SDPA's.
+a rank-0 probe, export) each function is exactly what it wraps, with the wrapped implementation's masks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ..core.context_split import RowSplit
-from .attention import CP_ATTENTION
+from .attention import CP_ATTENTION, CP_EAGER
 
-__all__ = ["CP_ATTENTION", "ContextShard", "cp_sdpa_attention", "register_cp_attention", "use_cp_attention",
-           "gather_rows"]
+__all__ = ["CP_ATTENTION", "CP_EAGER", "ContextShard", "cp_sdpa_attention", "cp_eager_attention",
+           "register_cp_attention", "use_cp_attention", "gather_rows"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class ContextShard:
     positions: torch.Tensor
     to_row_order: torch.Tensor
     gathered_order: torch.Tensor
+    gathers: list = field(default_factory=lambda: [0], compare=False)
+    """``[n]``: how many tensors :meth:`gather` has gathered (a forward must gather every layer's keys)."""
 
     @classmethod
     def build(cls, split: RowSplit, group, device: torch.device) -> "ContextShard":
@@ -63,6 +67,7 @@ class ContextShard:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, h, 2L/cp, d]`` local keys or values → ``[b, h, 2L, d]`` of the whole row, in row order."""
+        self.gathers[0] += 1
         return gather_rows(x, self)
 
 
@@ -97,6 +102,18 @@ def gather_rows(x: torch.Tensor, shard: ContextShard) -> torch.Tensor:
     return _GatherRows.apply(x, shard.group, shard.to_row_order, shard.gathered_order)
 
 
+def _gathered(context_shard: ContextShard, query, key, value, attention_mask, boolean: bool):
+    """Keys and values of the whole row, after checking the mask is the local rows' in the expected form."""
+    if attention_mask is None or (attention_mask.dtype == torch.bool) != boolean:
+        raise ValueError(f"context-parallel attention needs the {'boolean' if boolean else 'additive'} mask of the "
+                         "local query rows")
+    key, value = context_shard.gather(key), context_shard.gather(value)
+    if attention_mask.shape[-2:] != (query.shape[2], key.shape[2]):
+        raise ValueError(f"mask {tuple(attention_mask.shape)} does not match {query.shape[2]} local queries "
+                         f"× {key.shape[2]} gathered keys")
+    return key, value
+
+
 def cp_sdpa_attention(module, query, key, value, attention_mask, *, context_shard: ContextShard | None = None,
                       **kwargs):
     """transformers attention function: SDPA over the keys and values of the whole row.
@@ -112,37 +129,57 @@ def cp_sdpa_attention(module, query, key, value, attention_mask, *, context_shar
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if context_shard is not None:
-        if attention_mask is None or attention_mask.dtype != torch.bool:
-            raise ValueError("context-parallel attention needs the boolean mask of the local query rows")
         if kwargs.get("softcap") is not None:
-            raise ValueError("context-parallel attention runs SDPA, which has no attention-logit soft-capping")
-        key, value = context_shard.gather(key), context_shard.gather(value)
-        if attention_mask.shape[-2:] != (query.shape[2], key.shape[2]):
-            raise ValueError(f"mask {tuple(attention_mask.shape)} does not match {query.shape[2]} local queries "
-                             f"× {key.shape[2]} gathered keys")
+            raise ValueError("context-parallel SDPA has no attention-logit soft-capping (use attn_implementation=eager)")
+        key, value = _gathered(context_shard, query, key, value, attention_mask, boolean=True)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def register_cp_attention() -> str:
-    """Register :func:`cp_sdpa_attention` (and SDPA's mask builder) under :data:`CP_ATTENTION`; idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+def _own_eager(module):
+    """The architecture's own eager attention function (each transformers modeling file defines one)."""
+    import sys
 
-    AttentionInterface.register(CP_ATTENTION, cp_sdpa_attention)
-    if CP_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(CP_ATTENTION, sdpa_mask)
-    return CP_ATTENTION
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(f"{type(module).__name__}: its modeling module defines no eager_attention_forward")
+    return fn
+
+
+def cp_eager_attention(module, query, key, value, attention_mask, *, context_shard: ContextShard | None = None,
+                       **kwargs):
+    """As :func:`cp_sdpa_attention`, over the architecture's own eager attention (soft-capping and all);
+    ``attention_mask`` is the additive float form of the local rows."""
+    if context_shard is not None:
+        key, value = _gathered(context_shard, query, key, value, attention_mask, boolean=False)
+    return _own_eager(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+_WRAPS = {"sdpa": (CP_ATTENTION, cp_sdpa_attention), "eager": (CP_EAGER, cp_eager_attention)}
+
+
+def register_cp_attention() -> None:
+    """Register the context-parallel attention functions (and the mask builders of the implementations
+    they wrap) with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for wrapped, (name, fn) in _WRAPS.items():
+        AttentionInterface.register(name, fn)
+        if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[wrapped])
 
 
 def use_cp_attention(hf) -> None:
-    """Switch a loaded SDPA model to :data:`CP_ATTENTION` (the same kernel and masks without a shard).
+    """Switch a loaded SDPA or eager model to its context-parallel function (:data:`CP_ATTENTION`,
+    :data:`CP_EAGER`); without a shard it computes exactly what it wraps, with the same masks.
 
     Raises:
-        ValueError: the model does not run SDPA (eager soft-capping, flex attention: not verified under CP).
+        ValueError: the model runs neither (flex attention is not verified under CP).
     """
     current = getattr(hf.config, "_attn_implementation", None)
-    if current == CP_ATTENTION:
+    if current in (CP_ATTENTION, CP_EAGER):
         return
-    if current != "sdpa":
-        raise ValueError(f"context parallelism runs on attn_implementation='sdpa'; the model runs {current!r}")
-    hf.set_attn_implementation(register_cp_attention())
+    if current not in _WRAPS:
+        raise ValueError(f"context parallelism runs on attn_implementation 'sdpa' or 'eager'; the model runs {current!r}")
+    register_cp_attention()
+    hf.set_attn_implementation(_WRAPS[current][0])

@@ -24,7 +24,7 @@ from ..core.sequence import two_stream_inputs
 from .adapter import DrafterAdapter, adapter_tokens, attach_adapter
 from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
                    pick_attn_implementation)
-from .attention import CP_ATTENTION, UnsupportedModelError, implementation_form
+from .attention import CP_ATTENTION, CP_EAGER, UnsupportedModelError, implementation_form
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ class DLMModel(nn.Module):
             shard: optional :class:`~nemodiff_train.models.context_parallel.ContextShard`: run only its
                 row positions (their global position ids, the local query rows of the whole row's
                 mask), attention gathering keys and values across its group. The model must run
-                :data:`~.attention.CP_ATTENTION` (:func:`~.context_parallel.use_cp_attention`).
+                :data:`~.attention.CP_ATTENTION` or :data:`~.attention.CP_EAGER`
+                (:func:`~.context_parallel.use_cp_attention`).
         Returns:
             ``[b, 2L, d]`` hidden states (noisy stream first), before the output head; with ``shard``
             ``[b, 2L/cp, d]``, those of ``shard.positions`` (its noisy positions, then its clean ones).
@@ -249,11 +250,19 @@ class DLMModel(nn.Module):
             out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                                 attention_mask=mask, use_cache=False)
         else:
-            if getattr(self.hf.config, "_attn_implementation", None) != CP_ATTENTION:
-                raise UnsupportedModelError(f"a context-parallel forward needs attn_implementation={CP_ATTENTION!r} "
-                                            "(models.context_parallel.use_cp_attention)")
+            if getattr(self.hf.config, "_attn_implementation", None) not in (CP_ATTENTION, CP_EAGER):
+                raise UnsupportedModelError(f"a context-parallel forward needs attn_implementation {CP_ATTENTION!r} or "
+                                            f"{CP_EAGER!r} (models.context_parallel.use_cp_attention)")
+            before = shard.gathers[0]
             out = self.backbone(input_ids=inputs.input_ids[:, rows], position_ids=inputs.position_ids[:, rows],
                                 attention_mask=mask, use_cache=False, context_shard=shard)
+            layers = len(self.windows.windows)
+            if shard.split.cp > 1 and shard.gathers[0] - before != 2 * layers:
+                # an attention module that bypasses transformers' attention interface never saw the other ranks' keys
+                raise UnsupportedModelError(
+                    f"{type(self.hf).__name__}: {shard.gathers[0] - before} key/value gathers in a context-parallel "
+                    f"forward of {layers} layers (expected {2 * layers}): its attention does not run through "
+                    "transformers' attention interface, so engine.cp cannot split its rows")
         return out.last_hidden_state
 
     def causal_hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -63,7 +63,6 @@ def test_torch_engine_takes_context_parallelism():
 
 @pytest.mark.parametrize("override,key", [
     ("model.attn_implementation=flex_attention", "model.attn_implementation"),
-    ("model.attn_implementation=eager", "model.attn_implementation"),
     ("diffusion.teacher_kl=0.1", "diffusion.teacher_kl"),
     ("diffusion.drafter_kl=0.1", "diffusion.drafter_kl"),
     ("diffusion.certainty=0.1", "diffusion.certainty"),
