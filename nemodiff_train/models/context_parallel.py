@@ -23,7 +23,7 @@ a rank-0 probe, export) each function is exactly what it wraps, with the wrapped
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,17 @@ from ..core.context_split import RowSplit
 from .attention import CP_ATTENTION, CP_EAGER
 
 __all__ = ["CP_ATTENTION", "CP_EAGER", "ContextShard", "cp_sdpa_attention", "cp_eager_attention",
-           "register_cp_attention", "use_cp_attention", "gather_rows"]
+           "register_cp_attention", "use_cp_attention", "gather_rows", "gathers_so_far"]
+
+
+_GATHERS = 0
+"""Tensors gathered by :meth:`ContextShard.gather` in this process. A module-level count, not a field:
+wrappers copy the keyword arguments of a forward (FSDP2's input casting rebuilds dataclasses)."""
+
+
+def gathers_so_far() -> int:
+    """How many key/value tensors this process has gathered (a CP forward gathers two per layer)."""
+    return _GATHERS
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,6 @@ class ContextShard:
     positions: torch.Tensor
     to_row_order: torch.Tensor
     gathered_order: torch.Tensor
-    gathers: list = field(default_factory=lambda: [0], compare=False)
-    """``[n]``: how many tensors :meth:`gather` has gathered (a forward must gather every layer's keys)."""
 
     @classmethod
     def build(cls, split: RowSplit, group, device: torch.device) -> "ContextShard":
@@ -67,7 +75,8 @@ class ContextShard:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, h, 2L/cp, d]`` local keys or values → ``[b, h, 2L, d]`` of the whole row, in row order."""
-        self.gathers[0] += 1
+        global _GATHERS
+        _GATHERS += 1
         return gather_rows(x, self)
 
 

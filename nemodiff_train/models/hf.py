@@ -25,6 +25,7 @@ from .adapter import DrafterAdapter, adapter_tokens, attach_adapter
 from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
                    pick_attn_implementation)
 from .attention import CP_ATTENTION, CP_EAGER, UnsupportedModelError, implementation_form
+from .context_parallel import gathers_so_far
 
 log = logging.getLogger(__name__)
 
@@ -253,14 +254,14 @@ class DLMModel(nn.Module):
             if getattr(self.hf.config, "_attn_implementation", None) not in (CP_ATTENTION, CP_EAGER):
                 raise UnsupportedModelError(f"a context-parallel forward needs attn_implementation {CP_ATTENTION!r} or "
                                             f"{CP_EAGER!r} (models.context_parallel.use_cp_attention)")
-            before = shard.gathers[0]
+            before = gathers_so_far()
             out = self.backbone(input_ids=inputs.input_ids[:, rows], position_ids=inputs.position_ids[:, rows],
                                 attention_mask=mask, use_cache=False, context_shard=shard)
-            layers = len(self.windows.windows)
-            if shard.split.cp > 1 and shard.gathers[0] - before != 2 * layers:
+            layers, done = len(self.windows.windows), gathers_so_far() - before
+            if shard.split.cp > 1 and done != 2 * layers:
                 # an attention module that bypasses transformers' attention interface never saw the other ranks' keys
                 raise UnsupportedModelError(
-                    f"{type(self.hf).__name__}: {shard.gathers[0] - before} key/value gathers in a context-parallel "
+                    f"{type(self.hf).__name__}: {done} key/value gathers in a context-parallel "
                     f"forward of {layers} layers (expected {2 * layers}): its attention does not run through "
                     "transformers' attention interface, so engine.cp cannot split its rows")
         return out.last_hidden_state
