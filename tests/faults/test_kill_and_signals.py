@@ -149,6 +149,11 @@ def test_context_parallel_kill9_resumes_bit_for_bit(assets, baseline, tmp_path):
     assert "engine.cp=2: 1 data-parallel group(s) x 2 context-parallel ranks" in r.output
     ref = reference(ref_run)
     assert assert_rows_identical(list(ref.values()), reference(baseline), exact=False) == 6
+    val = {x["step"]: x["val_loss"] for x in metrics(ref_run) if "val_loss" in x}
+    val_one = {x["step"]: x["val_loss"] for x in metrics(baseline) if "val_loss" in x}
+    assert sorted(val) == sorted(val_one) and len(val) >= 2, (val, val_one)
+    for step in val:  # validation splits rows over data ranks and positions over CP ranks
+        assert val[step] == pytest.approx(val_one[step], rel=1e-5), (step, val, val_one)
 
     run = tmp_path / "killed"
     r = launch(base_args(assets, run, *extra), run, nproc=2, fault="step:3@1")

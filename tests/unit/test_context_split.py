@@ -139,3 +139,33 @@ def test_engine_mesh_refuses_a_world_cp_does_not_divide():
     assert (one.dp, one.cp, one.shard(32)) == (1, 1, None)
     with pytest.raises(ConfigError, match="engine.cp=2: .*divisible by 2·engine.cp"):
         ParallelDims(dp=1, cp=2, dp_rank=0, cp_rank=1).shard(30)
+
+
+def test_a_forward_that_gathers_no_keys_is_refused():
+    """An attention module that bypasses transformers' attention interface (here: SDPA called directly,
+    the mask cut to the local keys, which would run silently wrong) never gathers the other ranks' keys;
+    the context-parallel forward counts the gathers and refuses it, naming the model."""
+    import torch.nn.functional as F
+
+    from nemodiff_train.models.attention import UnsupportedModelError
+    from nemodiff_train.models.context_parallel import ContextShard, use_cp_attention
+    from nemodiff_train.models.hf import DLMModel, DLMSettings
+    from tests.helpers.arch_matrix import arch_model
+
+    dlm = DLMModel(arch_model("llama_untied"), DLMSettings(mask_token_id=95, train_block_size=4))
+    use_cp_attention(dlm.hf)
+
+    def local_only(self, hidden_states, position_embeddings, attention_mask, **kwargs):
+        b, q, _ = hidden_states.shape
+        qs, ks, vs = (proj(hidden_states).view(b, q, -1, self.head_dim).transpose(1, 2)
+                      for proj in (self.q_proj, self.k_proj, self.v_proj))
+        ks, vs = (x.repeat_interleave(self.num_key_value_groups, dim=1) for x in (ks, vs))
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attention_mask[..., :q])
+        return self.o_proj(out.transpose(1, 2).reshape(b, q, -1)), None
+
+    for layer in dlm.backbone.layers:
+        layer.self_attn.forward = local_only.__get__(layer.self_attn)
+    shard = ContextShard.build(RowSplit(16, 2, 0), group=None, device=torch.device("cpu"))
+    ids = torch.randint(3, 90, (1, 16))
+    with pytest.raises(UnsupportedModelError, match=r"0 key/value gathers .* \(expected 4\)"):
+        dlm.two_stream_hidden(ids, ids, None, 4, shard=shard)
