@@ -204,6 +204,10 @@ def get_pattern(name: str) -> Pattern:
         raise KeyError(f"unknown attention pattern {name!r}; known: {sorted(PATTERNS)}") from None
 
 
+_MASK_SLICE_ELEMENTS = 1 << 24
+"""Query rows × keys (× batch) per slice of :func:`dense_mask`: bounds its int64 intermediates near 128 MiB."""
+
+
 def dense_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int = 1,
                device: torch.device | str | None = None, window: int | None = None,
                query_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,10 +231,16 @@ def dense_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int =
     rows = torch.arange(s, device=device) if query_index is None else query_index.to(device)
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= s):
         raise ValueError(f"query_index must lie in [0, {s}), got [{int(rows.min())}, {int(rows.max())}]")
-    q = rows.view(1, -1, 1)
     k = torch.arange(s, device=device).view(1, 1, s)
-    allowed = _windowed(pattern, window)(bi, q, k, ix)
-    return allowed.expand(b, rows.numel(), s).unsqueeze(1).contiguous()
+    allow = _windowed(pattern, window)
+    out = torch.empty(b, rows.numel(), s, dtype=torch.bool, device=device)
+    # query rows in slices: the predicate's int64 intermediates are [b, rows, S], which at long rows
+    # (S = 64k positions) would be many GiB at once; a slice keeps them near _MASK_SLICE_ELEMENTS
+    step = max(1, _MASK_SLICE_ELEMENTS // (b * s))
+    for start in range(0, rows.numel(), step):
+        q = rows[start:start + step].view(1, -1, 1)
+        out[:, start:start + q.shape[1]] = allow(bi, q, k, ix)
+    return out.unsqueeze(1)
 
 
 def flex_block_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int = 1,

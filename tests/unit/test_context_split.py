@@ -169,3 +169,16 @@ def test_a_forward_that_gathers_no_keys_is_refused():
     ids = torch.randint(3, 90, (1, 16))
     with pytest.raises(UnsupportedModelError, match=r"0 key/value gathers .* \(expected 4\)"):
         dlm.two_stream_hidden(ids, ids, None, 4, shard=shard)
+
+
+def test_dense_mask_built_in_row_slices_is_the_same_mask(monkeypatch):
+    """Long rows build the mask a slice of query rows at a time (bounded intermediates): same mask."""
+    import nemodiff_train.core.masks as masks
+
+    docs = torch.tensor([[0] * 9 + [1] * 15 + [2] * 8, [0] * 32])
+    layout = SequenceLayout(32, 4, docs)
+    whole = dense_mask("bd3", layout, window=6)
+    rows = RowSplit(32, 4, 3).positions()
+    monkeypatch.setattr(masks, "_MASK_SLICE_ELEMENTS", 3 * 2 * 64)  # three query rows per slice
+    assert torch.equal(dense_mask("bd3", layout, window=6), whole)
+    assert torch.equal(dense_mask("bd3", layout, window=6, query_index=rows), whole[:, :, rows])
