@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_IMPLEMENTATIONS", "CP_ATTENTION", "CP_EAGER", "MASK_FORM_OF", "UnsupportedModelError", "check_implementation", "mask_form",
-           "implementation_form", "dense_block_mask", "window_keep"]
+__all__ = ["SUPPORTED_IMPLEMENTATIONS", "CP_ATTENTION", "CP_EAGER", "MASK_FORM_OF", "UnsupportedModelError",
+           "check_implementation", "mask_form", "implementation_form", "dense_block_mask", "window_keep"]
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 

@@ -139,7 +139,8 @@ def cp_sdpa_attention(module, query, key, value, attention_mask, *, context_shar
 
     if context_shard is not None:
         if kwargs.get("softcap") is not None:
-            raise ValueError("context-parallel SDPA has no attention-logit soft-capping (use attn_implementation=eager)")
+            raise ValueError("context-parallel SDPA has no attention-logit soft-capping "
+                             "(use attn_implementation=eager)")
         key, value = _gathered(context_shard, query, key, value, attention_mask, boolean=True)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -189,6 +190,7 @@ def use_cp_attention(hf) -> None:
     if current in (CP_ATTENTION, CP_EAGER):
         return
     if current not in _WRAPS:
-        raise ValueError(f"context parallelism runs on attn_implementation 'sdpa' or 'eager'; the model runs {current!r}")
+        raise ValueError(f"context parallelism runs on attn_implementation 'sdpa' or 'eager'; "
+                         f"the model runs {current!r}")
     register_cp_attention()
     hf.set_attn_implementation(_WRAPS[current][0])

@@ -204,7 +204,8 @@ class DLMModel(nn.Module):
         def build(window):
             if self.implementation == "flex_attention":
                 if query_index is not None:
-                    raise UnsupportedModelError("the mask of a context-parallel slice is built for sdpa, not flex_attention")
+                    raise UnsupportedModelError("the mask of a context-parallel slice is built for sdpa or eager, "
+                                                "not flex_attention")
                 return flex_block_mask(pattern, layout, batch_size, device=device, window=window)
             return implementation_form(dense_mask(pattern, layout, batch_size, device=device, window=window,
                                                   query_index=query_index), self.implementation, dtype)

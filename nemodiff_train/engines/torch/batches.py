@@ -19,7 +19,7 @@ def rank_positions(step: int, global_batch: int, rank: int, world: int, micro: i
     """Global-order positions of this rank's micro-batches at ``step``."""
     if global_batch % (world * micro):
         raise ValueError(f"global_batch_size={global_batch} is not a multiple of world_size × micro_batch_size "
-                         f"= {world} × {micro}")
+                         f"= {world} × {micro} (under engine.cp the data-parallel size: world size / engine.cp)")
     start = step * global_batch
     mine = [p for p in range(start, start + global_batch) if p % world == rank]
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]

@@ -46,8 +46,8 @@ from ...models.hf import DLMModel
 from ...models.step import MicroBatch, collate
 from .. import TrainOutcome
 from .batches import rank_positions
-from .context import ParallelDims, parallel_dims
 from .checkpointing import load_checkpoint, model_identity, read_trainer_state, restore_rng, resume_checkpoint, save_checkpoint
+from .context import ParallelDims, parallel_dims
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from .loss import JointObjective, LossTerm, StepParts, TwoStreamLoss, soft_target_terms, soft_target_weights
 from .lr_schedule import lr_at
