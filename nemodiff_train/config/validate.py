@@ -166,8 +166,11 @@ def _check_engine(cfg: Config) -> None:
 
 
 def _check_torch_engine(cfg: Config) -> None:
-    for key in ("engine.tp", "engine.pp", "engine.cp", "engine.ep"):
-        _need(_get(cfg, key) == 1, key, "model parallelism needs engine=megatron (the torch engine is data-parallel)")
+    for key in ("engine.tp", "engine.pp", "engine.ep"):
+        _need(_get(cfg, key) == 1, key, "model parallelism needs engine=megatron (the torch engine is data-parallel, "
+              "with context parallelism through engine.cp)")
+    if cfg.engine.cp > 1:
+        _check_torch_context_parallel(cfg)
     _need(cfg.engine.distributed is not None, "engine.distributed", "the torch engine needs ddp or fsdp2")
     _need(not cfg.engine.sequence_parallel, "engine.sequence_parallel", "needs engine=megatron (tensor parallel)")
     _need(cfg.engine.recompute is None, "engine.recompute",
@@ -176,6 +179,23 @@ def _check_torch_engine(cfg: Config) -> None:
           "random initialisation is a Megatron-engine option; the torch engine starts from model.path's weights")
     _need(not (cfg.engine.precision == "fp32" and cfg.model.dtype == "bfloat16"), "engine.precision",
           "fp32 contradicts model.dtype=bfloat16 (model.dtype is the compute dtype; master weights are fp32)")
+
+
+def _check_torch_context_parallel(cfg: Config) -> None:
+    """``engine.cp > 1`` with the torch engine: what docs/context_parallel.md verifies, and nothing else."""
+    cp, d = cfg.engine.cp, cfg.diffusion
+    why = f"is not verified under context parallelism (engine.cp={cp}); train it with engine.cp=1"
+    _need(cfg.model.attn_implementation in (None, "sdpa", "eager"), "model.attn_implementation",
+          f"{cfg.model.attn_implementation!r}: context parallelism gathers keys and values for sdpa or eager attention "
+          "with a dense mask (flex_attention is not verified under it); use sdpa or eager, or leave it unset")
+    for key in ("drafter_kl", "certainty", "teacher_kl"):
+        _need(getattr(d, key) == 0, f"diffusion.{key}", f"the soft-target term {why}")
+    for i, st in enumerate(cfg.stages):
+        _need(st.data.seq_len % (2 * cp) == 0, f"stages.{i}.data.seq_len",
+              f"{st.data.seq_len} is not divisible by 2·engine.cp = {2 * cp}: each stream of the two-stream row is "
+              "cut into 2·cp equal chunks (the zigzag split, docs/context_parallel.md)")
+        _need(st.kind != "distill" or st.data.distill.teacher != "current", f"stages.{i}.data.distill.teacher",
+              f"'current' {why}")
 
 
 def _check_megatron_engine(cfg: Config) -> None:

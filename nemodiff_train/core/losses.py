@@ -125,29 +125,42 @@ def ar_targets(x0: torch.Tensor, loss_mask: torch.Tensor, doc_ids: torch.Tensor 
 
 def joint_loss_parts(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
                      masked: torch.Tensor, mask_prob: torch.Tensor, loss_mask: torch.Tensor,
-                     doc_ids: torch.Tensor | None = None, chunk_size: int = 2048) -> LossParts:
-    """Loss parts of one two-stream forward.
+                     doc_ids: torch.Tensor | None = None, chunk_size: int = 2048,
+                     positions: torch.Tensor | None = None) -> LossParts:
+    """Loss parts of one two-stream forward, or of the positions of it that one rank holds.
 
     Args:
-        hidden: ``[b, 2L, d]`` final hidden states of ``[x_t ; x_0]`` (noisy stream first).
+        hidden: ``[b, 2L, d]`` final hidden states of ``[x_t ; x_0]`` (noisy stream first), or
+            ``[b, n, d]`` those of the row positions ``positions``.
         head: output head, ``[n, d]`` → ``[n, V]``.
         x0: ``[b, L]`` clean ids.
         masked: ``[b, L]`` bool, positions masked in x_t.
         mask_prob: ``[b, L]`` masking probability p (diffusion weight 1/p).
         loss_mask: ``[b, L]`` supervised tokens (AR targets use the mask of the *target* token).
         doc_ids: optional ``[b, L]`` for packed rows.
+        positions: optional ``[n]`` int64 indices into the two-stream row ``0..2L-1`` that ``hidden``
+            holds (a context-parallel rank's slice, :mod:`.context_split`); targets and counts are
+            taken from the whole row, so the ranks' parts add up to the whole row's.
     Returns:
         :class:`LossParts`.
     """
     length = x0.shape[1]
-    if hidden.shape[1] != 2 * length:
-        raise ValueError(f"hidden has {hidden.shape[1]} positions, expected 2L = {2 * length}")
-    noisy_h, clean_h = hidden[:, :length], hidden[:, length:]
-    diff_sum = weighted_ce_sum(noisy_h[masked], x0[masked], 1.0 / mask_prob[masked].float(), head, chunk_size)
-    targets, supervised = ar_targets(x0, loss_mask, doc_ids)
-    ar_sum = weighted_ce_sum(clean_h[supervised], targets[supervised],
-                             torch.ones(int(supervised.sum()), device=hidden.device), head, chunk_size)
-    return LossParts(diff_sum, masked.sum().float(), ar_sum, supervised.sum().float())
+    expected = 2 * length if positions is None else positions.numel()
+    if hidden.shape[1] != expected:
+        raise ValueError(f"hidden has {hidden.shape[1]} positions, expected {expected} "
+                         f"({'2L' if positions is None else 'len(positions)'})")
+    ar_next, supervised = ar_targets(x0, loss_mask, doc_ids)
+    none = torch.zeros_like(masked, dtype=torch.bool)
+    # per row position: its target, its diffusion weight 1/p, and which of the two sums it enters
+    targets = torch.cat([x0, ar_next], dim=1)
+    weights = torch.cat([1.0 / mask_prob.float(), torch.ones_like(mask_prob, dtype=torch.float32)], dim=1)
+    in_diffusion = torch.cat([masked.bool(), none], dim=1)
+    in_ar = torch.cat([none, supervised], dim=1)
+    if positions is not None:
+        targets, weights, in_diffusion, in_ar = (t[:, positions] for t in (targets, weights, in_diffusion, in_ar))
+    diff_sum = weighted_ce_sum(hidden[in_diffusion], targets[in_diffusion], weights[in_diffusion], head, chunk_size)
+    ar_sum = weighted_ce_sum(hidden[in_ar], targets[in_ar], weights[in_ar], head, chunk_size)
+    return LossParts(diff_sum, in_diffusion.sum().float(), ar_sum, in_ar.sum().float())
 
 
 def parts_from_token_ce(noisy_ce: torch.Tensor, clean_ce: torch.Tensor, masked: torch.Tensor,

@@ -204,26 +204,43 @@ def get_pattern(name: str) -> Pattern:
         raise KeyError(f"unknown attention pattern {name!r}; known: {sorted(PATTERNS)}") from None
 
 
+_MASK_SLICE_ELEMENTS = 1 << 24
+"""Query rows × keys (× batch) per slice of :func:`dense_mask`: bounds its int64 intermediates near 128 MiB."""
+
+
 def dense_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int = 1,
-               device: torch.device | str | None = None, window: int | None = None) -> torch.Tensor:
+               device: torch.device | str | None = None, window: int | None = None,
+               query_index: torch.Tensor | None = None) -> torch.Tensor:
     """Dense boolean mask for SDPA (and the source of the eager additive form).
 
     Args:
         window: optional sliding window W (see the module docstring); None = unlimited.
+        query_index: optional ``[q]`` int64 row positions: only these query rows are built (the rows
+            a context-parallel rank holds, :mod:`.context_split`); None = every row.
 
     Returns:
-        ``[b, 1, S, S]`` bool, True where query row may attend key column; b = number of rows of
-        ``layout.doc_ids`` (or ``batch_size`` without doc ids), S = ``pattern.streams * L``.
+        ``[b, 1, q, S]`` bool, True where query row may attend key column; b = number of rows of
+        ``layout.doc_ids`` (or ``batch_size`` without doc ids), S = ``pattern.streams * L``, q = S
+        or ``len(query_index)``.
     """
     pattern = get_pattern(pattern) if isinstance(pattern, str) else pattern
     ix = _Index(layout, device)
     b = batch_size if layout.doc_ids is None else layout.doc_ids.shape[0]
     s = pattern.row_length(layout)
     bi = torch.arange(b, device=device).view(b, 1, 1)
-    q = torch.arange(s, device=device).view(1, s, 1)
+    rows = torch.arange(s, device=device) if query_index is None else query_index.to(device)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= s):
+        raise ValueError(f"query_index must lie in [0, {s}), got [{int(rows.min())}, {int(rows.max())}]")
     k = torch.arange(s, device=device).view(1, 1, s)
-    allowed = _windowed(pattern, window)(bi, q, k, ix)
-    return allowed.expand(b, s, s).unsqueeze(1).contiguous()
+    allow = _windowed(pattern, window)
+    out = torch.empty(b, rows.numel(), s, dtype=torch.bool, device=device)
+    # query rows in slices: the predicate's int64 intermediates are [b, rows, S], which at long rows
+    # (S = 64k positions) would be many GiB at once; a slice keeps them near _MASK_SLICE_ELEMENTS
+    step = max(1, _MASK_SLICE_ELEMENTS // (b * s))
+    for start in range(0, rows.numel(), step):
+        q = rows[start:start + step].view(1, -1, 1)
+        out[:, start:start + q.shape[1]] = allow(bi, q, k, ix)
+    return out.unsqueeze(1)
 
 
 def flex_block_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int = 1,

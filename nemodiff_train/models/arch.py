@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from .attention import SUPPORTED_IMPLEMENTATIONS, UnsupportedModelError, check_implementation
+from .attention import SUPPORTED_IMPLEMENTATIONS, UnsupportedModelError, check_implementation, mask_form
 
 __all__ = ["TESTED_FAMILIES", "LayerWindows", "layer_windows", "causal_lm_class", "check_config",
            "pick_attn_implementation", "decoder_attribute", "cache_kwarg", "attn_implementation_of"]
@@ -109,8 +109,10 @@ def cache_kwarg(module) -> str:
 
 
 def attn_implementation_of(hf) -> str:
-    """The attention implementation a loaded model runs (checked: one whose kernel takes our masks)."""
-    return check_implementation(getattr(hf.config, "_attn_implementation", None) or "eager")
+    """The attention implementation a loaded model runs (checked: one whose kernel takes our masks); a
+    function this toolkit registered reads as the implementation whose masks it takes
+    (:data:`~.attention.MASK_FORM_OF`: the context-parallel attention is ``sdpa``)."""
+    return mask_form(getattr(hf.config, "_attn_implementation", None) or "eager")
 
 
 def causal_lm_class(config):

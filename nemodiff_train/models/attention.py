@@ -20,10 +20,20 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_IMPLEMENTATIONS", "UnsupportedModelError", "check_implementation", "implementation_form",
-           "dense_block_mask", "window_keep"]
+__all__ = ["SUPPORTED_IMPLEMENTATIONS", "CP_ATTENTION", "CP_EAGER", "MASK_FORM_OF", "UnsupportedModelError",
+           "check_implementation", "mask_form", "implementation_form", "dense_block_mask", "window_keep"]
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+CP_ATTENTION = "nemodiff_cp_sdpa"
+"""The name :mod:`.context_parallel` registers its attention function under (SDPA over gathered keys)."""
+
+CP_EAGER = "nemodiff_cp_eager"
+"""The same over the architecture's own eager attention (soft-capping: Gemma-2)."""
+
+MASK_FORM_OF = {CP_ATTENTION: "sdpa", CP_EAGER: "eager"}
+"""Attention functions this toolkit registers with transformers, and the implementation whose masks they
+read (the context-parallel attention of :mod:`.context_parallel` is SDPA over gathered keys)."""
 
 
 class UnsupportedModelError(ValueError):
@@ -37,6 +47,11 @@ def check_implementation(implementation: str | None) -> str:
             f"attn_implementation={implementation!r} cannot take the two-stream / decoding attention masks "
             f"(arbitrary 4-D masks); use one of {list(SUPPORTED_IMPLEMENTATIONS)}")
     return implementation
+
+
+def mask_form(implementation: str | None) -> str:
+    """The implementation whose mask form ``implementation`` reads (itself, or the one it wraps), checked."""
+    return check_implementation(MASK_FORM_OF.get(implementation, implementation))
 
 
 def dense_block_mask(allowed: torch.Tensor):

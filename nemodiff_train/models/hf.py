@@ -24,7 +24,8 @@ from ..core.sequence import two_stream_inputs
 from .adapter import DrafterAdapter, adapter_tokens, attach_adapter
 from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
                    pick_attn_implementation)
-from .attention import UnsupportedModelError, implementation_form
+from .attention import CP_ATTENTION, CP_EAGER, UnsupportedModelError, implementation_form
+from .context_parallel import gathers_so_far
 
 log = logging.getLogger(__name__)
 
@@ -185,22 +186,29 @@ class DLMModel(nn.Module):
             modules[self._decoder_name] = decoder
         return logits.reshape(*lead, logits.shape[-1])
 
-    def attention_mask(self, layout: SequenceLayout, batch_size: int, device: torch.device, pattern: str | None = None):
+    def attention_mask(self, layout: SequenceLayout, batch_size: int, device: torch.device, pattern: str | None = None,
+                       query_index: torch.Tensor | None = None):
         """The prepared 4-D mask in the form this model's attention implementation reads.
 
+        Args:
+            query_index: optional ``[q]`` row positions: only those query rows (a context-parallel
+                rank's, :meth:`two_stream_hidden`); dense forms only.
         Returns:
             one mask (every layer has the same window), or ``{layer type: mask}`` when layers differ;
-            each a ``[b, 1, S, S]`` bool (sdpa) or model-dtype additive float (eager) tensor, or a
-            flex-attention ``BlockMask``.
+            each a ``[b, 1, S, S]`` (``[b, 1, q, S]``) bool (sdpa) or model-dtype additive float (eager)
+            tensor, or a flex-attention ``BlockMask``.
         """
         pattern = get_pattern(pattern or self.settings.attention_pattern)
         dtype = self.hf.get_input_embeddings().weight.dtype
 
         def build(window):
             if self.implementation == "flex_attention":
+                if query_index is not None:
+                    raise UnsupportedModelError("the mask of a context-parallel slice is built for sdpa or eager, "
+                                                "not flex_attention")
                 return flex_block_mask(pattern, layout, batch_size, device=device, window=window)
-            return implementation_form(dense_mask(pattern, layout, batch_size, device=device, window=window),
-                                       self.implementation, dtype)
+            return implementation_form(dense_mask(pattern, layout, batch_size, device=device, window=window,
+                                                  query_index=query_index), self.implementation, dtype)
 
         if self.windows.uniform:
             return build(self.windows.windows[0] if self.windows.windows else None)
@@ -209,13 +217,20 @@ class DLMModel(nn.Module):
 
     def two_stream_hidden(self, noisy_ids: torch.Tensor, clean_ids: torch.Tensor,
                           doc_ids: torch.Tensor | None = None, block_size: int | None = None,
-                          pattern: str | None = None) -> torch.Tensor:
-        """Final hidden states of one two-stream forward.
+                          pattern: str | None = None, shard=None) -> torch.Tensor:
+        """Final hidden states of one two-stream forward, or of one context-parallel rank's slice of it.
 
         Args:
-            noisy_ids, clean_ids: ``[b, L]``; doc_ids: optional ``[b, L]``.
+            noisy_ids, clean_ids: ``[b, L]`` (the whole rows, also under context parallelism: noise and
+                positions are functions of the whole row); doc_ids: optional ``[b, L]``.
+            shard: optional :class:`~nemodiff_train.models.context_parallel.ContextShard`: run only its
+                row positions (their global position ids, the local query rows of the whole row's
+                mask), attention gathering keys and values across its group. The model must run
+                :data:`~.attention.CP_ATTENTION` or :data:`~.attention.CP_EAGER`
+                (:func:`~.context_parallel.use_cp_attention`).
         Returns:
-            ``[b, 2L, d]`` hidden states (noisy stream first), before the output head.
+            ``[b, 2L, d]`` hidden states (noisy stream first), before the output head; with ``shard``
+            ``[b, 2L/cp, d]``, those of ``shard.positions`` (its noisy positions, then its clean ones).
         """
         pattern_obj = get_pattern(pattern or self.settings.attention_pattern)
         if pattern_obj.streams != 2:
@@ -223,16 +238,33 @@ class DLMModel(nn.Module):
         b, length = clean_ids.shape
         layout = SequenceLayout(length, block_size or self.settings.train_block_size, doc_ids)
         inputs = two_stream_inputs(noisy_ids, clean_ids, doc_ids)
-        mask = self.attention_mask(layout, b, clean_ids.device, pattern_obj.name)
+        rows = None if shard is None else shard.positions
+        mask = self.attention_mask(layout, b, clean_ids.device, pattern_obj.name, query_index=rows)
         if self.adapter is not None:
             # the drafter is on for the noisy half only: the clean half is the frozen base's causal pass,
             # the states the drafter reads from the KV cache at inference. The gate is left set after
             # the forward on purpose: activation checkpointing re-runs the layers in backward and must
             # see the same gate (every other caller sets its own gate, None included).
             noisy = torch.ones(b, length, dtype=torch.bool, device=clean_ids.device)
-            self.adapter.gate = torch.cat([noisy, torch.zeros_like(noisy)], dim=1)  # [b, 2L]
-        out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                            attention_mask=mask, use_cache=False)
+            gate = torch.cat([noisy, torch.zeros_like(noisy)], dim=1)  # [b, 2L]
+            self.adapter.gate = gate if rows is None else gate[:, rows]
+        if rows is None:
+            out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+                                attention_mask=mask, use_cache=False)
+        else:
+            if getattr(self.hf.config, "_attn_implementation", None) not in (CP_ATTENTION, CP_EAGER):
+                raise UnsupportedModelError(f"a context-parallel forward needs attn_implementation {CP_ATTENTION!r} or "
+                                            f"{CP_EAGER!r} (models.context_parallel.use_cp_attention)")
+            before = gathers_so_far()
+            out = self.backbone(input_ids=inputs.input_ids[:, rows], position_ids=inputs.position_ids[:, rows],
+                                attention_mask=mask, use_cache=False, context_shard=shard)
+            layers, done = len(self.windows.windows), gathers_so_far() - before
+            if shard.split.cp > 1 and done != 2 * layers:
+                # an attention module that bypasses transformers' attention interface never saw the other ranks' keys
+                raise UnsupportedModelError(
+                    f"{type(self.hf).__name__}: {done} key/value gathers in a context-parallel "
+                    f"forward of {layers} layers (expected {2 * layers}): its attention does not run through "
+                    "transformers' attention interface, so engine.cp cannot split its rows")
         return out.last_hidden_state
 
     def causal_hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:

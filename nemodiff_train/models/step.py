@@ -11,7 +11,7 @@ model computes the per-token cross entropy itself, reduces it with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,12 +42,24 @@ class MicroBatch:
     noise: NoisedBatch
     masked_count: int
     ar_count: int
+    shard: object | None = None
+    """A :class:`~nemodiff_train.models.context_parallel.ContextShard` when this rank holds only a slice
+    of the rows' positions (context parallelism; :meth:`sharded`), else None."""
 
     def to(self, device: torch.device) -> "MicroBatch":
         n = self.noise
         return MicroBatch(self.x0.to(device), self.doc_ids.to(device), self.loss_mask.to(device),
                           NoisedBatch(n.noisy_ids.to(device), n.masked.to(device), n.mask_prob.to(device)),
-                          self.masked_count, self.ar_count)
+                          self.masked_count, self.ar_count, self.shard)
+
+    def sharded(self, shard) -> "MicroBatch":
+        """This micro-batch as one context-parallel rank sees it: the same whole rows and noise (they are
+        functions of the whole row), but ``masked_count`` / ``ar_count`` are those of the shard's
+        positions, so that summing them over the group gives the rows' counts."""
+        stream = shard.split.stream_positions()  # on the CPU, like the counts of collate
+        supervised = ar_targets(self.x0, self.loss_mask, self.doc_ids)[1]
+        return replace(self, shard=shard, masked_count=int(self.noise.masked[:, stream.to(self.x0.device)].sum()),
+                       ar_count=int(supervised[:, stream.to(self.x0.device)].sum()))
 
 
 def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_token_id: int, schedule: str,

@@ -123,6 +123,9 @@ ELSEWHERE = {
                                 "the CUDA tests; skipped without CUDA"),
     "tools/fault_campaign.py --kills 20 --corruptions 12": ("tools/fault_campaign.py", "--kills",
                                                            "a long randomised campaign (minutes to hours), not a test"),
+    "torchrun --nproc-per-node=2 -m nemodiff_train.cli.train recipe=tiny_cpu run.dir=runs/cp engine.cp=2": (
+        "tests/faults/test_kill_and_signals.py", '"engine.cp=2"',
+        "the same two-process tiny_cpu run is compared with one process and killed and resumed in the faults tier"),
     "tools/fault_campaign.py --only hostile": ("tests/faults/test_hostile_files.py", "metadata_corpus(",
                                                "the family's cases run in the faults tier (tests/faults/hostile.py)"),
 }

@@ -54,3 +54,21 @@ def test_saved_config_round_trips(tmp_path: Path):
     cfg = compose(["recipe=demo_cpu", "run.seed=5"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_saved_config(tmp_path / "config.yaml") == cfg
+
+
+def test_torch_engine_takes_context_parallelism():
+    cfg = compose(["recipe=tiny_cpu", "engine.cp=2"])
+    assert cfg.engine.name == "torch" and cfg.engine.cp == 2
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.attn_implementation=flex_attention", "model.attn_implementation"),
+    ("diffusion.teacher_kl=0.1", "diffusion.teacher_kl"),
+    ("diffusion.drafter_kl=0.1", "diffusion.drafter_kl"),
+    ("diffusion.certainty=0.1", "diffusion.certainty"),
+    ("stages.0.data.seq_len=34", "stages.0.data.seq_len"),  # not divisible by 2·cp = 4
+    ("engine.pp=2", "engine.pp"),
+])
+def test_torch_context_parallelism_refuses_what_is_not_verified(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose(["recipe=tiny_cpu", "engine.cp=2", override])

@@ -69,12 +69,17 @@ class TwoStreamForward:
     @property
     def noisy_hidden(self) -> torch.Tensor:
         """``[m, L, d]``: the diffusion view (position i predicts the clean token ``x0[:, i]``)."""
-        return self.hidden[:, : self.mb.x0.shape[1]]
+        return self.hidden[:, : self._whole_rows()]
 
     @property
     def clean_hidden(self) -> torch.Tensor:
         """``[m, L, d]``: the AR view (position i predicts ``x0[:, i + 1]``)."""
-        return self.hidden[:, self.mb.x0.shape[1]:]
+        return self.hidden[:, self._whole_rows():]
+
+    def _whole_rows(self) -> int:
+        if self.mb.shard is not None:
+            raise NotImplementedError("a context-parallel rank holds a slice of each row: the views are not whole")
+        return self.mb.x0.shape[1]
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """``[n, d]`` selected hidden rows → ``[n, V]`` float32 logits (the model's own head)."""
@@ -85,8 +90,10 @@ class TwoStreamForward:
         if "joint" not in self._cache:
             mb = self.mb
             if self.soft is None or not self.soft.any:
+                positions = None if mb.shard is None else mb.shard.positions  # a context-parallel slice
                 self._cache["joint"] = joint_loss_parts(self.hidden, self.dlm.head, mb.x0, mb.noise.masked,
-                                                        mb.noise.mask_prob, mb.loss_mask, mb.doc_ids, self.chunk_size)
+                                                        mb.noise.mask_prob, mb.loss_mask, mb.doc_ids, self.chunk_size,
+                                                        positions=positions)
                 self._cache["soft"] = {}
             else:
                 teacher = None
@@ -217,15 +224,21 @@ class TwoStreamLoss(nn.Module):
         """:class:`StepParts` of ``mb``; with ``diagnostics`` also its masked-token stats
         (:func:`~nemodiff_train.core.losses.masked_token_stats`; a flag, not a second method, so
         that FSDP's forward hooks gather the parameters)."""
-        hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size)
+        if mb.shard is not None and (self.terms or (self.soft is not None and self.soft.any)):
+            raise NotImplementedError("extra loss terms and soft-target terms are not verified under context "
+                                      "parallelism (engine.cp > 1)")
+        hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size, shard=mb.shard)
         fwd = TwoStreamForward(self.dlm, mb, hidden, self.chunk_size, self.soft, self._teacher[0])
         base = fwd.joint_parts()
         parts = StepParts(base.diffusion_sum, base.diffusion_count, base.ar_sum, base.ar_count,
                           {term.name: term(fwd) for term in self.terms})
         if not diagnostics:
             return parts
-        return parts, masked_token_stats(hidden, mb.x0, mb.noise.masked, mb.noise.mask_prob, self.dlm.head,
-                                         chunk_size=self.chunk_size)
+        x0, masked, prob = mb.x0, mb.noise.masked, mb.noise.mask_prob
+        if mb.shard is not None:  # the local hidden states are [its noisy positions ; its clean positions]
+            stream = mb.shard.stream_positions
+            x0, masked, prob = x0[:, stream], masked[:, stream], prob[:, stream]
+        return parts, masked_token_stats(hidden, x0, masked, prob, self.dlm.head, chunk_size=self.chunk_size)
 
 
 class JointObjective:

@@ -40,6 +40,12 @@ def build_model(cfg: Config, run_dir: Path, env: DistEnv, work: MainWork) -> DLM
     m = cfg.model
     attn = m.attn_implementation  # None: load_dlm picks what the architecture supports (flex on CUDA, sdpa, eager)
     path = _base_path(cfg, work)
+    if cfg.engine.cp > 1 and attn is None:  # context parallelism wraps sdpa or eager (models/context_parallel.py)
+        from transformers import AutoConfig
+
+        from ...models.arch import pick_attn_implementation
+
+        attn = pick_attn_implementation(AutoConfig.from_pretrained(path), "cpu")  # sdpa, else eager (Gemma-2)
     shard_later = env.world_size > 1 and cfg.engine.distributed == "fsdp2"
     d = cfg.diffusion
     # a frozen base keeps its head as it is (tied or not): an untied copy would only cost memory

@@ -36,15 +36,18 @@ from typing import Sequence
 import torch
 
 from ... import runs
+from ...config.errors import ConfigError
 from ...config.load import as_dict, save_config
 from ...config.schema import Config
 from ...data.order import GlobalOrder
 from ...faults import fault_point
+from ...models.context_parallel import use_cp_attention
 from ...models.hf import DLMModel
 from ...models.step import MicroBatch, collate
 from .. import TrainOutcome
 from .batches import rank_positions
 from .checkpointing import load_checkpoint, model_identity, read_trainer_state, restore_rng, resume_checkpoint, save_checkpoint
+from .context import ParallelDims, parallel_dims
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from .loss import JointObjective, LossTerm, StepParts, TwoStreamLoss, soft_target_terms, soft_target_weights
 from .lr_schedule import lr_at
@@ -93,12 +96,18 @@ class Run:
         self.stop = StopFlag()  # first: under Slurm the launcher leaves TERM/USR1 ignored until we take them
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.env = init_distributed(cfg.engine.device, timeout_s=cfg.engine.dist_timeout_s)
+        self.dims: ParallelDims = parallel_dims(self.env, cfg.engine.cp)  # data × context mesh (engine.cp)
         torch.manual_seed(cfg.run.seed)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / runs.CONFIG_FILE)
         self.work = MainWork(self.env, self.run_dir, cfg.engine.main_work_timeout_s)
         self.dlm = build_model(cfg, self.run_dir, self.env, self.work)
+        if self.dims.cp > 1:
+            if loss_terms:
+                raise ConfigError(f"engine.cp={self.dims.cp}: extra loss terms are not verified under context "
+                                  "parallelism; train them with engine.cp=1")
+            use_cp_attention(self.dlm.hf)  # attention gathers keys/values over the CP group (docs/context_parallel.md)
         self.state = TrainState(self.dlm, Progress())
         # the newest checkpoint that verifies against this model; all failing is an error, never step 0
         self.ckpt, notes = (resume_checkpoint(self.run_dir, model_identity(self.state.model_identity_state()))
@@ -116,7 +125,7 @@ class Run:
         self.par = parallelize(TwoStreamLoss(self.dlm, d.block_size, d.loss_chunk_size, terms, soft_target_weights(cfg),
                                              teacher), cfg, self.env)
         self.loss_fn = JointObjective.from_config(cfg, terms)
-        self.validator = Validator(cfg, self.env, self.par, self.work, hooks)
+        self.validator = Validator(cfg, self.env, self.par, self.work, hooks, self.dims)
 
     @property
     def progress(self) -> Progress:
@@ -131,6 +140,10 @@ class Run:
             base = sum(p.numel() for p in self.dlm.hf.parameters())
             self.sink.message(f"adapter=lora: base frozen ({base:,} parameters); training {adapter.trainable_parameters():,} "
                               f"(LoRA r={adapter.rank} on {len(adapter.paths)} linear layers + the mask row)")
+        if self.dims.cp > 1:
+            d = self.dims
+            self.sink.message(f"engine.cp={d.cp}: {d.dp} data-parallel group(s) x {d.cp} context-parallel ranks; each "
+                              f"rank holds 2L/{d.cp} positions of every row (docs/context_parallel.md)")
         if self.ckpt:
             self.sink.message(f"resuming from {self.ckpt} (step {self.progress.step})")
 
@@ -229,12 +242,14 @@ class StageRun:
         d, st = self.cfg.diffusion, self.stage
         mask_id = self.shared.dlm.settings.mask_token_id
         out = []
-        for positions in rank_positions(self.progress.step - self.first, st.global_batch_size, self.env.rank,
-                                        self.env.world_size, st.micro_batch_size):
+        dims = self.shared.dims  # rows are split over the data-parallel ranks; a CP group shares them
+        for positions in rank_positions(self.progress.step - self.first, st.global_batch_size, dims.dp_rank,
+                                        dims.dp, st.micro_batch_size):
             rows = [self.train_ds[self.order.row(p)] for p in positions]
-            out.append(collate(rows, [self.sample_offset + p for p in positions], seed=self.cfg.run.seed,
-                               mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-                               half_life_ratio=d.half_life_ratio).to(self.env.device))
+            mb = collate(rows, [self.sample_offset + p for p in positions], seed=self.cfg.run.seed,
+                         mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
+                         half_life_ratio=d.half_life_ratio)
+            out.append(dims.on_shard(mb).to(self.env.device))
         return out
 
     def forward_backward(self, micro: list[MicroBatch]) -> StepParts:

@@ -17,6 +17,7 @@ from ...core.losses import MASK_RATE_EDGES, LossWeights
 from ...models.hf import DLMModel
 from ...models.step import VALIDATION_SEED_OFFSET
 from ...models.step import collate
+from .context import ParallelDims
 from .distributed import DistEnv, all_reduce_sum
 from .loss import StepParts
 from .main_work import MainWork
@@ -61,8 +62,9 @@ class Validator:
     """
 
     def __init__(self, cfg: Config, env: DistEnv, par: Parallelized, work: MainWork,
-                 hooks: Sequence[ValidationHook] = ()):
+                 hooks: Sequence[ValidationHook] = (), dims: ParallelDims | None = None):
         self.cfg, self.env, self.par, self.work = cfg, env, par, work
+        self.dims = dims or ParallelDims(env.world_size, 1, env.rank, 0, None, env.device)
         self.hooks = list(hooks)
         self.mask_id = par.loss_module.dlm.settings.mask_token_id
         self._hook_rows: dict[int, dict] = {}  # step -> the hooks' row
@@ -90,9 +92,10 @@ class Validator:
                 row["loss_mask"] = torch.zeros_like(torch.as_tensor(row["loss_mask"]), dtype=torch.bool)
             rows.append(row)
         d = self.cfg.diffusion
-        return collate(rows, [0 if i is None else i for i in idx], seed=self.cfg.run.seed + VALIDATION_SEED_OFFSET,
-                       mask_token_id=self.mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-                       half_life_ratio=d.half_life_ratio)
+        mb = collate(rows, [0 if i is None else i for i in idx], seed=self.cfg.run.seed + VALIDATION_SEED_OFFSET,
+                     mask_token_id=self.mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
+                     half_life_ratio=d.half_life_ratio)
+        return self.dims.on_shard(mb)  # a context-parallel rank: its slice of the same rows
 
     @torch.no_grad()
     def losses(self, val_ds, micro_batch_size: int) -> dict:
@@ -106,7 +109,7 @@ class Validator:
         stats = torch.zeros(len(MASK_RATE_EDGES) - 1, 3, dtype=torch.float64, device=env.device)
         module = self.par.loss_module
         module.eval()
-        for idx in validation_split(n, env.world_size, env.rank, micro_batch_size):
+        for idx in validation_split(n, self.dims.dp, self.dims.dp_rank, micro_batch_size):
             with self.par.compute_context(env.device):
                 parts, mb_stats = module(self._micro_batch(val_ds, idx).to(env.device), diagnostics=True)
             total = total + parts.detached()
