@@ -244,11 +244,14 @@ def dense_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int =
 
 
 def flex_block_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: int = 1,
-                    device: torch.device | str = "cuda", tile: int = 128, window: int | None = None):
+                    device: torch.device | str = "cuda", tile: int = 128, window: int | None = None,
+                    query_index: torch.Tensor | None = None):
     """flex-attention ``BlockMask`` for the same pattern (CUDA training path; ``window`` as in :func:`dense_mask`).
 
     The tile size is passed explicitly: relying on a default once produced wrong masks in a peer
     (bd3lms#23). Without doc ids the mask is shared across the batch (B=None broadcast).
+    ``query_index`` (``[q]`` global row positions, as :func:`dense_mask`): a ``Q_LEN = q`` mask of
+    only those query rows against every key (a context-parallel rank's rows).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -257,8 +260,14 @@ def flex_block_mask(pattern: Pattern | str, layout: SequenceLayout, batch_size: 
     s = pattern.row_length(layout)
     b = None if layout.doc_ids is None else layout.doc_ids.shape[0]
     allow = _windowed(pattern, window)
+    if query_index is None:
+        def mask_mod(bi, h, q, k):
+            return allow(bi, q, k, ix)
+        q_len = s
+    else:
+        rows = query_index.to(device)
 
-    def mask_mod(bi, h, q, k):
-        return allow(bi, q, k, ix)
-
-    return create_block_mask(mask_mod, B=b, H=None, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=tile)
+        def mask_mod(bi, h, q, k):
+            return allow(bi, rows[q], k, ix)
+        q_len = rows.numel()
+    return create_block_mask(mask_mod, B=b, H=None, Q_LEN=q_len, KV_LEN=s, device=device, BLOCK_SIZE=tile)

@@ -115,24 +115,9 @@ def local_mask_rows(pattern, layout, q_positions: torch.Tensor, batch_size: int 
     Returns:
         dense: ``[b, 1, S/cp, S]`` bool (True = may attend); flex: a ``BlockMask``.
     """
-    # the predicate's per-token index (document, block, position) is core's; it is what dense_mask uses
-    from ...core.masks import _Index, get_pattern
+    from ...core.masks import dense_mask, flex_block_mask
 
-    pattern = get_pattern(pattern) if isinstance(pattern, str) else pattern
     device = torch.device(device) if device is not None else q_positions.device
-    ix = _Index(layout, device)
-    s = pattern.row_length(layout)
-    qpos = q_positions.to(device)
     if flex:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def mask_mod(bi, h, q, k):
-            return pattern.allow(bi, qpos[q], k, ix)
-
-        b = None if layout.doc_ids is None else layout.doc_ids.shape[0]
-        return create_block_mask(mask_mod, B=b, H=None, Q_LEN=qpos.numel(), KV_LEN=s, device=device,
-                                 BLOCK_SIZE=tile)
-    b = batch_size if layout.doc_ids is None else layout.doc_ids.shape[0]
-    bi = torch.arange(b, device=device).view(b, 1, 1)
-    allowed = pattern.allow(bi, qpos.view(1, -1, 1), torch.arange(s, device=device).view(1, 1, s), ix)
-    return allowed.expand(b, qpos.numel(), s).unsqueeze(1).contiguous()
+        return flex_block_mask(pattern, layout, batch_size, device=device, tile=tile, query_index=q_positions)
+    return dense_mask(pattern, layout, batch_size, device=device, query_index=q_positions)
