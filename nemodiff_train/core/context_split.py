@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RowSplit", "zigzag_chunks"]
+__all__ = ["RowSplit", "zigzag_chunks", "zigzag_positions", "inverse_order"]
 
 
 def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
@@ -31,6 +31,29 @@ def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
     if not 0 <= rank < cp:
         raise ValueError(f"rank {rank} is outside a context-parallel group of {cp}")
     return rank, 2 * cp - 1 - rank
+
+
+def zigzag_positions(length: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """``[length/cp]`` int64: the positions of a sequence of ``length`` that rank ``rank`` keeps when it is
+    cut into ``2·cp`` equal chunks (chunk ``rank``, then chunk ``2·cp-1-rank``). The torch engine applies
+    it to each stream (:class:`RowSplit`), the Megatron engine to the whole ``2L`` row (Megatron's order).
+
+    Raises:
+        ValueError: ``length`` not divisible by ``2·cp``, or ``rank`` outside the group.
+    """
+    if length % (2 * cp):
+        raise ValueError(f"a sequence of {length} positions does not split into 2·cp = {2 * cp} equal chunks")
+    first, second = zigzag_chunks(cp, rank)
+    chunk = length // (2 * cp)
+    ar = torch.arange(chunk, device=device)
+    return torch.cat([first * chunk + ar, second * chunk + ar])
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation of ``[n]`` ``order``: ``order[inverse_order(order)] == arange(n)``."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
 
 
 @dataclass(frozen=True)
@@ -69,9 +92,7 @@ class RowSplit:
 
     def stream_positions(self, rank: int | None = None) -> torch.Tensor:
         """``[L/cp]`` int64: the in-stream indices (``0..L-1``) rank ``rank`` (default: this one) keeps."""
-        c = self.chunk
-        first, second = zigzag_chunks(self.cp, self.rank if rank is None else rank)
-        return torch.cat([torch.arange(first * c, (first + 1) * c), torch.arange(second * c, (second + 1) * c)])
+        return zigzag_positions(self.seq_len, self.cp, self.rank if rank is None else rank)
 
     def positions(self, rank: int | None = None) -> torch.Tensor:
         """``[2L/cp]`` int64 indices into the two-stream row: the noisy positions, then the clean ones."""
@@ -84,7 +105,4 @@ class RowSplit:
 
     def to_row_order(self) -> torch.Tensor:
         """``[2L]``: indexes the rank-order concatenation back into row order (inverse of :meth:`gathered_order`)."""
-        order = self.gathered_order()
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
-        return inverse
+        return inverse_order(self.gathered_order())

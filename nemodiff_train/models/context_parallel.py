@@ -32,7 +32,7 @@ from ..core.context_split import RowSplit
 from .attention import CP_ATTENTION, CP_EAGER
 
 __all__ = ["CP_ATTENTION", "CP_EAGER", "ContextShard", "cp_sdpa_attention", "cp_eager_attention",
-           "register_cp_attention", "use_cp_attention", "gather_rows", "gathers_so_far"]
+           "register_cp_attention", "use_cp_attention", "gather_rows", "gather_in_row_order", "gathers_so_far"]
 
 
 _GATHERS = 0
@@ -81,25 +81,40 @@ class ContextShard:
 
 
 class _GatherRows(torch.autograd.Function):
-    """All-gather along the sequence axis (forward) / reduce-scatter of the gradient (backward)."""
+    """All-gather along the sequence axis ``dim`` (forward) / reduce-scatter of the gradient (backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group, to_row_order: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        ctx.group, ctx.order = group, order
+    def forward(ctx, x: torch.Tensor, group, to_row_order: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.group, ctx.order, ctx.dim = group, order, dim
         size = dist.get_world_size(group)
-        local = x.movedim(2, 0).contiguous()  # [s, b, h, d]: the collectives concatenate along dim 0
+        local = x.movedim(dim, 0).contiguous()  # sequence first: the collectives concatenate along dim 0
         out = local.new_empty((size * local.shape[0], *local.shape[1:]))
         dist.all_gather_single(out, local, group=group)
-        return out.index_select(0, to_row_order).movedim(0, 2)  # rank order -> row order
+        return out.index_select(0, to_row_order).movedim(0, dim)  # rank order -> row order
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         size = dist.get_world_size(ctx.group)
-        g = grad.movedim(2, 0).index_select(0, ctx.order).contiguous()  # row order -> rank order
+        g = grad.movedim(ctx.dim, 0).index_select(0, ctx.order).contiguous()  # row order -> rank order
         out = g.new_empty((g.shape[0] // size, *g.shape[1:]))
         # each rank's keys were read by every rank's queries: their gradients sum over the group
         dist.reduce_scatter_single(out, g, op=dist.ReduceOp.SUM, group=ctx.group)
-        return out.movedim(0, 2), None, None, None
+        return out.movedim(0, ctx.dim), None, None, None, None
+
+
+def gather_in_row_order(x: torch.Tensor, group, to_row_order: torch.Tensor, gathered_order: torch.Tensor,
+                        dim: int = 2) -> torch.Tensor:
+    """All-gather the local slices ``x`` of ``group`` along ``dim`` and put them in row order.
+
+    Args:
+        x: this rank's slice, ``n/cp`` positions along ``dim``.
+        to_row_order: ``[n]`` int64, indexes the rank-order concatenation into row order.
+        gathered_order: ``[n]`` int64, its inverse (the row position of each rank-order entry).
+    Returns:
+        ``n`` positions along ``dim`` in row order; backward reduce-scatters the gradient (each rank
+        gets the sum over the group of its own positions' gradient).
+    """
+    return _GatherRows.apply(x, group, to_row_order, gathered_order, dim)
 
 
 def gather_rows(x: torch.Tensor, shard: ContextShard) -> torch.Tensor:
@@ -108,7 +123,7 @@ def gather_rows(x: torch.Tensor, shard: ContextShard) -> torch.Tensor:
         return x
     if x.shape[2] != shard.positions.numel():
         raise ValueError(f"expected {shard.positions.numel()} local positions on dim 2, got {tuple(x.shape)}")
-    return _GatherRows.apply(x, shard.group, shard.to_row_order, shard.gathered_order)
+    return gather_in_row_order(x, shard.group, shard.to_row_order, shard.gathered_order)
 
 
 def _gathered(context_shard: ContextShard, query, key, value, attention_mask, boolean: bool):

@@ -15,12 +15,22 @@ stream profile, and every rank gets about the same number of allowed (query, key
 * :func:`gather_for_cp`: the all-gather of a local ``[..., S/cp, ...]`` slice back into global order,
   whose backward reduce-scatters the gradient (each rank gets the sum over ranks of its own slice's
   gradient): the keys and values of the two-stream core attention.
+
+The zigzag itself and the differentiable gather are the ones the torch engine uses
+(:func:`nemodiff_train.core.context_split.zigzag_positions`,
+:func:`nemodiff_train.models.context_parallel.gather_in_row_order`); only the layout differs: the
+torch engine cuts each stream, Megatron the whole row.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.distributed as dist
+
+from ...core.context_split import inverse_order, zigzag_positions
+from ...models.context_parallel import gather_in_row_order
 
 __all__ = ["cp_positions", "split_for_cp", "gather_for_cp", "check_cp_length", "local_mask_rows"]
 
@@ -35,14 +45,9 @@ def check_cp_length(seq_len: int, cp: int) -> None:
 
 
 def cp_positions(total: int, cp: int, rank: int, device=None) -> torch.Tensor:
-    """``[total / cp]`` int64: the global positions rank ``rank`` holds, chunk ``rank`` then chunk ``2cp-1-rank``."""
-    if total % (2 * cp):
-        raise ValueError(f"a sequence of {total} positions does not split into 2·cp = {2 * cp} equal chunks")
-    if not 0 <= rank < cp:
-        raise ValueError(f"rank {rank} is outside 0..{cp - 1}")
-    chunk = total // (2 * cp)
-    ar = torch.arange(chunk, device=device)
-    return torch.cat([rank * chunk + ar, (2 * cp - 1 - rank) * chunk + ar])
+    """``[total / cp]`` int64: the global positions rank ``rank`` holds of a sequence of ``total`` (the whole
+    ``2L`` row, split as one sequence): chunk ``rank`` then chunk ``2cp-1-rank``, Megatron's order."""
+    return zigzag_positions(total, cp, rank, device)
 
 
 def split_for_cp(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
@@ -52,38 +57,12 @@ def split_for_cp(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Ten
     return x.index_select(dim, cp_positions(x.shape[dim], cp, rank, device=x.device))
 
 
-def _global_order(cp: int, chunk: int, device) -> torch.Tensor:
-    """Index into the rank-major concatenation of all local slices that yields global order."""
-    owner_pos = torch.cat([cp_positions(2 * cp * chunk, cp, r, device) for r in range(cp)])
-    return torch.argsort(owner_pos)
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, group) -> torch.Tensor:
-        cp = dist.get_world_size(group)
-        ctx.dim, ctx.group, ctx.cp, ctx.rank = dim, group, cp, dist.get_rank(group)
-        parts = [torch.empty_like(x) for _ in range(cp)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        local = x.shape[dim]
-        order = _global_order(cp, local // 2, x.device)
-        ctx.save_for_backward(order)
-        return torch.cat(parts, dim=dim).index_select(dim, order)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        dim, cp = ctx.dim, ctx.cp
-        rank_major = torch.empty_like(grad).index_copy_(dim, order, grad)  # back to rank-major layout
-        chunks = [c.contiguous() for c in rank_major.chunk(cp, dim=dim)]
-        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
-            out = torch.empty_like(chunks[ctx.rank])
-            dist.reduce_scatter(out, chunks, group=ctx.group)
-        else:  # gloo has no reduce-scatter: sum everything, keep this rank's part (same result)
-            whole = torch.cat(chunks, dim=dim)
-            dist.all_reduce(whole, group=ctx.group)
-            out = whole.chunk(cp, dim=dim)[ctx.rank].contiguous()
-        return out, None, None
+@lru_cache(maxsize=8)
+def _orders(total: int, cp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(to row order, gathered order) of the rank-major concatenation of all ranks' slices; built once per
+    shape, not at each of a forward's 2 x layers gathers."""
+    gathered = torch.cat([cp_positions(total, cp, r, device) for r in range(cp)])
+    return inverse_order(gathered), gathered
 
 
 def gather_for_cp(x: torch.Tensor, group, dim: int = 2) -> torch.Tensor:
@@ -93,11 +72,14 @@ def gather_for_cp(x: torch.Tensor, group, dim: int = 2) -> torch.Tensor:
         x: the local slice, ``S/cp`` positions along ``dim`` (e.g. keys ``[b, heads, S/cp, hn]``).
         group: the context-parallel process group (None or size 1: ``x`` itself).
     Returns:
-        ``S`` positions along ``dim`` in global order; backward reduce-scatters the gradient.
+        ``S`` positions along ``dim`` in global order; backward reduce-scatters the gradient
+        (:func:`nemodiff_train.models.context_parallel.gather_in_row_order`, the torch engine's gather).
     """
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _GatherSequence.apply(x, dim, group)
+    cp = dist.get_world_size(group)
+    to_row, gathered = _orders(cp * x.shape[dim], cp, x.device)
+    return gather_in_row_order(x, group, to_row, gathered, dim)
 
 
 def local_mask_rows(pattern, layout, q_positions: torch.Tensor, batch_size: int = 1, *, flex: bool = False,

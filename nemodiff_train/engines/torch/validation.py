@@ -17,7 +17,7 @@ from ...core.losses import MASK_RATE_EDGES, LossWeights
 from ...models.hf import DLMModel
 from ...models.step import VALIDATION_SEED_OFFSET
 from ...models.step import collate
-from .context import ParallelDims
+from .context import ParallelDims, parallel_dims
 from .distributed import DistEnv, all_reduce_sum
 from .loss import StepParts
 from .main_work import MainWork
@@ -64,7 +64,7 @@ class Validator:
     def __init__(self, cfg: Config, env: DistEnv, par: Parallelized, work: MainWork,
                  hooks: Sequence[ValidationHook] = (), dims: ParallelDims | None = None):
         self.cfg, self.env, self.par, self.work = cfg, env, par, work
-        self.dims = dims or ParallelDims(env.world_size, 1, env.rank, 0, None, env.device)
+        self.dims = dims or parallel_dims(env, 1)  # no context parallelism: the data ranks are the world
         self.hooks = list(hooks)
         self.mask_id = par.loss_module.dlm.settings.mask_token_id
         self._hook_rows: dict[int, dict] = {}  # step -> the hooks' row
