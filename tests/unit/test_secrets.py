@@ -69,14 +69,25 @@ def test_wandb_offline_run_records_the_redacted_config(tmp_path, monkeypatch):
     sink.close()
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1 and secret.encode() not in files[0].read_bytes()
-    config = {}
-    for data in _wandb_records(files[0]):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        kind = rec.WhichOneof("record_type")
-        if kind in ("run", "config"):  # the config given to wandb.init travels in the run record
-            updates = rec.run.config.update if kind == "run" else rec.config.update
-            config.update({i.key: json.loads(i.value_json) for i in updates})
+    def recorded_config() -> dict:
+        config = {}
+        for data in _wandb_records(files[0]):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            kind = rec.WhichOneof("record_type")
+            if kind in ("run", "config"):  # the config given to wandb.init travels in the run record
+                updates = rec.run.config.update if kind == "run" else rec.config.update
+                config.update({i.key: json.loads(i.value_json) for i in updates})
+        return config
+
+    import time
+
+    config = recorded_config()
+    for _ in range(60):  # wandb's service process may still be writing the file on a loaded machine
+        if "model" in config:
+            break
+        time.sleep(0.5)
+        config = recorded_config()
     assert config["model"]["mask_token_id"] == 7 and config["eval"]["max_new_tokens"] == 64
     assert config["model"]["hf_token"] == "***"
 
