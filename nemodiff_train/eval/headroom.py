@@ -6,7 +6,10 @@ all right. Both are bounded by how well the model predicts tokens *k ahead* from
 ``[seed, MASK × (B-1)]`` over the causal cache. This analysis measures exactly that on a task's
 references (teacher forced: the cache holds the true prefix, the seed is the true next token):
 
-* per offset k = 1 … B-1 of the block: top-1 accuracy, mean confidence, fraction with confidence ≥ τ;
+* per offset k = 1 … B-1 of the block: top-1 accuracy, mean confidence, fraction with confidence ≥ τ,
+  and how often the top token is right where its confidence is ≥ τ (``confident_accuracy``). Block
+  diffusion commits every such token, so this precision, not the accuracy, decides its exact match:
+  an answer of 60 tokens survives only if nearly every confident commit is right;
 * the AR view beside it: next-token accuracy and confidence, and the AR chain's offset-2 accuracy
   (greedy token 1, then greedy token 2 given it), a rough ceiling for the diffusion view's offset 2.
 
@@ -48,7 +51,8 @@ def measure(dlm, task, eos: tuple[int, ...], block_size: int, threshold: float, 
     """The numbers described in the module docstring, as a dict."""
     hf, tok, mask_id = dlm.hf, dlm.tokenizer, dlm.settings.mask_token_id
     device = next(hf.parameters()).device
-    per_offset = {k: {"correct": 0, "n": 0, "conf": 0.0, "confident": 0} for k in range(1, block_size)}
+    per_offset = {k: {"correct": 0, "n": 0, "conf": 0.0, "confident": 0, "confident_correct": 0}
+                  for k in range(1, block_size)}
     ar = {"correct": 0, "n": 0, "confident": 0}
     chain = {"correct": 0, "n": 0}
     for sample in task.samples():
@@ -67,9 +71,11 @@ def measure(dlm, task, eos: tuple[int, ...], block_size: int, threshold: float, 
                 c, a = view[k].max(0)
                 s = per_offset[k]
                 s["n"] += 1
-                s["correct"] += int(a) == ref[t + k]
+                right, sure = int(a) == ref[t + k], float(c) >= threshold
+                s["correct"] += right
                 s["conf"] += float(c)
-                s["confident"] += float(c) >= threshold
+                s["confident"] += sure
+                s["confident_correct"] += right and sure
             first = int(hf(input_ids=torch.tensor([context + ref[t:t + 1]], device=device)).logits[0, -1].argmax())
             second = int(hf(input_ids=torch.tensor([context + [ref[t], first]], device=device)).logits[0, -1].argmax())
             chain["n"] += 1
@@ -79,7 +85,9 @@ def measure(dlm, task, eos: tuple[int, ...], block_size: int, threshold: float, 
         "ar": {"accuracy": ar["correct"] / ar["n"], "confident": ar["confident"] / ar["n"], "tokens": ar["n"]},
         "ar_chain_offset2_accuracy": chain["correct"] / max(chain["n"], 1),
         "diffusion": [{"offset": k, "accuracy": s["correct"] / s["n"], "mean_confidence": s["conf"] / s["n"],
-                       "confident": s["confident"] / s["n"], "blocks": s["n"]}
+                       "confident": s["confident"] / s["n"],
+                       "confident_accuracy": s["confident_correct"] / s["confident"] if s["confident"] else None,
+                       "blocks": s["n"]}
                       for k, s in per_offset.items() if s["n"]],
     }
 
@@ -91,9 +99,11 @@ def format_headroom(out: dict) -> str:
              f"{out['ar']['confident']:.3f} ({out['ar']['tokens']} tokens); "
              f"AR chain offset-2 accuracy {out['ar_chain_offset2_accuracy']:.3f}",
              f"  diffusion view, block [seed, MASK x {out['block_size'] - 1}]:",
-             f"  offset | accuracy | mean conf | conf >= {tau}"]
-    lines += [f"  {row['offset']:6d} | {row['accuracy']:8.3f} | {row['mean_confidence']:9.3f} | {row['confident']:.3f}"
-              for row in out["diffusion"]]
+             f"  offset | accuracy | mean conf | conf >= {tau} | right when conf >= {tau}"]
+    for row in out["diffusion"]:
+        precision = "-" if row["confident_accuracy"] is None else f"{row['confident_accuracy']:.3f}"
+        lines.append(f"  {row['offset']:6d} | {row['accuracy']:8.3f} | {row['mean_confidence']:9.3f} | "
+                     f"{row['confident']:.3f} | {precision}")
     return "\n".join(lines)
 
 
