@@ -72,6 +72,8 @@ class DiffusionConfig:
     schedule: str = "uniform"  # uniform | position_dependent
     eps: float = 1e-3
     half_life_ratio: float = 0.25
+    # never mask a block's first token: at inference it is always clean (the AR seed); docs/method.md
+    keep_block_start: bool = False
     alpha: float = 0.3  # diffusion loss weight
     beta: float = 1.0  # AR loss weight
     loss_chunk_size: int = 2048

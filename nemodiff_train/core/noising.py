@@ -17,7 +17,10 @@ Schedules (registry :data:`SCHEDULES`):
   document start, exactly where the attention patterns' per-document blocks do
   (:func:`~nemodiff_train.core.masks.document_positions`).
 
-Tokens with ``loss_mask = 0`` (prompts in SFT, padding) are never masked.
+Tokens with ``loss_mask = 0`` (prompts in SFT, padding) are never masked. With ``keep_block_start``
+the first token of every diffusion block is never masked either: at inference a block always starts
+with a clean token (the AR seed, or the accepted draft's bonus token), so a training row that hides it
+asks the diffusion view for a state it never decodes from.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import torch
 
 from .masks import document_positions
 
-__all__ = ["NoisedBatch", "sample_generator", "apply_noise", "SCHEDULES", "NoiseConfigError", "diffusion_blocks"]
+__all__ = ["NoisedBatch", "sample_generator", "apply_noise", "SCHEDULES", "NoiseConfigError", "diffusion_blocks",
+           "block_starts"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -122,10 +126,18 @@ def diffusion_blocks(doc_ids: torch.Tensor | None, length: int, block_size: int)
     return out
 
 
+def block_starts(doc_ids: torch.Tensor | None, shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """``[b, L]`` bool (CPU): the first position of every diffusion block (the grid ``0, B, 2B, ...``, or
+    every B-th token of each document in packed rows, as :func:`diffusion_blocks` cuts them)."""
+    if doc_ids is None:
+        return (torch.arange(shape[1]) % block_size == 0).expand(shape)
+    return document_positions(doc_ids.to("cpu")) % block_size == 0
+
+
 def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch.Tensor | list[int], *,
                 seed: int, mask_token_id: int, schedule: str = "uniform", eps: float = 1e-3,
                 block_size: int = 64, half_life_ratio: float = 0.25,
-                doc_ids: torch.Tensor | None = None) -> NoisedBatch:
+                doc_ids: torch.Tensor | None = None, keep_block_start: bool = False) -> NoisedBatch:
     """Mask a batch of clean rows.
 
     Args:
@@ -140,6 +152,7 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
         half_life_ratio: h of the position-dependent schedule.
         doc_ids: ``[b, L]`` document ids of packed rows: position-dependent blocks restart at every
             document start. None: one document per row.
+        keep_block_start: never mask the first token of a diffusion block (:func:`block_starts`).
     Returns:
         :class:`NoisedBatch` on ``x0.device``.
     """
@@ -154,6 +167,8 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
     if len(indices) != b:
         raise ValueError(f"got {len(indices)} sample indices for a batch of {b} rows")
     eligible = loss_mask.to("cpu", torch.bool)
+    if keep_block_start:
+        eligible = eligible & ~block_starts(doc_ids, (b, length), block_size)
     fn = SCHEDULES[schedule]
     grid = [(s, min(s + block_size, length)) for s in range(0, length, block_size)]
     row_blocks = diffusion_blocks(doc_ids, length, block_size) if schedule != "uniform" else None

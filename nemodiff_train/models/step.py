@@ -63,14 +63,15 @@ class MicroBatch:
 
 
 def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_token_id: int, schedule: str,
-            eps: float, block_size: int, half_life_ratio: float) -> MicroBatch:
+            eps: float, block_size: int, half_life_ratio: float, keep_block_start: bool = False) -> MicroBatch:
     """Stack dataset rows (``input_ids``, ``doc_ids``, ``loss_mask``) and noise them (on CPU, from
     per-sample generators seeded by ``seed`` and each row's index in ``sample_indices``)."""
     x0 = torch.stack([torch.as_tensor(r["input_ids"]) for r in rows]).long()
     docs = torch.stack([torch.as_tensor(r["doc_ids"]) for r in rows]).long()
     loss_mask = torch.stack([torch.as_tensor(r["loss_mask"]) for r in rows]).bool()
     noise = apply_noise(x0, loss_mask, sample_indices, seed=seed, mask_token_id=mask_token_id, schedule=schedule,
-                        eps=eps, block_size=block_size, half_life_ratio=half_life_ratio, doc_ids=docs)
+                        eps=eps, block_size=block_size, half_life_ratio=half_life_ratio, doc_ids=docs,
+                        keep_block_start=keep_block_start)
     ar_count = int(ar_targets(x0, loss_mask, docs)[1].sum())
     return MicroBatch(x0, docs, loss_mask, noise, int(noise.masked.sum()), ar_count)
 

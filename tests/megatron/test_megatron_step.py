@@ -91,3 +91,21 @@ def test_context_parallel_shares_sum_to_the_whole_row(cp):
     assert total["diffusion_count"] > 0 and total["ar_count"] > 0
     with pytest.raises(ValueError, match="multiple of engine.cp=3"):
         make_batch(s, cp=CPShare(3, 0), **kw)
+
+
+def test_keep_block_start_reaches_the_megatron_step():
+    """``diffusion.keep_block_start`` is passed to the noising by the step (block starts per document)."""
+    from nemodiff_train.engines.megatron.step import TwoStreamForwardStep, make_batch
+
+    step = TwoStreamForwardStep(mask_token_id=3, schedule="position_dependent", block_size=4, keep_block_start=True)
+    assert step.noise_kw["keep_block_start"] is True
+    samples = [_sample(seed=s) for s in range(40)]
+    kept = [make_batch(s, device="cpu", **step.noise_kw).masked for s in samples]
+    plain = [make_batch(s, device="cpu", **{**step.noise_kw, "keep_block_start": False}).masked for s in samples]
+    starts = torch.zeros(3, 16, dtype=torch.bool)
+    starts[:, [0, 4, 8, 12]] = True
+    starts[0, [9, 13]], starts[0, 12] = True, False  # row 0 holds a second document from position 9
+    assert not any(m[starts].any() for m in kept)
+    assert any(m[starts].any() for m in plain)
+    with pytest.raises(TypeError, match="mask_token_id"):
+        TwoStreamForwardStep(block_size=4)

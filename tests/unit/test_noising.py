@@ -93,3 +93,23 @@ def test_bad_settings_raise():
         _noise(x0, [0], "cosine")
     with pytest.raises(NoiseConfigError, match="eps"):
         _noise(x0, [0], eps=0.0)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "position_dependent"])
+def test_keep_block_start_never_masks_a_block_start(schedule):
+    """The first token of every block (the grid, or per document in packed rows) stays clean, every other
+    token can be masked, and the counts follow the remaining eligible tokens."""
+    block, n_rows = 8, 400
+    x0 = torch.arange(n_rows * 40).view(n_rows, 40) % 50 + 10
+    docs = torch.zeros(n_rows, 40, dtype=torch.long)
+    docs[:, 13:] = 1  # a second document from position 13: its blocks start at 13, 21, 29, 37
+    starts = torch.zeros(40, dtype=torch.bool)
+    starts[[0, 8, 13, 21, 29, 37]] = True
+    out = _noise(x0, list(range(n_rows)), schedule, block_size=block, doc_ids=docs, keep_block_start=True)
+    assert not out.masked[:, starts].any()
+    assert out.masked[:, ~starts].float().mean(0).min() > 0.2  # every other position is masked in some rows
+    plain = _noise(x0, list(range(n_rows)), schedule, block_size=block, doc_ids=docs)
+    assert plain.masked[:, starts].any()  # without the option the block starts are masked like any token
+    if schedule == "position_dependent":  # round(m * eligible) per block: a block of 8 has 7 eligible tokens
+        m = out.mask_prob[:, 0]
+        assert torch.equal(out.masked[:, :8].sum(1), torch.round(m * 7).long())

@@ -72,11 +72,13 @@ class CPShare:
     model_slices: bool = False
 
 
-def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, block_size: int,
-               half_life_ratio: float, device: torch.device | str, cp: CPShare = CPShare()) -> StepBatch:
+def make_batch(sample: dict, *, device: torch.device | str, cp: CPShare = CPShare(), **noise) -> StepBatch:
     """Noise a collated sample dict (``tokens``, ``doc_ids``, ``loss_mask``, ``sample_index``, ``noise_seed``).
 
-    With ``cp.size > 1`` the whole row is noised, then this rank's positions are kept (module docstring).
+    ``noise``: :func:`~nemodiff_train.core.noising.apply_noise`'s settings (``mask_token_id``, ``schedule``,
+    ``eps``, ``block_size``, ``half_life_ratio``, ``keep_block_start``); the seed and the rows' indices come
+    from the sample. With ``cp.size > 1`` the whole row is noised, then this rank's positions are kept
+    (module docstring).
     """
     x0 = sample["tokens"].long().cpu()
     doc = sample["doc_ids"].long().cpu()
@@ -84,9 +86,7 @@ def make_batch(sample: dict, *, mask_token_id: int, schedule: str, eps: float, b
     seeds = sample["noise_seed"].view(-1)
     if not bool((seeds == seeds[0]).all()):
         raise ValueError("a micro-batch mixes noise seeds")
-    noise = apply_noise(x0, loss_mask, sample["sample_index"].view(-1), seed=int(seeds[0]), mask_token_id=mask_token_id,
-                        schedule=schedule, eps=eps, block_size=block_size, half_life_ratio=half_life_ratio,
-                        doc_ids=doc)
+    noise = apply_noise(x0, loss_mask, sample["sample_index"].view(-1), seed=int(seeds[0]), doc_ids=doc, **noise)
     inputs = two_stream_inputs(noise.noisy_ids, x0, doc)
     targets, supervised = ar_targets(x0, loss_mask, doc)
     labels = torch.cat([x0, targets], dim=1)
@@ -127,14 +127,16 @@ class TwoStreamForwardStep:
     """``forward_step(state, data_iterator, model)`` for ``megatron.bridge.training.pretrain``.
 
     Args:
-        mask_token_id, schedule, eps, block_size, half_life_ratio: noising (``cfg.diffusion``).
         alpha, beta: loss weights.
+        noise: :func:`~nemodiff_train.core.noising.apply_noise`'s settings from ``cfg.diffusion``
+            (``mask_token_id`` required; ``schedule``, ``eps``, ``block_size``, ``half_life_ratio``,
+            ``keep_block_start``).
     """
 
-    def __init__(self, *, mask_token_id: int, schedule: str = "uniform", eps: float = 1e-3, block_size: int = 64,
-                 half_life_ratio: float = 0.25, alpha: float = 0.3, beta: float = 1.0):
-        self.noise_kw = dict(mask_token_id=mask_token_id, schedule=schedule, eps=eps, block_size=block_size,
-                             half_life_ratio=half_life_ratio)
+    def __init__(self, *, alpha: float = 0.3, beta: float = 1.0, **noise):
+        if "mask_token_id" not in noise:
+            raise TypeError("TwoStreamForwardStep needs mask_token_id=")
+        self.noise_kw = noise
         self.weights = LossWeights(alpha, beta)
         # Megatron counts tokens in an int tensor: with a fractional beta, scale numerator and count alike
         self.count_scale = 1 if float(beta).is_integer() else 1000

@@ -221,7 +221,7 @@ def build_job(cfg: Config, *, forward_step=None, callbacks=()) -> MegatronJob:
     d = cfg.diffusion
     step = forward_step or TwoStreamForwardStep(
         mask_token_id=mask_token_id_of(cfg, hf_dir), schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-        half_life_ratio=d.half_life_ratio, alpha=d.alpha, beta=d.beta)
+        half_life_ratio=d.half_life_ratio, keep_block_start=d.keep_block_start, alpha=d.alpha, beta=d.beta)
     offset = sum(s.steps for s in cfg.stages[:i])
     cbs = [metrics_callback(run_dir / runs.METRICS_FILE, step_offset=offset, stage_name=stage.name,
                            tokens_per_step=stage.global_batch_size * stage.data.seq_len), *callbacks]

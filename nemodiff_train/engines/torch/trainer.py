@@ -248,7 +248,7 @@ class StageRun:
             rows = [self.train_ds[self.order.row(p)] for p in positions]
             mb = collate(rows, [self.sample_offset + p for p in positions], seed=self.cfg.run.seed,
                          mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-                         half_life_ratio=d.half_life_ratio)
+                         half_life_ratio=d.half_life_ratio, keep_block_start=d.keep_block_start)
             out.append(dims.on_shard(mb).to(self.env.device))
         return out
 

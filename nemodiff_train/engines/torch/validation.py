@@ -94,7 +94,7 @@ class Validator:
         d = self.cfg.diffusion
         mb = collate(rows, [0 if i is None else i for i in idx], seed=self.cfg.run.seed + VALIDATION_SEED_OFFSET,
                      mask_token_id=self.mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-                     half_life_ratio=d.half_life_ratio)
+                     half_life_ratio=d.half_life_ratio, keep_block_start=d.keep_block_start)
         return self.dims.on_shard(mb)  # a context-parallel rank: its slice of the same rows
 
     @torch.no_grad()
