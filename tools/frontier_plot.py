@@ -47,11 +47,12 @@ def plot(points: list[dict], base: dict | None, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(9.6, 5.0))
     groups = list(dict.fromkeys(p["label"].split("/")[0] for p in points))
+    palette = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")  # one colour per group, never reused
     for i, g in enumerate(groups):
         pts = sorted((p for p in points if p["label"].split("/")[0] == g), key=lambda p: p["tpf"])
-        colour = f"C{i}"
+        colour = palette(i)
         ax.plot([p["tpf"] for p in pts], [p["ar"] for p in pts], "-o", color=colour, label=g)
         for p in pts:
             if p["ci"]:
@@ -67,7 +68,7 @@ def plot(points: list[dict], base: dict | None, out: Path) -> None:
     ax.set_ylabel(f"AR {points[0]['metric']} (95 % interval)")
     ax.set_title(f"conversion frontier, {points[0]['samples']} held-out rows each")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
