@@ -68,6 +68,7 @@ def plot(points: list[dict], base: dict | None, out: Path) -> None:
     ax.set_ylabel(f"AR {points[0]['metric']} (95 % interval)")
     ax.set_title(f"conversion frontier, {points[0]['samples']} held-out rows each")
     ax.grid(alpha=0.3)
+    ax.margins(x=0.12)  # room for the labels of the outermost points
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
