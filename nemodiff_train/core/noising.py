@@ -104,6 +104,24 @@ ScheduleFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 SCHEDULES: dict[str, ScheduleFn] = {"uniform": _uniform, "position_dependent": _position_dependent}
 
 
+def block_starts(doc_ids: torch.Tensor | None, shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """``[b, L]`` bool (CPU): the first position of every diffusion block: the grid ``0, B, 2B, ...``, or in
+    packed rows every B-th token of each document (a document start has position 0, so it starts a block)."""
+    if doc_ids is None:
+        return (torch.arange(shape[1]) % block_size == 0).expand(shape)
+    return document_positions(doc_ids.to("cpu")) % block_size == 0
+
+
+def _block_spans(starts: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """``[b, L]`` bool block starts → per row, the ``[start, stop)`` span of each block, in order."""
+    length = starts.shape[1]
+    out = []
+    for row in starts.tolist():
+        begin = [i for i, s in enumerate(row) if s]
+        out.append(list(zip(begin, begin[1:] + [length])))
+    return out
+
+
 def diffusion_blocks(doc_ids: torch.Tensor | None, length: int, block_size: int) -> list[list[tuple[int, int]]] | None:
     """The ``[start, stop)`` spans of every row's diffusion blocks.
 
@@ -117,21 +135,7 @@ def diffusion_blocks(doc_ids: torch.Tensor | None, length: int, block_size: int)
     """
     if doc_ids is None:
         return None
-    pos = document_positions(doc_ids.to("cpu"))  # [b, L]
-    starts = (pos % block_size == 0).tolist()  # a document start has position 0, so it starts a block
-    out = []
-    for row in starts:
-        begin = [i for i, s in enumerate(row) if s]
-        out.append(list(zip(begin, begin[1:] + [length])))
-    return out
-
-
-def block_starts(doc_ids: torch.Tensor | None, shape: tuple[int, int], block_size: int) -> torch.Tensor:
-    """``[b, L]`` bool (CPU): the first position of every diffusion block (the grid ``0, B, 2B, ...``, or
-    every B-th token of each document in packed rows, as :func:`diffusion_blocks` cuts them)."""
-    if doc_ids is None:
-        return (torch.arange(shape[1]) % block_size == 0).expand(shape)
-    return document_positions(doc_ids.to("cpu")) % block_size == 0
+    return _block_spans(block_starts(doc_ids, (doc_ids.shape[0], length), block_size))
 
 
 def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch.Tensor | list[int], *,
@@ -167,11 +171,14 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
     if len(indices) != b:
         raise ValueError(f"got {len(indices)} sample indices for a batch of {b} rows")
     eligible = loss_mask.to("cpu", torch.bool)
+    per_document = schedule != "uniform" and doc_ids is not None  # the schedule needs each row's own blocks
+    # the block starts, once per batch, for both uses
+    starts = block_starts(doc_ids, (b, length), block_size) if keep_block_start or per_document else None
     if keep_block_start:
-        eligible = eligible & ~block_starts(doc_ids, (b, length), block_size)
+        eligible = eligible & ~starts
     fn = SCHEDULES[schedule]
     grid = [(s, min(s + block_size, length)) for s in range(0, length, block_size)]
-    row_blocks = diffusion_blocks(doc_ids, length, block_size) if schedule != "uniform" else None
+    row_blocks = _block_spans(starts) if per_document else None
     masks, probs = [], []
     for row, index in enumerate(indices):
         blocks = grid if row_blocks is None else row_blocks[row]
