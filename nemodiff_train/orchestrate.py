@@ -21,6 +21,7 @@ The run directory's layout is :mod:`nemodiff_train.runs`'s.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
     out = run_dir / runs.EVAL_DIR
     rows = run_evaluation(EvalConfig(model=str(run_dir / runs.EXPORT_DIR), modes=list(e.modes), out=str(out),
                                      task=e.task if isinstance(e.task, str) else list(e.task),
-                                     limit=e.limit, max_new_tokens=e.max_new_tokens,
+                                     limit=dict(e.limit) if isinstance(e.limit, Mapping) else e.limit,
+                                     max_new_tokens=e.max_new_tokens,
                                      block_size=e.block_size or cfg.diffusion.inference_block_size,
                                      threshold=e.threshold, seed=cfg.run.seed, batch_size=e.batch_size,
                                      base_model=str(resolve_model_path(cfg.model.path, cfg.model.revision)) if e.compare_base else None,

@@ -266,7 +266,7 @@ class EvalAtEndConfig:
     at_end: bool = False
     modes: list[str] = field(default_factory=lambda: _modes(reference=True))  # every mode
     task: Any = "code_completion"  # a task name / .jsonl path, or a list of them
-    limit: Optional[int] = None
+    limit: Any = None  # rows per task: an int for every task, or {task: n} for the tasks it names
     max_new_tokens: int = 64
     block_size: Optional[int] = None
     threshold: float = 0.9

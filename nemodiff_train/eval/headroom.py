@@ -117,7 +117,7 @@ def run_headroom(cfg) -> list[dict]:
     block = cfg.block_size or dlm.settings.inference_block_size
     results = []
     for name in cfg.tasks:
-        task = get_task(name, tokenizer=dlm.tokenizer, limit=cfg.limit or 20, chat_template=cfg.chat_template)
+        task = get_task(name, tokenizer=dlm.tokenizer, limit=cfg.limit_of(name) or 20, chat_template=cfg.chat_template)
         out = measure(dlm, task, eos, block, cfg.threshold, cfg.headroom.max_ref_tokens, cfg.headroom.stride)
         print(format_headroom(out), flush=True)
         results.append(out)

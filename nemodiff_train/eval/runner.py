@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for nemodiff-eval and eval.sweep
+from ..config.validate import check_limit
 from ..timing import TimedRun, run_interleaved
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
@@ -65,8 +67,9 @@ class EvalConfig:
     modes: list[str] = field(default_factory=lambda: list(ALL_MODES))
     task: Any = "code_completion"
     """A bundled task name or a path to a ``.jsonl`` file with ``prompt``/``reference`` fields, or a list of them."""
-    limit: int | None = None
-    """Evaluate only the first ``limit`` samples of each task."""
+    limit: Any = None
+    """Evaluate only the first ``limit`` samples of each task; a mapping ``{task: n}`` limits the tasks
+    it names (the others run every sample), so a slow task with no headroom can run fewer rows."""
     max_new_tokens: int = 64
     block_size: int | None = None
     """Decoding block size; None = the model's ``inference_block_size``."""
@@ -104,11 +107,10 @@ class EvalConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
         tasks = self.tasks
         if not tasks or not all(isinstance(t, str) and t for t in tasks):
             raise ValueError(f"task must be a task name / .jsonl path or a non-empty list of them, got {self.task!r}")
+        check_limit(self.limit, tasks)
         if any(not 0.0 < t <= 1.0 for t in self.sweep.threshold):
             raise ValueError(f"sweep.threshold values must be in (0, 1], got {list(self.sweep.threshold)}")
         if any(b < 1 for b in self.sweep.block_size):
@@ -125,6 +127,11 @@ class EvalConfig:
     def tasks(self) -> list[str]:
         """``task`` as a list (one name or path, or several)."""
         return [self.task] if isinstance(self.task, str) else list(self.task)
+
+    def limit_of(self, task: str) -> int | None:
+        """The row limit of ``task`` (None = every sample)."""
+        return self.limit.get(task) if isinstance(self.limit, Mapping) else self.limit
+
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,7 @@ class Evaluator:
 
     def load_task(self, name: str) -> tuple[Task, list[list[int]]]:
         """The task and its rendered prompt ids."""
-        task = get_task(name, tokenizer=self.tokenizer, limit=self.cfg.limit,
+        task = get_task(name, tokenizer=self.tokenizer, limit=self.cfg.limit_of(name),
                         chat_template=self.cfg.chat_template, token_budget=self.cfg.max_new_tokens)
         if not task.samples():
             raise ValueError(f"task {name!r} has no samples")

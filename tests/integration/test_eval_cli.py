@@ -114,6 +114,17 @@ def test_eval_cli_sweeps_only_the_named_tasks(assets, tmp_path):
                     ("swept", "diffusion", None), ("swept", "diffusion", "threshold")]
 
 
+def test_eval_cli_limits_each_task_named_in_a_limit_mapping(assets, tmp_path):
+    """``limit={task: n}`` caps the tasks it names; a task it does not name runs every sample."""
+    full = tmp_path / "full.jsonl"
+    full.write_text("".join((assets / "cc.jsonl").read_text().splitlines(keepends=True)[:3]))
+    _run("nemodiff_train.cli.evaluate",
+         [f"model={assets / 'model'}", "modes=[ar]", f"task=[arithmetic,{full}]", "limit={arithmetic: 2}",
+          "max_new_tokens=4", "block_size=4", "sweep.threshold=[]", f"out={tmp_path / 'o'}"], cwd=tmp_path)
+    rows = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert [(r["task"], r["samples"]) for r in rows] == [("arithmetic", 2), ("full", 3)]
+
+
 @pytest.mark.parametrize("override", ["modle=/x", "+modle=/x"])
 def test_eval_cli_misspelt_key_fails_naming_it(tmp_path, override):
     res = _run("nemodiff_train.cli.evaluate", [override, f"out={tmp_path / 'o'}"], cwd=tmp_path, check=False)

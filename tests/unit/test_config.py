@@ -44,10 +44,19 @@ def test_overrides_reach_the_typed_tree():
     (["recipe=tiny_cpu", "engine.tp=2"], "engine.tp"),
     (["recipe=tiny_cpu", "optim.min_lr=1.0"], "optim.min_lr"),
     (["recipe=no_such_recipe"], "no_such_recipe"),
+    (["recipe=demo_cpu", "eval.limit=0"], "eval.limit"),
+    (["recipe=demo_cpu", "eval.limit={code_completion: 0}"], "eval.limit"),
+    (["recipe=demo_cpu", "eval.limit={gsm8k: 5}"], r"eval.limit: names \['gsm8k'\]"),
 ])
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose(overrides)
+
+
+def test_eval_limit_per_task_reaches_the_typed_tree():
+    cfg = compose(["recipe=demo_cpu", "eval.limit={arithmetic: 100, code_completion: 40}"])
+    assert dict(cfg.eval.limit) == {"arithmetic": 100, "code_completion": 40}
+    assert compose(["recipe=demo_cpu", "eval.limit=7"]).eval.limit == 7
 
 
 def test_saved_config_round_trips(tmp_path: Path):

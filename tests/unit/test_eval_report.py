@@ -64,6 +64,18 @@ def test_to_eval_config_names_bad_keys():
         to_eval_config({"model": "m", "out": "o", "batch_size": "many"})
 
 
+def test_limit_is_per_task_when_a_mapping():
+    tasks = ["arithmetic", "code_completion"]
+    cfg = to_eval_config({"model": "m", "out": "o", "task": tasks, "limit": {"code_completion": 4}})
+    assert cfg.limit_of("code_completion") == 4 and cfg.limit_of("arithmetic") is None
+    assert EvalConfig(model="m", out="o", task=tasks, limit=9).limit_of("arithmetic") == 9
+    with pytest.raises(ValueError, match=r"limit names \['gsm8k'\]"):
+        EvalConfig(model="m", out="o", task=tasks, limit={"gsm8k": 3})
+    for bad in (0, {"arithmetic": 0}, {"arithmetic": "all"}, True):
+        with pytest.raises(ValueError, match="limit must be"):
+            EvalConfig(model="m", out="o", task=tasks, limit=bad)
+
+
 def test_ar_runs_first_and_is_added_for_spec_modes():
     assert with_reference(["quadratic_spec", "diffusion"]) == (["ar", "diffusion", "quadratic_spec"], True)
     assert with_reference(["linear_spec", "ar"]) == (["ar", "linear_spec"], False)

@@ -10,7 +10,7 @@ from nemodiff_train.config.load import compose
 from nemodiff_train.config.schema import Config
 from nemodiff_train.engines.torch.distributed import DistEnv
 from nemodiff_train.engines.torch.main_work import MainWork, MainWorkError
-from nemodiff_train.engines.torch.parallelize import parallelize, precision_plan
+from nemodiff_train.engines.torch.parallelize import Precision, cpu_precision_note, parallelize, precision_plan
 from nemodiff_train.engines.torch.loss import TwoStreamLoss
 from nemodiff_train.engines.torch.validation import validation_split
 
@@ -37,6 +37,17 @@ def test_precision_plan():
     assert (plan.compute, plan.param, plan.reduce) == (torch.bfloat16, torch.float32, torch.float32)
     with pytest.raises(ConfigError, match="engine.precision=fp32 contradicts model.dtype=bfloat16"):
         precision_plan(_cfg(engine__precision="fp32", model__dtype="bfloat16"), CPU)
+
+
+def test_cpu_precision_note_says_whether_this_cpu_multiplies_bf16_natively(monkeypatch):
+    bf16, fp32 = Precision(torch.bfloat16), Precision(torch.float32)
+    assert cpu_precision_note(fp32, CPU) is None
+    assert cpu_precision_note(bf16, torch.device("cuda", 0)) is None
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert ("native bf16 matmuls" in cpu_precision_note(bf16, CPU)) == native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # a CPU without them
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "slower than fp32; set engine.precision=fp32" in cpu_precision_note(bf16, CPU)
 
 
 def _tiny_loss_module():
