@@ -5,6 +5,12 @@ Both run in the same process on the same weights, batch and device; the ratio is
 
     python tools/bench_train_step.py                       # embedded tiny model, CPU
     python tools/bench_train_step.py --model DIR --seq-len 1024 --batch 1 --device cuda --dtype bfloat16
+    python tools/bench_train_step.py --prepared runs/demo_cpu/data/sft --dtype bfloat16 --block-size 8
+
+``--prepared`` takes the rows of a prepared split (their documents and loss masks: SFT prompts are
+never masked) instead of random tokens. With a dense-mask attention (sdpa, the CPU) the DLM step is
+also timed computing only the positions its loss reads (``engine.skip_unmasked_blocks``,
+nemodiff_train/core/compaction.py): ``compact_step_ms`` and ``compact_speedup``.
 
 The AR step is the unmodified HF model with its own causal attention and ``labels`` loss (what a user
 would run); the DLM step is the trainer's (``models.step.collate`` + ``joint_step``) + backward.
@@ -21,8 +27,9 @@ import torch
 
 from nemodiff_train.assets.resolve import resolve_model_path
 from nemodiff_train.core.losses import LossWeights
+from nemodiff_train.engines.torch.loss import TwoStreamLoss
 from nemodiff_train.models.hf import load_dlm
-from nemodiff_train.models.step import collate, joint_step
+from nemodiff_train.models.step import collate
 
 
 RANDOM_SHAPES = {
@@ -62,6 +69,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prepared", default=None, help="a prepared dataset split directory (nemodiff-data) to take rows from")
+    ap.add_argument("--schedule", default="uniform", choices=["uniform", "position_dependent"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -76,8 +85,17 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     vocab = dlm.hf.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randint(0, min(vocab, 4000), (args.batch, args.seq_len), generator=gen)
-    loss_mask = torch.ones_like(x0, dtype=torch.bool)
+    if args.prepared:
+        from nemodiff_train.data import PackedDataset
+
+        ds = PackedDataset(args.prepared, "train")
+        rows = [{k: torch.as_tensor(v) for k, v in ds[i].items() if k in ("input_ids", "doc_ids", "loss_mask")}
+                for i in torch.randperm(len(ds), generator=gen)[: args.batch].tolist()]
+        x0 = torch.stack([r["input_ids"] for r in rows]).long()
+    else:
+        x0 = torch.randint(0, min(vocab, 4000), (args.batch, args.seq_len), generator=gen)
+        rows = [{"input_ids": x, "doc_ids": torch.zeros_like(x), "loss_mask": torch.ones_like(x, dtype=torch.bool)}
+                for x in x0]
     params = [p for p in dlm.parameters() if p.requires_grad]
     w = LossWeights()
 
@@ -92,14 +110,18 @@ def main() -> None:
         finally:
             dlm.hf.config._attn_implementation = impl
 
-    rows = [{"input_ids": x, "doc_ids": torch.zeros_like(x), "loss_mask": m} for x, m in zip(x0, loss_mask)]
-
-    def dlm_step():  # the trainer's step: noise the rows, then models.step.joint_step
+    def dlm_step(loss_module):  # the trainer's step: noise the rows, then the loss module
         mb = collate(rows, list(range(args.batch)), seed=0, mask_token_id=dlm.settings.mask_token_id,
-                     schedule="uniform", eps=1e-3, block_size=args.block_size, half_life_ratio=0.25).to(device)
+                     schedule=args.schedule, eps=1e-3, block_size=args.block_size, half_life_ratio=0.25,
+                     keep_block_start=args.schedule == "position_dependent").to(device)
         with autocast:
-            parts = joint_step(dlm, mb, args.block_size)
+            parts = loss_module(mb)
         (parts.numerator(w) / parts.denominator(w)).backward()
+
+    whole = TwoStreamLoss(dlm, args.block_size, 2048)
+    steps = {"ar": ar_step, "dlm": lambda: dlm_step(whole)}
+    if attn in ("sdpa", "eager"):
+        steps["compact"] = lambda: dlm_step(TwoStreamLoss(dlm, args.block_size, 2048, skip_unmasked=True))
 
     def timed(fn):
         for p in params:
@@ -110,20 +132,25 @@ def main() -> None:
         _sync(device)
         return time.perf_counter() - t
 
-    for fn in (ar_step, dlm_step):  # warm-up (and flex-attention compilation on CUDA)
+    for fn in steps.values():  # warm-up (and flex-attention compilation on CUDA)
         timed(fn)
-    ar_times, dlm_times = [], []
-    for _ in range(args.repeats):  # interleaved so drifting machine load hits both alike
-        ar_times.append(timed(ar_step))
-        dlm_times.append(timed(dlm_step))
-    ar_ms, dlm_ms = statistics.median(ar_times) * 1e3, statistics.median(dlm_times) * 1e3
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):  # interleaved so drifting machine load hits every variant alike
+        for name, fn in steps.items():
+            times[name].append(timed(fn))
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    ar_ms, dlm_ms = ms["ar"], ms["dlm"]
     result = {"model": args.random or args.model, "params": sum(p.numel() for p in dlm.parameters()), "device": str(device), "dtype": args.dtype, "attention": attn,
-              "batch": args.batch, "seq_len": args.seq_len, "block_size": args.block_size,
+              "batch": args.batch, "seq_len": int(x0.shape[1]), "block_size": args.block_size, "rows": args.prepared or "random",
               "ar_step_ms": round(ar_ms, 2), "dlm_step_ms": round(dlm_ms, 2), "ratio": round(dlm_ms / ar_ms, 3),
               "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(f"AR step  {ar_ms:9.1f} ms\nDLM step {dlm_ms:9.1f} ms\nratio    {dlm_ms / ar_ms:9.2f}x  "
-          f"(median of {args.repeats}; {args.batch}x{args.seq_len}, {device}, {args.dtype}, {attn})")
+          f"(median of {args.repeats}; {args.batch}x{int(x0.shape[1])}, {device}, {args.dtype}, {attn})")
+    if "compact" in ms:
+        result.update(compact_step_ms=round(ms["compact"], 2), compact_speedup=round(dlm_ms / ms["compact"], 3))
+        print(f"DLM step, loss positions only (engine.skip_unmasked_blocks) {ms['compact']:9.1f} ms: "
+              f"{dlm_ms / ms['compact']:.2f}x faster than the whole rows")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

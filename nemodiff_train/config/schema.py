@@ -177,6 +177,9 @@ class EngineConfig:
     compile: bool = False  # not supported: true is rejected at validation
     dist_timeout_s: float = 1800.0  # process-group time-out of every collective (init_process_group)
     main_work_timeout_s: float = 21600.0  # torch: how long ranks wait for one rank's data prep / download / export
+    # torch: compute only the positions the loss reads and those they attend to (exact; sdpa / eager
+    # attention): noisy blocks without a masked token, SFT prompts' among them, leave the forward
+    skip_unmasked_blocks: bool = True
     # megatron engine
     tp: int = 1
     pp: int = 1

@@ -231,6 +231,8 @@ def _check_megatron_engine(cfg: Config) -> None:
         _need(not unread, key, "the Megatron engine does not do this at the end of training: run "
               "`nemodiff-export checkpoint=<run.dir> out=<dir> push_to_hub=<repo>` and "
               "`nemodiff-eval model=<dir>` after it")
+    _need(not cfg.engine.skip_unmasked_blocks, "engine.skip_unmasked_blocks",
+          "a torch-engine setting (a compacted two-stream forward); the Megatron engine computes whole rows")
     _need(cfg.eval.probe.samples == 0, "eval.probe.samples",
           "decoding during training is a torch-engine feature; set eval.probe.samples=0 with engine=megatron")
 

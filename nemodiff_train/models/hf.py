@@ -12,6 +12,7 @@ scaling and soft-capping (Granite ``logits_scaling``, Gemma-2 ``final_logit_soft
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.compaction import Compaction, required_positions
 from ..core.masks import SequenceLayout, dense_mask, document_positions, flex_block_mask, get_pattern
 from ..core.sequence import two_stream_inputs
 from .adapter import DrafterAdapter, adapter_tokens, attach_adapter
@@ -210,14 +212,21 @@ class DLMModel(nn.Module):
             return implementation_form(dense_mask(pattern, layout, batch_size, device=device, window=window,
                                                   query_index=query_index), self.implementation, dtype)
 
+        return self._per_layer({w: build(w) for w in self._window_set()})
+
+    def _window_set(self) -> set[int | None]:
+        """The distinct sliding windows of the decoder's layers (None = unlimited)."""
+        return set(self.windows.windows) if self.windows.windows else {None}
+
+    def _per_layer(self, by_window: dict):
+        """One mask (every layer has the same window) or ``{layer type: mask}``, from ``{window: mask}``."""
         if self.windows.uniform:
-            return build(self.windows.windows[0] if self.windows.windows else None)
-        built = {w: build(w) for w in set(self.windows.windows)}
-        return {t: built[w] for t, w in self.windows.by_type().items()}
+            return by_window[self.windows.windows[0] if self.windows.windows else None]
+        return {t: by_window[w] for t, w in self.windows.by_type().items()}
 
     def two_stream_hidden(self, noisy_ids: torch.Tensor, clean_ids: torch.Tensor,
                           doc_ids: torch.Tensor | None = None, block_size: int | None = None,
-                          pattern: str | None = None, shard=None) -> torch.Tensor:
+                          pattern: str | None = None, shard=None, needed: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states of one two-stream forward, or of one context-parallel rank's slice of it.
 
         Args:
@@ -228,6 +237,9 @@ class DLMModel(nn.Module):
                 mask), attention gathering keys and values across its group. The model must run
                 :data:`~.attention.CP_ATTENTION` or :data:`~.attention.CP_EAGER`
                 (:func:`~.context_parallel.use_cp_attention`).
+            needed: optional ``[b, 2L]`` bool, the positions whose hidden states the caller reads: only
+                they and what they attend to are computed (:mod:`nemodiff_train.core.compaction`; dense
+                masks, sdpa or eager); every other position's row is returned as zeros.
         Returns:
             ``[b, 2L, d]`` hidden states (noisy stream first), before the output head; with ``shard``
             ``[b, 2L/cp, d]``, those of ``shard.positions`` (its noisy positions, then its clean ones).
@@ -239,7 +251,11 @@ class DLMModel(nn.Module):
         layout = SequenceLayout(length, block_size or self.settings.train_block_size, doc_ids)
         inputs = two_stream_inputs(noisy_ids, clean_ids, doc_ids)
         rows = None if shard is None else shard.positions
-        mask = self.attention_mask(layout, b, clean_ids.device, pattern_obj.name, query_index=rows)
+        if needed is not None and rows is not None:
+            raise ValueError("needed (a compacted forward) and shard (a context-parallel slice) cannot be combined")
+        mask = None if needed is not None else self.attention_mask(layout, b, clean_ids.device, pattern_obj.name,
+                                                                     query_index=rows)
+        gate = None
         if self.adapter is not None:
             # the drafter is on for the noisy half only: the clean half is the frozen base's causal pass,
             # the states the drafter reads from the KV cache at inference. The gate is left set after
@@ -248,6 +264,8 @@ class DLMModel(nn.Module):
             noisy = torch.ones(b, length, dtype=torch.bool, device=clean_ids.device)
             gate = torch.cat([noisy, torch.zeros_like(noisy)], dim=1)  # [b, 2L]
             self.adapter.gate = gate if rows is None else gate[:, rows]
+        if needed is not None:
+            return self._needed_only(inputs, layout, pattern_obj, needed, gate)
         if rows is None:
             out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                                 attention_mask=mask, use_cache=False)
@@ -266,6 +284,25 @@ class DLMModel(nn.Module):
                     f"forward of {layers} layers (expected {2 * layers}): its attention does not run through "
                     "transformers' attention interface, so engine.cp cannot split its rows")
         return out.last_hidden_state
+
+    def _needed_only(self, inputs, layout: SequenceLayout, pattern, needed: torch.Tensor,
+                     gate: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`two_stream_hidden` over the positions ``needed`` depends on, scattered back to ``[b, 2L, d]``."""
+        impl = self.implementation
+        if impl not in ("sdpa", "eager"):
+            raise UnsupportedModelError(f"a compacted two-stream forward takes a dense mask (sdpa or eager), "
+                                        f"not attn_implementation={impl!r}")
+        b, device = needed.shape[0], needed.device
+        dense = {w: dense_mask(pattern, layout, b, device=device, window=w) for w in self._window_set()}
+        union = functools.reduce(torch.logical_or, dense.values())
+        comp = Compaction.of(required_positions(union, needed))
+        dtype = self.hf.get_input_embeddings().weight.dtype
+        mask = self._per_layer({w: implementation_form(comp.mask(m), impl, dtype) for w, m in dense.items()})
+        if gate is not None:
+            self.adapter.gate = comp.gather(gate)
+        out = self.backbone(input_ids=comp.gather(inputs.input_ids), position_ids=comp.gather(inputs.position_ids),
+                            attention_mask=mask, use_cache=False)
+        return comp.scatter(out.last_hidden_state)
 
     def causal_hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states ``[b, L, d]`` of a causal pass over ``input_ids`` ``[b, L]``, adapter off.

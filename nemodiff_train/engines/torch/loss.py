@@ -211,7 +211,7 @@ class TwoStreamLoss(nn.Module):
     """
 
     def __init__(self, dlm: DLMModel, block_size: int, chunk_size: int, terms: Sequence[LossTerm] = (),
-                 soft: DistillWeights | None = None, teacher: DLMModel | None = None):
+                 soft: DistillWeights | None = None, teacher: DLMModel | None = None, skip_unmasked: bool = False):
         super().__init__()
         self.dlm = dlm
         self.block_size = block_size
@@ -219,6 +219,22 @@ class TwoStreamLoss(nn.Module):
         self.terms = list(terms)
         self.soft = soft
         self._teacher = (teacher,)
+        self.skip_unmasked = skip_unmasked
+
+    def needed_positions(self, mb: MicroBatch) -> torch.Tensor | None:
+        """``[m, 2L]`` bool, the positions the loss reads (masked noisy ones, every clean one), when the
+        forward may compute only those and what they attend to (``engine.skip_unmasked_blocks``;
+        :mod:`nemodiff_train.core.compaction`); None = the whole two-stream row.
+
+        Only where it is known to be exact: a dense-mask attention (sdpa / eager), no context-parallel
+        slice, and no loss term but the built-in soft-target ones (which read masked positions only; a
+        caller's term may read any noisy position).
+        """
+        if (not self.skip_unmasked or mb.shard is not None or self.dlm.implementation not in ("sdpa", "eager")
+                or not all(isinstance(t, SoftTargetTerm) for t in self.terms)):
+            return None
+        masked = mb.noise.masked
+        return torch.cat([masked, torch.ones_like(masked)], dim=1)
 
     def forward(self, mb: MicroBatch, diagnostics: bool = False):
         """:class:`StepParts` of ``mb``; with ``diagnostics`` also its masked-token stats
@@ -227,7 +243,8 @@ class TwoStreamLoss(nn.Module):
         if mb.shard is not None and (self.terms or (self.soft is not None and self.soft.any)):
             raise NotImplementedError("extra loss terms and soft-target terms are not verified under context "
                                       "parallelism (engine.cp > 1)")
-        hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size, shard=mb.shard)
+        hidden = self.dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, self.block_size, shard=mb.shard,
+                                            needed=self.needed_positions(mb))
         fwd = TwoStreamForward(self.dlm, mb, hidden, self.chunk_size, self.soft, self._teacher[0])
         base = fwd.joint_parts()
         parts = StepParts(base.diffusion_sum, base.diffusion_count, base.ar_sum, base.ar_count,

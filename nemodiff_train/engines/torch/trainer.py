@@ -123,7 +123,7 @@ class Run:
         terms = [*soft_target_terms(cfg), *loss_terms]  # diffusion.drafter_kl / certainty / teacher_kl, then the caller's
         teacher = build_teacher(cfg, self.env, self.work)
         self.par = parallelize(TwoStreamLoss(self.dlm, d.block_size, d.loss_chunk_size, terms, soft_target_weights(cfg),
-                                             teacher), cfg, self.env)
+                                             teacher, skip_unmasked=cfg.engine.skip_unmasked_blocks), cfg, self.env)
         self.loss_fn = JointObjective.from_config(cfg, terms)
         self.validator = Validator(cfg, self.env, self.par, self.work, hooks, self.dims)
 
