@@ -63,6 +63,11 @@ class Compaction:
     valid: torch.Tensor
     length: int
 
+    @property
+    def width(self) -> int:
+        """S', the compact row length."""
+        return self.index.shape[1]
+
     @classmethod
     def of(cls, keep: torch.Tensor) -> "Compaction":
         """The compaction of ``keep`` ``[b, S]`` bool (kept positions stay in their order)."""

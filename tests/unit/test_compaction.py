@@ -114,7 +114,7 @@ def test_compacted_forward_gives_the_whole_rows_loss_and_gradients(implementatio
         assert whole.needed_positions(mb) is None and needed is not None
         layout = SequenceLayout(L, B, mb.doc_ids)
         kept = required_positions(dense_mask(pattern, layout), needed).sum(dim=1)
-        assert (kept < 2 * L).all(), kept  # the forward really was shorter
+        assert int(kept.max()) * 16 <= 2 * L * 15, kept  # short enough that the compacted forward runs
         ref_parts, ref_grads = _parts_and_grads(whole, mb)
         parts, grads = _parts_and_grads(compact, mb)
         torch.testing.assert_close(parts, ref_parts, rtol=1e-5, atol=1e-5)
@@ -143,3 +143,19 @@ def test_compaction_is_not_used_where_it_is_not_known_to_be_exact():
     with pytest.raises(ValueError, match="cannot be combined"):
         dlm.two_stream_hidden(mb.noise.noisy_ids, mb.x0, mb.doc_ids, B, shard=_Shard(),
                               needed=torch.ones(2, 2 * L, dtype=torch.bool))
+
+
+def test_rows_that_keep_nearly_every_position_run_whole():
+    """Packed pretraining rows keep almost every position: the whole rows run, bit for bit the same."""
+    from nemodiff_train.assets import embedded_model_dir
+    from nemodiff_train.models.hf import load_dlm
+
+    dlm = load_dlm(embedded_model_dir(), dtype=torch.float32, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(10, 200, (2, L), generator=g)
+    noisy = x0.masked_fill(torch.rand(2, L, generator=g) < 0.5, dlm.settings.mask_token_id)
+    needed = torch.cat([noisy == dlm.settings.mask_token_id, torch.ones_like(x0, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        whole = dlm.two_stream_hidden(noisy, x0, block_size=B)
+        kept = dlm.two_stream_hidden(noisy, x0, block_size=B, needed=needed)
+    assert torch.equal(kept, whole)
