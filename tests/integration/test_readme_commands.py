@@ -103,6 +103,9 @@ ELSEWHERE = {
     "pip install --no-deps -e .": (".ci/run", "pip install", "an install inside NVIDIA's NeMo containers"),
     "tools/bench_train_step.py --random qwen3-1.7b": ("tools/gpu_check.sh", "bench_train_step",
                                                       "an H200 benchmark, run by the GPU check script"),
+    "tools/bench_train_step.py --prepared runs/demo_cpu/data/sft --batch 4 --dtype bfloat16 --block-size 8 "
+    "--schedule position_dependent": ("tests/integration/test_bench_train_step.py", "--prepared",
+                                      "the same options on a small prepared split (the demo run's data is not here)"),
     "python -m nemodiff_train.cli.lm_eval": ("tests/integration/test_lm_eval_packaged_task.py",
                                               "nemodiff_train.cli.lm_eval", "the module behind nemodiff-lm-eval"),
     "nemodiff-export checkpoint=<run dir | checkpoint dir> out=<dir>": (
