@@ -81,7 +81,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         text += _render(header, [cells(r, label[r["sweep"]](r)) for r in sweep])
     if rows:
         r0 = rows[0]
-        text.append(f"{len({r['task'] for r in rows})} task(s), {r0['samples']} samples each, block {r0['block_size']}, "
+        counts = {r["task"]: r["samples"] for r in rows}
+        samples = (f"{r0['samples']} samples each" if len(set(counts.values())) == 1
+                   else ", ".join(f"{n} samples of {t}" for t, n in counts.items()))
+        text.append(f"{len(counts)} task(s), {samples}, block {r0['block_size']}, "
                     f"tau {r0['threshold']}, temperature {r0['temperature']}, {r0['dtype']} on {r0['device']}; "
                     "modes interleaved per prompt, so tok/s ratios share the machine's load")
     text.append(TPF_NOTE)

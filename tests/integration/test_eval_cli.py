@@ -118,11 +118,12 @@ def test_eval_cli_limits_each_task_named_in_a_limit_mapping(assets, tmp_path):
     """``limit={task: n}`` caps the tasks it names; a task it does not name runs every sample."""
     full = tmp_path / "full.jsonl"
     full.write_text("".join((assets / "cc.jsonl").read_text().splitlines(keepends=True)[:3]))
-    _run("nemodiff_train.cli.evaluate",
-         [f"model={assets / 'model'}", "modes=[ar]", f"task=[arithmetic,{full}]", "limit={arithmetic: 2}",
-          "max_new_tokens=4", "block_size=4", "sweep.threshold=[]", f"out={tmp_path / 'o'}"], cwd=tmp_path)
+    res = _run("nemodiff_train.cli.evaluate",
+               [f"model={assets / 'model'}", "modes=[ar]", f"task=[arithmetic,{full}]", "limit={arithmetic: 2}",
+                "max_new_tokens=4", "block_size=4", "sweep.threshold=[]", f"out={tmp_path / 'o'}"], cwd=tmp_path)
     rows = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert [(r["task"], r["samples"]) for r in rows] == [("arithmetic", 2), ("full", 3)]
+    assert "2 task(s), 2 samples of arithmetic, 3 samples of full," in res.stdout
 
 
 @pytest.mark.parametrize("override", ["modle=/x", "+modle=/x"])
