@@ -109,12 +109,12 @@ def test_evaluator_warns_when_the_budget_cuts_the_answer_off(caplog):
     from types import SimpleNamespace
 
     from nemodiff_train.assets import embedded_model_dir
-    from nemodiff_train.eval.runner import Evaluator
+    from nemodiff_train.eval.runner import EvalConfig, Evaluator
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir())
-    ev = lambda budget: SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(  # noqa: E731
-        limit=10, chat_template=None, max_new_tokens=budget))
+    ev = lambda budget: SimpleNamespace(tokenizer=tok, cfg=EvalConfig(  # noqa: E731
+        model="m", out="o", task=["arithmetic", "code_completion"], limit=10, max_new_tokens=budget))
     with caplog.at_level("WARNING", logger="nemodiff_train.eval.runner"):
         Evaluator.load_task(ev(20), "arithmetic")
         assert "10 of 10 references have >= max_new_tokens=20" in caplog.text
