@@ -13,7 +13,7 @@ also timed computing only the positions its loss reads (``engine.skip_unmasked_b
 nemodiff_train/core/compaction.py): ``compact_step_ms`` and ``compact_speedup``.
 
 The AR step is the unmodified HF model with its own causal attention and ``labels`` loss (what a user
-would run); the DLM step is the trainer's (``models.step.collate`` + ``joint_step``) + backward.
+would run); the DLM step is the trainer's (``models.step.collate`` + ``engines.torch.loss.TwoStreamLoss``) + backward.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from nemodiff_train.assets.resolve import resolve_model_path
 from nemodiff_train.core.losses import LossWeights
 from nemodiff_train.engines.torch.loss import TwoStreamLoss
+from nemodiff_train.models.attention import DENSE_MASK_IMPLEMENTATIONS
 from nemodiff_train.models.hf import load_dlm
 from nemodiff_train.models.step import collate
 
@@ -120,8 +121,9 @@ def main() -> None:
 
     whole = TwoStreamLoss(dlm, args.block_size, 2048)
     steps = {"ar": ar_step, "dlm": lambda: dlm_step(whole)}
-    if attn in ("sdpa", "eager"):
-        steps["compact"] = lambda: dlm_step(TwoStreamLoss(dlm, args.block_size, 2048, skip_unmasked=True))
+    if attn in DENSE_MASK_IMPLEMENTATIONS:
+        compact = TwoStreamLoss(dlm, args.block_size, 2048, skip_unmasked=True)
+        steps["compact"] = lambda: dlm_step(compact)
 
     def timed(fn):
         for p in params:

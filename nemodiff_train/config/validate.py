@@ -4,14 +4,14 @@ impossible value with a :class:`~nemodiff_train.config.errors.ConfigError` namin
 from __future__ import annotations
 
 import math
-from dataclasses import fields, is_dataclass
 from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from .errors import ConfigError
 from .schema import STAGE_KINDS, Config
 
-__all__ = ["validate", "check_limit"]
+__all__ = ["validate", "limit_problem"]
 
 
 _CHOICES = {
@@ -78,33 +78,25 @@ def _check_evaluation(cfg: Config) -> None:
     _need(cfg.logging.val_batches >= 1, "logging.val_batches", "must be >= 1")
     e = cfg.eval
     _need(e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
-    _need_eval_limit(e)
+    problem = limit_problem(e.limit, [e.task] if isinstance(e.task, str) else list(e.task))
+    _need(problem is None, "eval.limit", problem)
     _need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _need(e.block_size is None or e.block_size > 0, "eval.block_size", "must be > 0 (or null)")
     _need(0 < e.threshold <= 1, "eval.threshold", "must be in (0, 1]")
 
 
-def check_limit(limit: Any, tasks: list[str], key: str = "limit") -> None:
-    """Refuse a ``limit`` that is not None, an int >= 1, or a mapping of evaluated tasks to ints >= 1."""
+def limit_problem(limit: Any, tasks: list[str]) -> str | None:
+    """What is wrong with a row ``limit`` (None, an int >= 1, or ``{evaluated task: int >= 1}``), or None."""
     if isinstance(limit, Mapping):
         stray = [t for t in limit if t not in tasks]
         if stray:
-            raise ValueError(f"{key} names {stray}, which are not among the evaluated tasks {tasks}")
+            return f"names {stray}, which are not among the evaluated tasks {tasks}"
         values = list(limit.values())
     else:
         values = [] if limit is None else [limit]
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-    if bad:
-        raise ValueError(f"{key} must be None, an int >= 1 or a mapping {{task: int >= 1}}, got {limit!r}")
-
-
-def _need_eval_limit(e) -> None:
-    """``eval.limit``: null, an int >= 1, or ``{task: int >= 1}`` over the evaluated tasks."""
-    tasks = [e.task] if isinstance(e.task, str) else list(e.task)
-    try:
-        check_limit(e.limit, tasks, key="eval.limit")
-    except ValueError as err:
-        _need(False, "eval.limit", str(err).removeprefix("eval.limit "))
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        return f"must be None, an int >= 1 or a mapping {{task: int >= 1}}, got {limit!r}"
+    return None
 
 
 def _check_diffusion(cfg: Config) -> None:

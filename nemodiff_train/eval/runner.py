@@ -18,15 +18,15 @@ Run (CPU, the embedded model)::
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for nemodiff-eval and eval.sweep
-from ..config.validate import check_limit
+from ..config.validate import limit_problem
 from ..timing import TimedRun, run_interleaved
 from ..decoding import generate
 from ..decoding.config import DecodeConfig
@@ -110,7 +110,9 @@ class EvalConfig:
         tasks = self.tasks
         if not tasks or not all(isinstance(t, str) and t for t in tasks):
             raise ValueError(f"task must be a task name / .jsonl path or a non-empty list of them, got {self.task!r}")
-        check_limit(self.limit, tasks)
+        problem = limit_problem(self.limit, tasks)
+        if problem:
+            raise ValueError(f"limit {problem}")
         if any(not 0.0 < t <= 1.0 for t in self.sweep.threshold):
             raise ValueError(f"sweep.threshold values must be in (0, 1], got {list(self.sweep.threshold)}")
         if any(b < 1 for b in self.sweep.block_size):
@@ -131,7 +133,6 @@ class EvalConfig:
     def limit_of(self, task: str) -> int | None:
         """The row limit of ``task`` (None = every sample)."""
         return self.limit.get(task) if isinstance(self.limit, Mapping) else self.limit
-
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_IMPLEMENTATIONS", "CP_ATTENTION", "CP_EAGER", "MASK_FORM_OF", "UnsupportedModelError",
+__all__ = ["SUPPORTED_IMPLEMENTATIONS", "DENSE_MASK_IMPLEMENTATIONS", "CP_ATTENTION", "CP_EAGER", "MASK_FORM_OF", "UnsupportedModelError",
            "check_implementation", "mask_form", "implementation_form", "dense_block_mask", "window_keep"]
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+DENSE_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+"""The implementations that read a dense ``[b, 1, q, k]`` mask (any subset of rows and columns of one is a mask too)."""
 
 CP_ATTENTION = "nemodiff_cp_sdpa"
 """The name :mod:`.context_parallel` registers its attention function under (SDPA over gathered keys)."""

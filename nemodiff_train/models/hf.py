@@ -26,7 +26,8 @@ from ..core.sequence import two_stream_inputs
 from .adapter import DrafterAdapter, adapter_tokens, attach_adapter
 from .arch import (TESTED_FAMILIES, attn_implementation_of, cache_kwarg, check_config, decoder_attribute, layer_windows,
                    pick_attn_implementation)
-from .attention import CP_ATTENTION, CP_EAGER, UnsupportedModelError, implementation_form
+from .attention import (CP_ATTENTION, CP_EAGER, DENSE_MASK_IMPLEMENTATIONS, UnsupportedModelError,
+                        implementation_form)
 from .context_parallel import gathers_so_far
 
 log = logging.getLogger(__name__)
@@ -253,9 +254,11 @@ class DLMModel(nn.Module):
         rows = None if shard is None else shard.positions
         if needed is not None and rows is not None:
             raise ValueError("needed (a compacted forward) and shard (a context-parallel slice) cannot be combined")
-        mask = None if needed is not None else self.attention_mask(layout, b, clean_ids.device, pattern_obj.name,
-                                                                     query_index=rows)
-        gate = None
+        comp = None  # a Compaction when only the needed positions run
+        if needed is None:
+            mask = self.attention_mask(layout, b, clean_ids.device, pattern_obj.name, query_index=rows)
+        else:
+            comp, mask = self._compacted_mask(layout, pattern_obj, needed)
         if self.adapter is not None:
             # the drafter is on for the noisy half only: the clean half is the frozen base's causal pass,
             # the states the drafter reads from the KV cache at inference. The gate is left set after
@@ -263,53 +266,45 @@ class DLMModel(nn.Module):
             # see the same gate (every other caller sets its own gate, None included).
             noisy = torch.ones(b, length, dtype=torch.bool, device=clean_ids.device)
             gate = torch.cat([noisy, torch.zeros_like(noisy)], dim=1)  # [b, 2L]
-            self.adapter.gate = gate if rows is None else gate[:, rows]
-        if needed is not None:
-            return self._needed_only(inputs, layout, pattern_obj, needed, gate)
+            self.adapter.gate = gate[:, rows] if rows is not None else gate if comp is None else comp.gather(gate)
         if rows is None:
-            out = self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                                attention_mask=mask, use_cache=False)
-        else:
-            if getattr(self.hf.config, "_attn_implementation", None) not in (CP_ATTENTION, CP_EAGER):
-                raise UnsupportedModelError(f"a context-parallel forward needs attn_implementation {CP_ATTENTION!r} or "
-                                            f"{CP_EAGER!r} (models.context_parallel.use_cp_attention)")
-            before = gathers_so_far()
-            out = self.backbone(input_ids=inputs.input_ids[:, rows], position_ids=inputs.position_ids[:, rows],
-                                attention_mask=mask, use_cache=False, context_shard=shard)
-            layers, done = len(self.windows.windows), gathers_so_far() - before
-            if shard.split.cp > 1 and done != 2 * layers:
-                # an attention module that bypasses transformers' attention interface never saw the other ranks' keys
-                raise UnsupportedModelError(
-                    f"{type(self.hf).__name__}: {done} key/value gathers in a context-parallel "
-                    f"forward of {layers} layers (expected {2 * layers}): its attention does not run through "
-                    "transformers' attention interface, so engine.cp cannot split its rows")
+            ids, positions = inputs.input_ids, inputs.position_ids
+            if comp is not None:
+                ids, positions = comp.gather(ids), comp.gather(positions)
+            out = self.backbone(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+            return out.last_hidden_state if comp is None else comp.scatter(out.last_hidden_state)
+        if getattr(self.hf.config, "_attn_implementation", None) not in (CP_ATTENTION, CP_EAGER):
+            raise UnsupportedModelError(f"a context-parallel forward needs attn_implementation {CP_ATTENTION!r} or "
+                                        f"{CP_EAGER!r} (models.context_parallel.use_cp_attention)")
+        before = gathers_so_far()
+        out = self.backbone(input_ids=inputs.input_ids[:, rows], position_ids=inputs.position_ids[:, rows],
+                            attention_mask=mask, use_cache=False, context_shard=shard)
+        layers, done = len(self.windows.windows), gathers_so_far() - before
+        if shard.split.cp > 1 and done != 2 * layers:
+            # an attention module that bypasses transformers' attention interface never saw the other ranks' keys
+            raise UnsupportedModelError(
+                f"{type(self.hf).__name__}: {done} key/value gathers in a context-parallel "
+                f"forward of {layers} layers (expected {2 * layers}): its attention does not run through "
+                "transformers' attention interface, so engine.cp cannot split its rows")
         return out.last_hidden_state
 
-    def _needed_only(self, inputs, layout: SequenceLayout, pattern, needed: torch.Tensor,
-                     gate: torch.Tensor | None) -> torch.Tensor:
-        """:meth:`two_stream_hidden` over the positions ``needed`` depends on, scattered back to ``[b, 2L, d]``
-        (the whole rows when that would leave out under 1/16 of them)."""
+    def _compacted_mask(self, layout: SequenceLayout, pattern, needed: torch.Tensor):
+        """``(compaction, mask)`` of a forward over the positions ``needed`` depends on; ``(None, the whole
+        rows' mask)`` when that would leave out under 1/16 of them."""
         impl = self.implementation
-        if impl not in ("sdpa", "eager"):
+        if impl not in DENSE_MASK_IMPLEMENTATIONS:
             raise UnsupportedModelError(f"a compacted two-stream forward takes a dense mask (sdpa or eager), "
                                         f"not attn_implementation={impl!r}")
         b, device = needed.shape[0], needed.device
         dense = {w: dense_mask(pattern, layout, b, device=device, window=w) for w in self._window_set()}
-        union = functools.reduce(torch.logical_or, dense.values())
-        comp = Compaction.of(required_positions(union, needed))
-        dtype = self.hf.get_input_embeddings().weight.dtype
+        comp = Compaction.of(required_positions(functools.reduce(torch.logical_or, dense.values()), needed))
         if comp.width * 16 > comp.length * 15:
             # under 1/16 shorter (packed pretraining rows: every row keeps nearly all): the gathers would
             # cost more than they save, so the whole rows run (measured: 0.96x at no saving)
-            mask = self._per_layer({w: implementation_form(m, impl, dtype) for w, m in dense.items()})
-            return self.backbone(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                                 attention_mask=mask, use_cache=False).last_hidden_state
-        mask = self._per_layer({w: implementation_form(comp.mask(m), impl, dtype) for w, m in dense.items()})
-        if gate is not None:
-            self.adapter.gate = comp.gather(gate)
-        out = self.backbone(input_ids=comp.gather(inputs.input_ids), position_ids=comp.gather(inputs.position_ids),
-                            attention_mask=mask, use_cache=False)
-        return comp.scatter(out.last_hidden_state)
+            comp = None
+        dtype = self.hf.get_input_embeddings().weight.dtype
+        return comp, self._per_layer({w: implementation_form(m if comp is None else comp.mask(m), impl, dtype)
+                                      for w, m in dense.items()})
 
     def causal_hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states ``[b, L, d]`` of a causal pass over ``input_ids`` ``[b, L]``, adapter off.

@@ -27,6 +27,7 @@ from torch import nn
 
 from ...core.distill_losses import DistillWeights, Teacher, drafter_kl_positions, joint_and_soft_target_parts
 from ...core.losses import LossParts, LossWeights, ar_targets, joint_loss_parts, masked_token_stats
+from ...models.attention import DENSE_MASK_IMPLEMENTATIONS
 from ...models.hf import DLMModel
 from ...models.step import MicroBatch
 from .distributed import all_reduce_sum
@@ -230,7 +231,7 @@ class TwoStreamLoss(nn.Module):
         slice, and no loss term but the built-in soft-target ones (which read masked positions only; a
         caller's term may read any noisy position).
         """
-        if (not self.skip_unmasked or mb.shard is not None or self.dlm.implementation not in ("sdpa", "eager")
+        if (not self.skip_unmasked or mb.shard is not None or self.dlm.implementation not in DENSE_MASK_IMPLEMENTATIONS
                 or not all(isinstance(t, SoftTargetTerm) for t in self.terms)):
             return None
         masked = mb.noise.masked

@@ -53,7 +53,7 @@ from .loss import JointObjective, LossTerm, StepParts, TwoStreamLoss, soft_targe
 from .lr_schedule import lr_at
 from .main_work import MainWork
 from .metrics import MetricsSink, WandbRun
-from .parallelize import Parallelized, cpu_precision_note, parallelize, precision_plan
+from .parallelize import Parallelized, cpu_precision_note, parallelize
 from .setup import build_model, build_teacher, prepare_stage_data
 from .state import Progress, TrainState, make_optimizer
 from .validation import ValidationHook, Validator
@@ -124,6 +124,9 @@ class Run:
         teacher = build_teacher(cfg, self.env, self.work)
         self.par = parallelize(TwoStreamLoss(self.dlm, d.block_size, d.loss_chunk_size, terms, soft_target_weights(cfg),
                                              teacher, skip_unmasked=cfg.engine.skip_unmasked_blocks), cfg, self.env)
+        precision = cpu_precision_note(self.par.precision, self.env.device)  # what bf16 means on this CPU
+        if precision:
+            self.sink.message(precision)
         self.loss_fn = JointObjective.from_config(cfg, terms)
         self.validator = Validator(cfg, self.env, self.par, self.work, hooks, self.dims)
 
@@ -132,7 +135,7 @@ class Run:
         return self.state.progress
 
     def _announce(self, notes: list[str]) -> None:
-        """The run's opening messages: skipped checkpoints, the adapter's size, bf16 on a CPU, the resume point."""
+        """The run's opening messages: skipped checkpoints, the adapter's size, the resume point."""
         for note in notes:
             self.sink.message(note)
         adapter = self.dlm.adapter
@@ -144,9 +147,6 @@ class Run:
             d = self.dims
             self.sink.message(f"engine.cp={d.cp}: {d.dp} data-parallel group(s) x {d.cp} context-parallel ranks; each "
                               f"rank holds 2L/{d.cp} positions of every row (docs/context_parallel.md)")
-        precision = cpu_precision_note(precision_plan(self.cfg, self.env.device), self.env.device)
-        if precision:
-            self.sink.message(precision)
         if self.ckpt:
             self.sink.message(f"resuming from {self.ckpt} (step {self.progress.step})")
 
