@@ -74,6 +74,8 @@ class DiffusionConfig:
     half_life_ratio: float = 0.25
     # never mask a block's first token: at inference it is always clean (the AR seed); docs/method.md
     keep_block_start: bool = False
+    # probability that a block is masked whole: the state every draft starts from (docs/method.md)
+    full_block_fraction: float = 0.0
     alpha: float = 0.3  # diffusion loss weight
     beta: float = 1.0  # AR loss weight
     loss_chunk_size: int = 2048

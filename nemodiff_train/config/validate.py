@@ -110,6 +110,7 @@ def _check_diffusion(cfg: Config) -> None:
     _need(d.inference_block_size > 0, "diffusion.inference_block_size", "must be > 0")
     _need(0 < d.eps < 1, "diffusion.eps", "must be in (0, 1)")
     _need(d.half_life_ratio > 0, "diffusion.half_life_ratio", "must be > 0")
+    _need(0.0 <= d.full_block_fraction <= 1.0, "diffusion.full_block_fraction", "must be in [0, 1]")
     _need(d.alpha >= 0 and d.beta >= 0 and d.alpha + d.beta > 0, "diffusion.alpha/beta", "must be >= 0, not both 0")
     _check_soft_targets(cfg)
 

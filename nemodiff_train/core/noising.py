@@ -17,6 +17,12 @@ Schedules (registry :data:`SCHEDULES`):
   document start, exactly where the attention patterns' per-document blocks do
   (:func:`~nemodiff_train.core.masks.document_positions`).
 
+``full_block_fraction`` q (any schedule): after the schedule's draws, each block is, with probability q,
+masked whole (every eligible token; ``p = 1``). Both self-speculation decoders draft from exactly that
+state (a clean first token, every other position masked) and block diffusion's first pass of every block
+starts from it, but the schedules above give it to few blocks (position-dependent at ``B = 8`` with a
+clean block start: ``m ≥ 13/14``, about 7 %).
+
 Tokens with ``loss_mask = 0`` (prompts in SFT, padding) are never masked. With ``keep_block_start``
 the first token of every diffusion block is never masked either: at inference a block always starts
 with a clean token (the AR seed, or the accepted draft's bonus token), so a training row that hides it
@@ -104,6 +110,16 @@ ScheduleFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 SCHEDULES: dict[str, ScheduleFn] = {"uniform": _uniform, "position_dependent": _position_dependent}
 
 
+def _mask_whole_blocks(masked: torch.Tensor, prob: torch.Tensor, eligible: torch.Tensor,
+                       blocks: list[tuple[int, int]], chosen: torch.Tensor) -> None:
+    """In place: mask every eligible token of each chosen block (``[L]`` masked / prob / eligible; ``chosen``
+    ``[n_blocks]`` bool) and set its masking probability to 1 (the loss weight of a certain mask)."""
+    for (start, stop), whole in zip(blocks, chosen.tolist()):
+        if whole:
+            masked[start:stop] = eligible[start:stop]
+            prob[start:stop] = 1.0
+
+
 def block_starts(doc_ids: torch.Tensor | None, shape: tuple[int, int], block_size: int) -> torch.Tensor:
     """``[b, L]`` bool (CPU): the first position of every diffusion block: the grid ``0, B, 2B, ...``, or in
     packed rows every B-th token of each document (a document start has position 0, so it starts a block)."""
@@ -141,7 +157,8 @@ def diffusion_blocks(doc_ids: torch.Tensor | None, length: int, block_size: int)
 def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch.Tensor | list[int], *,
                 seed: int, mask_token_id: int, schedule: str = "uniform", eps: float = 1e-3,
                 block_size: int = 64, half_life_ratio: float = 0.25,
-                doc_ids: torch.Tensor | None = None, keep_block_start: bool = False) -> NoisedBatch:
+                doc_ids: torch.Tensor | None = None, keep_block_start: bool = False,
+                full_block_fraction: float = 0.0) -> NoisedBatch:
     """Mask a batch of clean rows.
 
     Args:
@@ -157,6 +174,8 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
         doc_ids: ``[b, L]`` document ids of packed rows: position-dependent blocks restart at every
             document start. None: one document per row.
         keep_block_start: never mask the first token of a diffusion block (:func:`block_starts`).
+        full_block_fraction: probability that a block is masked whole (module docstring); 0 draws nothing
+            more, so the noise is then exactly the schedule's.
     Returns:
         :class:`NoisedBatch` on ``x0.device``.
     """
@@ -166,12 +185,15 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
         raise NoiseConfigError(f"eps must be in (0, 1), got {eps}")
     if half_life_ratio <= 0:
         raise NoiseConfigError(f"half_life_ratio must be > 0, got {half_life_ratio}")
+    if not 0.0 <= full_block_fraction <= 1.0:
+        raise NoiseConfigError(f"full_block_fraction must be in [0, 1], got {full_block_fraction}")
     b, length = x0.shape
     indices = [int(i) for i in (sample_indices.tolist() if torch.is_tensor(sample_indices) else sample_indices)]
     if len(indices) != b:
         raise ValueError(f"got {len(indices)} sample indices for a batch of {b} rows")
     eligible = loss_mask.to("cpu", torch.bool)
-    per_document = schedule != "uniform" and doc_ids is not None  # the schedule needs each row's own blocks
+    # the schedule (or whole-block masking) needs each row's own blocks
+    per_document = doc_ids is not None and (schedule != "uniform" or full_block_fraction > 0)
     # the block starts, once per batch, for both uses
     starts = block_starts(doc_ids, (b, length), block_size) if keep_block_start or per_document else None
     if keep_block_start:
@@ -182,7 +204,10 @@ def apply_noise(x0: torch.Tensor, loss_mask: torch.Tensor, sample_indices: torch
     masks, probs = [], []
     for row, index in enumerate(indices):
         blocks = grid if row_blocks is None else row_blocks[row]
-        m, p = fn(length, eligible[row], sample_generator(seed, index), eps, blocks, block_size, half_life_ratio)
+        gen = sample_generator(seed, index)
+        m, p = fn(length, eligible[row], gen, eps, blocks, block_size, half_life_ratio)
+        if full_block_fraction > 0:
+            _mask_whole_blocks(m, p, eligible[row], blocks, torch.rand(len(blocks), generator=gen) < full_block_fraction)
         masks.append(m)
         probs.append(p)
     masked = torch.stack(masks).to(x0.device)

@@ -18,7 +18,7 @@ import torch
 from ..core.losses import LossParts, ar_targets, joint_loss_parts, masked_token_stats
 from ..core.noising import NoisedBatch, apply_noise
 
-__all__ = ["MicroBatch", "collate", "joint_step", "VALIDATION_SEED_OFFSET"]
+__all__ = ["MicroBatch", "collate", "joint_step", "noise_settings", "VALIDATION_SEED_OFFSET"]
 
 VALIDATION_SEED_OFFSET = 7919
 """Validation rows are noised with ``run.seed + VALIDATION_SEED_OFFSET`` (fixed noise, apart from the
@@ -62,16 +62,26 @@ class MicroBatch:
                        ar_count=int(supervised[:, stream.to(self.x0.device)].sum()))
 
 
-def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_token_id: int, schedule: str,
-            eps: float, block_size: int, half_life_ratio: float, keep_block_start: bool = False) -> MicroBatch:
+def noise_settings(diffusion) -> dict:
+    """The noising settings of a run's ``cfg.diffusion``, as :func:`~nemodiff_train.core.noising.apply_noise`
+    keywords. Every engine noises through this one mapping, so a setting cannot reach one engine's
+    training and miss another's, or its validation (``tests/unit/test_noising.py`` checks it covers
+    every setting ``apply_noise`` takes)."""
+    d = diffusion
+    return dict(schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio,
+                keep_block_start=d.keep_block_start, full_block_fraction=d.full_block_fraction)
+
+
+def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_token_id: int, **noise) -> MicroBatch:
     """Stack dataset rows (``input_ids``, ``doc_ids``, ``loss_mask``) and noise them (on CPU, from
-    per-sample generators seeded by ``seed`` and each row's index in ``sample_indices``)."""
+    per-sample generators seeded by ``seed`` and each row's index in ``sample_indices``).
+
+    ``noise``: :func:`~nemodiff_train.core.noising.apply_noise`'s settings (``schedule``, ``eps``, ``block_size``,
+    ...; :func:`noise_settings` gives a run's)."""
     x0 = torch.stack([torch.as_tensor(r["input_ids"]) for r in rows]).long()
     docs = torch.stack([torch.as_tensor(r["doc_ids"]) for r in rows]).long()
     loss_mask = torch.stack([torch.as_tensor(r["loss_mask"]) for r in rows]).bool()
-    noise = apply_noise(x0, loss_mask, sample_indices, seed=seed, mask_token_id=mask_token_id, schedule=schedule,
-                        eps=eps, block_size=block_size, half_life_ratio=half_life_ratio, doc_ids=docs,
-                        keep_block_start=keep_block_start)
+    noise = apply_noise(x0, loss_mask, sample_indices, seed=seed, mask_token_id=mask_token_id, doc_ids=docs, **noise)
     ar_count = int(ar_targets(x0, loss_mask, docs)[1].sum())
     return MicroBatch(x0, docs, loss_mask, noise, int(noise.masked.sum()), ar_count)
 

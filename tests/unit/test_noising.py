@@ -113,3 +113,80 @@ def test_keep_block_start_never_masks_a_block_start(schedule):
     if schedule == "position_dependent":  # round(m * eligible) per block: a block of 8 has 7 eligible tokens
         m = out.mask_prob[:, 0]
         assert torch.equal(out.masked[:, :8].sum(1), torch.round(m * 7).long())
+
+
+def _fully_masked_blocks(out, blocks, eligible):
+    """[rows, n_blocks] bool: blocks whose every eligible token is masked."""
+    return torch.stack([(out.masked[:, a:b] | ~eligible[:, a:b]).all(1) for a, b in blocks], dim=1)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "position_dependent"])
+def test_full_block_fraction_masks_that_share_of_blocks_whole(schedule):
+    """With q > 0 a share q of the blocks (plus those the schedule masks whole anyway) has every eligible
+    token masked, at loss weight p = 1; the prompt, the clean block starts and the packed documents'
+    own blocks are respected; the rest of each row keeps the schedule's own noise."""
+    n_rows, q = 600, 0.4
+    x0 = torch.arange(n_rows * 40).view(n_rows, 40) % 50 + 10
+    docs = torch.zeros(n_rows, 40, dtype=torch.long)
+    docs[:, 13:] = 1
+    loss_mask = torch.ones_like(x0, dtype=torch.bool)
+    loss_mask[:, :3] = False  # a prompt: never masked, even in a block masked whole
+    kw = dict(block_size=8, doc_ids=docs, keep_block_start=True, loss_mask=loss_mask)
+    plain = _noise(x0, list(range(n_rows)), schedule, **kw)
+    whole = _noise(x0, list(range(n_rows)), schedule, full_block_fraction=q, **kw)
+    blocks = diffusion_blocks(docs[:1], 40, 8)[0]
+    eligible = loss_mask.clone()
+    eligible[:, [a for a, _ in blocks]] = False
+    assert not whole.masked[~eligible].any()  # prompt and block starts stay clean
+    full_plain = _fully_masked_blocks(plain, blocks, eligible).float().mean()
+    full = _fully_masked_blocks(whole, blocks, eligible).float().mean()
+    # P(whole) = q + (1 - q) P(the schedule masks it whole): within 4 standard errors of 3000 blocks
+    expected = q + (1 - q) * full_plain
+    assert abs(full - expected) < 4 * math.sqrt(expected * (1 - expected) / (n_rows * len(blocks)))
+    assert full > full_plain + 0.3
+    chosen = torch.zeros_like(whole.masked)
+    for a, b in blocks:  # a block whose noise changed is masked whole, with p = 1 on every position
+        changed = (whole.masked[:, a:b] != plain.masked[:, a:b]).any(1) | (whole.mask_prob[:, a:b] != plain.mask_prob[:, a:b]).any(1)
+        assert torch.all(whole.mask_prob[changed, a:b] == 1.0)
+        assert torch.equal(whole.masked[changed, a:b], eligible[changed, a:b])
+        chosen[changed, a:b] = True
+    # every other position keeps the schedule's draw exactly (whole-block masking draws after it)
+    assert torch.equal(whole.masked[~chosen], plain.masked[~chosen])
+    assert torch.equal(whole.mask_prob[~chosen], plain.mask_prob[~chosen])
+
+
+def test_full_block_fraction_zero_is_the_schedule_and_out_of_range_is_refused():
+    x0 = torch.randint(0, 50, (16, 32))
+    for schedule in ("uniform", "position_dependent"):
+        a = _noise(x0, list(range(16)), schedule, block_size=8)
+        b = _noise(x0, list(range(16)), schedule, block_size=8, full_block_fraction=0.0)
+        assert torch.equal(a.masked, b.masked) and torch.equal(a.mask_prob, b.mask_prob)
+    everything = _noise(x0, list(range(16)), "uniform", block_size=8, full_block_fraction=1.0)
+    assert everything.masked.all() and torch.all(everything.mask_prob == 1.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(NoiseConfigError, match="full_block_fraction"):
+            _noise(x0, [0] * 16, full_block_fraction=bad)
+
+
+def test_noise_settings_carry_every_setting_of_apply_noise_from_the_config():
+    """The engines noise through ``noise_settings(cfg.diffusion)``: it names every setting ``apply_noise``
+    takes (a new one missing here would be silently left at its default in training), reads each from
+    the config, and collate applies them (full_block_fraction = 1 masks every eligible token)."""
+    import inspect
+
+    from nemodiff_train.config.schema import DiffusionConfig
+    from nemodiff_train.models.step import collate, noise_settings
+
+    per_call = {"x0", "loss_mask", "sample_indices", "seed", "mask_token_id", "doc_ids"}
+    settings = set(inspect.signature(apply_noise).parameters) - per_call
+    d = DiffusionConfig(schedule="position_dependent", eps=0.01, block_size=4, half_life_ratio=0.5,
+                        keep_block_start=True, full_block_fraction=1.0)
+    got = noise_settings(d)
+    assert set(got) == settings
+    assert all(got[k] == getattr(d, k) for k in settings)
+    rows = [{"input_ids": torch.arange(12) + 10, "doc_ids": torch.zeros(12, dtype=torch.long),
+             "loss_mask": torch.tensor([0, 0, 0] + [1] * 9)} for _ in range(3)]
+    mb = collate(rows, [0, 1, 2], seed=3, mask_token_id=MASK, **got)
+    eligible = torch.tensor([0, 0, 0] + [1] * 9, dtype=torch.bool) & (torch.arange(12) % 4 != 0)
+    assert torch.equal(mb.noise.masked, eligible.expand(3, 12))
+    assert torch.all(mb.noise.mask_prob[:, eligible] == 1.0)

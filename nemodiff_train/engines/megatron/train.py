@@ -192,6 +192,7 @@ def build_job(cfg: Config, *, forward_step=None, callbacks=()) -> MegatronJob:
     """
     _require_megatron()
     from ...config.load import save_config
+    from ...models.step import noise_settings
     from .config import select_stage, stage_checkpoint_dir, to_container
     from .export import finished_iteration
     from .model import mask_token_id_of, prepare_init_checkpoint
@@ -220,8 +221,7 @@ def build_job(cfg: Config, *, forward_step=None, callbacks=()) -> MegatronJob:
                              stage_index=i, cpu=cfg.engine.device == "cpu")
     d = cfg.diffusion
     step = forward_step or TwoStreamForwardStep(
-        mask_token_id=mask_token_id_of(cfg, hf_dir), schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-        half_life_ratio=d.half_life_ratio, keep_block_start=d.keep_block_start, alpha=d.alpha, beta=d.beta)
+        mask_token_id=mask_token_id_of(cfg, hf_dir), **noise_settings(d), alpha=d.alpha, beta=d.beta)
     offset = sum(s.steps for s in cfg.stages[:i])
     cbs = [metrics_callback(run_dir / runs.METRICS_FILE, step_offset=offset, stage_name=stage.name,
                            tokens_per_step=stage.global_batch_size * stage.data.seq_len), *callbacks]

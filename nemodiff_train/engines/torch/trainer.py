@@ -43,7 +43,7 @@ from ...data.order import GlobalOrder
 from ...faults import fault_point
 from ...models.context_parallel import use_cp_attention
 from ...models.hf import DLMModel
-from ...models.step import MicroBatch, collate
+from ...models.step import MicroBatch, collate, noise_settings
 from .. import TrainOutcome
 from .batches import rank_positions
 from .checkpointing import load_checkpoint, model_identity, read_trainer_state, restore_rng, resume_checkpoint, save_checkpoint
@@ -250,8 +250,7 @@ class StageRun:
                                         dims.dp, st.micro_batch_size):
             rows = [self.train_ds[self.order.row(p)] for p in positions]
             mb = collate(rows, [self.sample_offset + p for p in positions], seed=self.cfg.run.seed,
-                         mask_token_id=mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-                         half_life_ratio=d.half_life_ratio, keep_block_start=d.keep_block_start)
+                         mask_token_id=mask_id, **noise_settings(d))
             out.append(dims.on_shard(mb).to(self.env.device))
         return out
 

@@ -16,7 +16,7 @@ from ...config.schema import Config
 from ...core.losses import MASK_RATE_EDGES, LossWeights
 from ...models.hf import DLMModel
 from ...models.step import VALIDATION_SEED_OFFSET
-from ...models.step import collate
+from ...models.step import collate, noise_settings
 from .context import ParallelDims, parallel_dims
 from .distributed import DistEnv, all_reduce_sum
 from .loss import StepParts
@@ -93,8 +93,7 @@ class Validator:
             rows.append(row)
         d = self.cfg.diffusion
         mb = collate(rows, [0 if i is None else i for i in idx], seed=self.cfg.run.seed + VALIDATION_SEED_OFFSET,
-                     mask_token_id=self.mask_id, schedule=d.schedule, eps=d.eps, block_size=d.block_size,
-                     half_life_ratio=d.half_life_ratio, keep_block_start=d.keep_block_start)
+                     mask_token_id=self.mask_id, **noise_settings(d))
         return self.dims.on_shard(mb)  # a context-parallel rank: its slice of the same rows
 
     @torch.no_grad()
