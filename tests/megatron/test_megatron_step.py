@@ -109,3 +109,22 @@ def test_keep_block_start_reaches_the_megatron_step():
     assert any(m[starts].any() for m in plain)
     with pytest.raises(TypeError, match="mask_token_id"):
         TwoStreamForwardStep(block_size=4)
+
+
+def test_the_run_config_noise_settings_reach_the_megatron_step():
+    """The Megatron job builds its step from ``noise_settings(cfg.diffusion)``: whole-block masking
+    (``full_block_fraction = 1``) masks every eligible token of the step's batch at loss weight 1."""
+    from nemodiff_train.config.schema import DiffusionConfig
+    from nemodiff_train.engines.megatron.step import TwoStreamForwardStep, make_batch
+    from nemodiff_train.models.step import noise_settings
+
+    d = DiffusionConfig(schedule="position_dependent", block_size=4, keep_block_start=True, full_block_fraction=1.0)
+    step = TwoStreamForwardStep(mask_token_id=3, **noise_settings(d))
+    s = _sample()
+    batch = make_batch(s, device="cpu", **step.noise_kw)
+    starts = torch.zeros(3, 16, dtype=torch.bool)
+    starts[:, [0, 4, 8, 12]] = True
+    starts[0, [9, 13]], starts[0, 12] = True, False  # row 0 holds a second document from position 9
+    eligible = s["loss_mask"] & ~starts
+    assert torch.equal(batch.masked, eligible)
+    assert torch.all(batch.mask_prob[eligible] == 1.0)
