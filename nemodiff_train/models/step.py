@@ -67,9 +67,8 @@ def noise_settings(diffusion) -> dict:
     keywords. Every engine noises through this one mapping, so a setting cannot reach one engine's
     training and miss another's, or its validation (``tests/unit/test_noising.py`` checks it covers
     every setting ``apply_noise`` takes)."""
-    d = diffusion
-    return dict(schedule=d.schedule, eps=d.eps, block_size=d.block_size, half_life_ratio=d.half_life_ratio,
-                keep_block_start=d.keep_block_start, full_block_fraction=d.full_block_fraction)
+    names = ("schedule", "eps", "block_size", "half_life_ratio", "keep_block_start", "full_block_fraction")
+    return {name: getattr(diffusion, name) for name in names}
 
 
 def collate(rows: list[dict], sample_indices: list[int], *, seed: int, mask_token_id: int, **noise) -> MicroBatch:
