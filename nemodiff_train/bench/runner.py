@@ -86,6 +86,8 @@ class BenchConfig:
     block_size: int | None = None
     """B; None = the model's inference block size (16 for a random shape)."""
     threshold: float = 0.9
+    commit_rule: str = "confident"
+    """Block diffusion's commit rule: confident, prefix or prefix_ar (docs/decoding.md, "Commit rule")."""
     dtype: str = "auto"
     """auto (bfloat16 on CUDA, float32 on a CPU), float32 or bfloat16."""
     device: str = "auto"
@@ -280,7 +282,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     setup = _load(cfg)
     B = setup.block_size
     decode_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, block_size=B, threshold=cfg.threshold,
-                              eos_token_ids=setup.eos, seed=cfg.seed)
+                              commit_rule=cfg.commit_rule, eos_token_ids=setup.eos, seed=cfg.seed)
     n_prompts = max(cfg.num_prompts, max(cfg.batch_sizes))
     prompts = _prompts(cfg, setup, n_prompts)
     setup.lm = _cached_lm(cfg, setup, prompts)

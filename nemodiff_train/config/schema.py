@@ -264,6 +264,7 @@ class EvalProbeConfig:
     max_new_tokens: int = 64
     block_size: Optional[int] = None  # None = the model's inference block size
     threshold: float = 0.9
+    commit_rule: str = "confident"  # block diffusion: confident (the method's), prefix or prefix_ar
 
 
 @dataclass
@@ -275,6 +276,7 @@ class EvalAtEndConfig:
     max_new_tokens: int = 64
     block_size: Optional[int] = None
     threshold: float = 0.9
+    commit_rule: str = "confident"  # block diffusion: confident (the method's), prefix or prefix_ar (docs/decoding.md)
     batch_size: int = 1  # prompts per decoder call (nemodiff-eval batch_size)
     compare_base: bool = False  # also decode the untouched base (model.path) in AR mode: the table's `base` row
     sweep: EvalSweepConfig = field(default_factory=EvalSweepConfig)

@@ -83,6 +83,10 @@ def _check_evaluation(cfg: Config) -> None:
     _need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _need(e.block_size is None or e.block_size > 0, "eval.block_size", "must be > 0 (or null)")
     _need(0 < e.threshold <= 1, "eval.threshold", "must be in (0, 1]")
+    from ..decoding.config import COMMIT_RULES
+
+    for key, rule in (("eval.commit_rule", e.commit_rule), ("eval.probe.commit_rule", e.probe.commit_rule)):
+        _need(rule in COMMIT_RULES, key, f"must be one of {list(COMMIT_RULES)}, got {rule!r}")
 
 
 def limit_problem(limit: Any, tasks: list[str]) -> str | None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DecodeConfig"]
+__all__ = ["COMMIT_RULES", "DecodeConfig"]
+
+COMMIT_RULES = ("confident", "prefix", "prefix_ar")
+"""Block diffusion's commit rules (:attr:`DecodeConfig.commit_rule`)."""
 
 
 @dataclass
@@ -24,6 +27,13 @@ class DecodeConfig:
             over ``steps_per_block`` steps.
         steps_per_block: step budget of the fixed-steps variant (None = ``block_size``); only valid
             with ``threshold=None``.
+        commit_rule: which of a diffusion step's candidates it commits. ``"confident"`` (the method's
+            rule): every masked position that passes (≥ τ, or among the k most confident), anywhere in
+            the block. ``"prefix"``: only the leftmost run of masked positions that pass, and at least the
+            leftmost masked position, so a block fills left to right and no token is committed before
+            the masks to its left. ``"prefix_ar"``: as ``"prefix"``, but a pass where no mask reaches τ
+            commits nothing and ends the block at its committed prefix; the causal pass that closes the
+            block then gives the next token, the AR view's (docs/decoding.md, "Commit rule").
         temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / T).
         top_p: nucleus filter applied before sampling (1.0 = off); ignored when greedy.
         eos_token_ids: a row stops after emitting any of these; the EOS token is kept in the output.
@@ -35,6 +45,7 @@ class DecodeConfig:
     block_size: int = 32
     threshold: float | None = 0.9
     steps_per_block: int | None = None
+    commit_rule: str = "confident"
     temperature: float = 0.0
     top_p: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
@@ -54,6 +65,11 @@ class DecodeConfig:
                 raise ValueError("steps_per_block applies only to the fixed-steps variant: set threshold=None "
                                  f"or steps_per_block=None (got threshold={self.threshold}, "
                                  f"steps_per_block={self.steps_per_block})")
+        if self.commit_rule not in COMMIT_RULES:
+            raise ValueError(f"commit_rule must be one of {list(COMMIT_RULES)}, got {self.commit_rule!r}")
+        if self.commit_rule == "prefix_ar" and self.threshold is None:
+            raise ValueError("commit_rule='prefix_ar' ends a block where no mask reaches the threshold: it needs "
+                             "a threshold (got threshold=None)")
         if self.steps_per_block is not None:
             self._check_int("steps_per_block", self.steps_per_block, 1)
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \

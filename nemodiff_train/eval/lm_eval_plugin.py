@@ -16,7 +16,8 @@ lm-eval 0.4.x registers models only when their module is imported and does not r
         --model_args pretrained=<hf dir or run dir>,mode=linear_spec,max_gen_toks=256 --tasks gsm8k
 
 Model args: ``pretrained`` (required), ``mode`` (linear_spec), ``block_size`` (the model's inference
-block), ``threshold`` (0.9), ``max_gen_toks`` (256), ``temperature`` (0), ``dtype`` (float32),
+block), ``threshold`` (0.9), ``commit_rule`` (confident; prefix or prefix_ar, diffusion only),
+``max_gen_toks`` (256), ``temperature`` (0), ``dtype`` (float32),
 ``device`` (auto), ``batch_size`` (1; ar/diffusion only), ``max_length`` (the model's context),
 ``add_bos_token`` (false), ``stats_out`` (a JSON path), ``seed`` (0).
 """
@@ -84,7 +85,8 @@ class NemoDiffLM(TemplateLM):
     """lm-eval model over a nemodiff DLM (see the module docstring for the arguments)."""
 
     def __init__(self, pretrained: str, mode: str = "linear_spec", block_size: int | None = None,
-                 threshold: float = 0.9, max_gen_toks: int = 256, temperature: float = 0.0,
+                 threshold: float = 0.9, commit_rule: str = "confident", max_gen_toks: int = 256,
+                 temperature: float = 0.0,
                  dtype: str = "float32", device: str = "auto", batch_size: int | str = 1,
                  max_batch_size: int | None = None, max_length: int | None = None, add_bos_token: bool = False,
                  stats_out: str | None = None, seed: int = 0, **unused):
@@ -98,6 +100,8 @@ class NemoDiffLM(TemplateLM):
         self.mode = mode
         self.block_size = int(block_size or self.dlm.settings.inference_block_size)
         self.threshold = float(threshold)
+        self.commit_rule = str(commit_rule)
+        DecodeConfig(commit_rule=self.commit_rule)  # refused here, before any task runs
         self.max_gen_toks = int(max_gen_toks)
         self.temperature = float(temperature)
         self.dtype = dtype
@@ -227,7 +231,8 @@ class NemoDiffLM(TemplateLM):
             temperature = 0.0
         top_p = float(gen_kwargs.pop("top_p", 1.0) or 1.0)
         cfg = DecodeConfig(max_new_tokens=max_new, block_size=self.block_size, threshold=self.threshold,
-                           temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                           commit_rule=self.commit_rule, temperature=temperature,
+                           top_p=top_p if temperature > 0 else 1.0,
                            eos_token_ids=self.eos_ids, seed=self.seed)
         return cfg, until
 
@@ -277,7 +282,8 @@ class NemoDiffLM(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         """Settings and decode counts; lm-eval adds this to ``results["config"]``."""
         return {"nemodiff": {"model": str(self.hf_dir), "mode": self.mode, "block_size": self.block_size,
-                             "threshold": self.threshold, "temperature": self.temperature, "dtype": self.dtype,
+                             "threshold": self.threshold, "commit_rule": self.commit_rule,
+                             "temperature": self.temperature, "dtype": self.dtype,
                              "device": str(self.lm.device), "batch_size": self.batch_size,
                              "decode_stats": self.totals.as_dict()}}
 

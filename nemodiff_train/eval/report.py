@@ -85,7 +85,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         samples = (f"{r0['samples']} samples each" if len(set(counts.values())) == 1
                    else ", ".join(f"{n} samples of {t}" for t, n in counts.items()))
         text.append(f"{len(counts)} task(s), {samples}, block {r0['block_size']}, "
-                    f"tau {r0['threshold']}, temperature {r0['temperature']}, {r0['dtype']} on {r0['device']}; "
+                    f"tau {r0['threshold']}"
+                    + (f" (commit rule {r0['commit_rule']})" if r0.get("commit_rule", "confident") != "confident" else "")
+                    + f", temperature {r0['temperature']}, {r0['dtype']} on {r0['device']}; "
                     "modes interleaved per prompt, so tok/s ratios share the machine's load")
     text.append(TPF_NOTE)
     if any(any(k.endswith("_ci95") for k in r) for r in rows):

@@ -29,7 +29,7 @@ from ..config.schema import EvalSweepConfig as SweepConfig  # one definition for
 from ..config.validate import limit_problem
 from ..timing import TimedRun, run_interleaved
 from ..decoding import generate
-from ..decoding.config import DecodeConfig
+from ..decoding.config import COMMIT_RULES, DecodeConfig
 from ..decoding.modes import ALL_MODES, SPECULATIVE_MODES, with_reference
 from .intervals import metric_intervals
 from ..models.dtypes import DTYPES
@@ -75,6 +75,10 @@ class EvalConfig:
     """Decoding block size; None = the model's ``inference_block_size``."""
     threshold: float = 0.9
     """Diffusion confidence threshold τ (also the drafts' threshold where a decoder uses one)."""
+    commit_rule: str = "confident"
+    """Block diffusion's commit rule: ``confident`` (the method's: every position ≥ τ), ``prefix`` (the
+    leftmost run of them: a block fills left to right) or ``prefix_ar`` (and a block ends where no mask
+    reaches τ, the AR view giving the next token; docs/decoding.md, "Commit rule")."""
     temperature: float = 0.0
     batch_size: int = 1
     """Prompts per decoder call, in every mode (row i of a batch decodes as prompt i alone; samples.jsonl
@@ -103,6 +107,8 @@ class EvalConfig:
         unknown = [m for m in self.modes if m not in ALL_MODES]
         if unknown or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {list(ALL_MODES)}, got {list(self.modes)}")
+        if self.commit_rule not in COMMIT_RULES:
+            raise ValueError(f"commit_rule must be one of {list(COMMIT_RULES)}, got {self.commit_rule!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -182,7 +188,8 @@ class Evaluator:
         self.tokenizer = self.dlm.tokenizer
         self.block_size = cfg.block_size or self.dlm.settings.inference_block_size
         self.decode_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, block_size=self.block_size,
-                                       threshold=cfg.threshold, temperature=cfg.temperature,
+                                       threshold=cfg.threshold, commit_rule=cfg.commit_rule,
+                                       temperature=cfg.temperature,
                                        eos_token_ids=self.eos_ids, seed=cfg.seed)
 
     def load_task(self, name: str) -> tuple[Task, list[list[int]]]:
@@ -275,7 +282,8 @@ class Evaluator:
             **metrics,
             "metric_names": list(task.metric_names), "primary_metric": task.primary_metric,
             "requested": requested,
-            "block_size": spec.cfg.block_size, "threshold": spec.cfg.threshold, "temperature": self.cfg.temperature,
+            "block_size": spec.cfg.block_size, "threshold": spec.cfg.threshold,
+            "commit_rule": spec.cfg.commit_rule, "temperature": self.cfg.temperature,
             "max_new_tokens": self.cfg.max_new_tokens,
             "batch_size": self.cfg.batch_size,
             "dtype": self.cfg.dtype, "device": str(self.lm.device),

@@ -67,7 +67,8 @@ class DecodeProbe:
         eos = stop_token_ids(tokenizer, getattr(dlm.hf, "generation_config", None))
         dcfg = DecodeConfig(max_new_tokens=self.cfg.max_new_tokens,
                             block_size=self.cfg.block_size or dlm.settings.inference_block_size,
-                            threshold=self.cfg.threshold, temperature=0.0, eos_token_ids=eos)
+                            threshold=self.cfg.threshold, commit_rule=self.cfg.commit_rule, temperature=0.0,
+                            eos_token_ids=eos)
         was_training = dlm.training
         dlm.eval()
         try:

@@ -90,7 +90,7 @@ def _with_interval(row: dict, metric: str) -> str:
 
 
 def _settings_of(rows: list[dict]) -> str:
-    keys = ("block_size", "threshold", "temperature", "max_new_tokens", "dtype", "device")
+    keys = ("block_size", "threshold", "commit_rule", "temperature", "max_new_tokens", "dtype", "device")
     seen = {k: sorted({str(r[k]) for r in rows if r.get(k) is not None}) for k in keys}
     return ", ".join(f"{k} {'/'.join(v)}" for k, v in seen.items() if v)
 

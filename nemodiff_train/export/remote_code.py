@@ -63,7 +63,7 @@ The weights, config and forward are the plain {base}; this file only extends ``g
 
 * ``generate(input_ids, ...)`` without ``mode`` is transformers' standard ``generate`` (AR);
 * ``generate(input_ids, mode=M, max_new_tokens=..., block_size=..., threshold=..., steps_per_block=...,
-  temperature=..., top_p=..., eos_token_id=..., seed=..., attention_mask=...)`` with M one of
+  commit_rule=..., temperature=..., top_p=..., eos_token_id=..., seed=..., attention_mask=...)`` with M one of
   ``"ar"``, ``"diffusion"``, ``"linear_spec"``, ``"quadratic_spec"`` runs nemodiff's decoders (the code
   below is inlined from nemodiff_train/decoding). It returns the prompt followed by the
   generated tokens, right-padded with ``pad_token_id``, as a ``[batch, length]`` LongTensor; with
@@ -109,7 +109,8 @@ class NemoDiffGenerateOutput(dict):
 
 
 _NEMODIFF_GENERATE_KEYS = frozenset({{
-    "input_ids", "attention_mask", "max_new_tokens", "block_size", "threshold", "steps_per_block", "temperature",
+    "input_ids", "attention_mask", "max_new_tokens", "block_size", "threshold", "steps_per_block", "commit_rule",
+    "temperature",
     "top_p", "eos_token_id", "seed", "pad_token_id", "return_dict_in_generate", "do_sample", "generation_config",
     "static_cache", "cuda_graphs",
 }})
@@ -209,6 +210,7 @@ class {cls}(_NemoDiffBase):
             temperature = float(getattr(gen_cfg, "temperature", None) or 1.0) if kwargs.get("do_sample") else 0.0
         cfg = {{"block_size": int(kwargs.get("block_size") or settings.get("inference_block_size", 32)),
                "threshold": kwargs.get("threshold", 0.9), "steps_per_block": kwargs.get("steps_per_block"),
+               "commit_rule": kwargs.get("commit_rule") or "confident",
                "temperature": float(temperature), "top_p": float(kwargs.get("top_p") or 1.0),
                "eos_token_ids": eos, "seed": int(kwargs.get("seed") or 0)}}
         max_new = kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None)

@@ -83,6 +83,31 @@ def test_eval_cli_all_modes(assets, tmp_path):
     assert "lossless" in res.stdout and "linear_spec" in res.stdout and "prefill forwards excluded" in res.stdout
 
 
+def test_eval_cli_commit_rule_reaches_block_diffusion(assets, tmp_path):
+    """``commit_rule=prefix`` decodes block diffusion with the left-to-right rule (the samples equal the
+    decoder's own output under it) and is recorded in eval.json; an unknown rule is refused by name."""
+    from nemodiff_train.decoding import DecodeConfig, generate
+    from nemodiff_train.models.loading import load_for_decoding
+
+    out = {}
+    for rule in ("confident", "prefix"):
+        _run("nemodiff_train.cli.evaluate",
+             [f"model={assets / 'model'}", f"task={assets / 'cc.jsonl'}", "modes=[diffusion]", f"commit_rule={rule}",
+              "max_new_tokens=8", "block_size=4", "sweep.threshold=[]", f"out={tmp_path / rule}"], cwd=tmp_path)
+        rows = json.loads((tmp_path / rule / "eval.json").read_text())
+        assert [(r["mode"], r["commit_rule"]) for r in rows] == [("diffusion", rule)]
+        out[rule] = [json.loads(line) for line in (tmp_path / rule / "samples.jsonl").read_text().splitlines()]
+    _, lm, eos, _ = load_for_decoding(str(assets / "model"), "float32", "cpu")
+    for rule, samples in out.items():
+        cfg = DecodeConfig(max_new_tokens=8, block_size=4, threshold=0.9, commit_rule=rule, eos_token_ids=eos)
+        for s in samples:
+            assert s["output_ids"] == generate(lm, [s["prompt_ids"]], "diffusion", cfg)[0].tokens, rule
+    assert [s["output_ids"] for s in out["prefix"]] != [s["output_ids"] for s in out["confident"]]
+    bad = _run("nemodiff_train.cli.evaluate", [f"model={assets / 'model'}", "commit_rule=leftmost",
+                                               f"out={tmp_path / 'bad'}"], cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "commit_rule must be one of" in bad.stderr
+
+
 def test_eval_cli_run_dir_bundled_task_and_spec_only(assets, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,10 @@ for path in sys.argv[2:]:
     for mode in ["ar", "diffusion", "linear_spec", "quadratic_spec"]:
         got = model.generate(ids, attention_mask=mask, mode=mode, return_dict_in_generate=True, **settings)
         res["modes"][mode] = {"tokens": got.tokens, "forwards": [s["forwards"] for s in got.stats]}
+    for rule in ["prefix", "prefix_ar"]:
+        got = model.generate(ids, attention_mask=mask, mode="diffusion", commit_rule=rule,
+                             return_dict_in_generate=True, **settings)
+        res["modes"]["diffusion_" + rule] = {"tokens": got.tokens, "forwards": [s["forwards"] for s in got.stats]}
     out[path] = res
 print("RESULT " + json.dumps(out))
 """
@@ -67,6 +72,7 @@ def test_trust_remote_code_reproduces_our_decoders(tmp_path):
         assert res.returncode == 0, res.stderr[-5000:]
         result = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
         assert (tmp_path / "modules" / "transformers_modules").is_dir()  # really went through dynamic modules
+        rule_changed = []
         for path, (dlm, family) in cases.items():
             got = result[path]
             base = type(dlm.hf).__name__
@@ -78,5 +84,13 @@ def test_trust_remote_code_reproduces_our_decoders(tmp_path):
                 ref = generate(lm, PROMPTS, mode, cfg)
                 assert got["modes"][mode]["tokens"] == [r.tokens for r in ref], (family, mode)
                 assert got["modes"][mode]["forwards"] == [r.stats.forwards for r in ref], (family, mode)
+            # the commit rule reaches the remote decoder: an untrained model is never confident, so the
+            # two rules commit different positions, and for one of the models that changes the output
+            for rule in ["prefix", "prefix_ar"]:
+                ref = generate(lm, PROMPTS, "diffusion", replace(cfg, commit_rule=rule))
+                assert got["modes"]["diffusion_" + rule]["tokens"] == [r.tokens for r in ref], (family, rule)
+                assert got["modes"]["diffusion_" + rule]["forwards"] == [r.stats.forwards for r in ref], (family, rule)
+            rule_changed.append(got["modes"]["diffusion_prefix"]["tokens"] != got["modes"]["diffusion"]["tokens"])
+        assert any(rule_changed)
     finally:
         torch.set_num_threads(n)

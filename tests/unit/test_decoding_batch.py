@@ -19,7 +19,10 @@ def test_batch_equals_one_by_one(decoder, family):
     prompts[1] = prompts[1][:1]  # a one-token prompt next to longer ones: lots of left padding
     # pick an EOS the first row emits mid-way, so rows finish at different steps
     probe = decoder(lm, prompts[:1], DecodeConfig(max_new_tokens=14, block_size=4))[0].tokens
-    settings = [dict(), dict(threshold=None, steps_per_block=2), dict(temperature=0.9, top_p=0.8, seed=5)]
+    settings = [dict(), dict(threshold=None, steps_per_block=2), dict(temperature=0.9, top_p=0.8, seed=5),
+                # the left-to-right rules; prefix_ar rows end their blocks at different places
+                dict(commit_rule="prefix", threshold=0.1), dict(commit_rule="prefix_ar", threshold=0.1),
+                dict(commit_rule="prefix_ar", threshold=0.1, temperature=0.9, seed=3)]
     for extra in settings:
         cfg = DecodeConfig(max_new_tokens=14, block_size=4, eos_token_ids=(probe[6],), **extra)
         batch = decoder(lm, prompts, cfg)

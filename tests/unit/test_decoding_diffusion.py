@@ -105,6 +105,77 @@ def test_select_commits_rule():
     assert not select_commits(conf, none, 0.9, 1).any() and not select_commits(conf, none, None, 1).any()
 
 
+def test_prefix_rule_commits_only_the_leftmost_passing_run():
+    conf = torch.tensor([[0.0, 0.95, 0.5, 0.99, 0.97],    # 0.5 at position 2 blocks the confident 3 and 4
+                         [0.0, 0.2, 0.3, 0.99, 0.1],      # none passes on the left: the leftmost mask only
+                         [0.0, 0.93, 0.0, 0.91, 0.4],     # position 2 is committed already: it blocks nothing
+                         [0.0, 0.0, 0.0, 0.0, 0.0]])      # no mask: nothing
+    masked = torch.tensor([[False, True, True, True, True], [False, True, True, True, True],
+                           [False, True, False, True, True], [False] * 5])
+    assert select_commits(conf, masked, 0.9, 1, "prefix").tolist() == [
+        [False, True, False, False, False], [False, True, False, False, False],
+        [False, True, False, True, False], [False] * 5]
+    # the method's rule on the same rows commits the confident positions right of the gap
+    assert select_commits(conf, masked, 0.9, 1).tolist()[0] == [False, True, False, True, True]
+    # fixed steps: the k = ceil(masks / steps_left) leftmost masks, whatever their confidence
+    assert select_commits(conf, masked, None, 2, "prefix").tolist() == [
+        [False, True, True, False, False], [False, True, True, False, False],
+        [False, True, False, True, False], [False] * 5]
+
+
+def test_prefix_rule_fills_a_block_left_to_right():
+    """The method's rule commits the confident far position first; the prefix rule waits for the masks on
+    its left and never commits a token right of a mask."""
+    plan = [{1: (11, 0.5), 2: (12, 0.6), 3: (13, 0.99)},   # 3 is confident, 1 and 2 are not
+            {2: (12, 0.95), 3: (13, 0.99)},
+            {}]
+    lm = scripted([10, 20], plan)
+    cfg = DecodeConfig(max_new_tokens=4, block_size=4, threshold=0.9, commit_rule="prefix")
+    res = diffusion_generate(lm, [PROMPT], cfg)[0]
+    assert lm.calls[2].input_ids.tolist() == [[10, 11, MASK, MASK]]   # step 1 forced the leftmost, not 3
+    assert res.tokens == [10, 11, 12, 13] and res.stats.committed_per_forward == [1, 2, 0]
+    lm = scripted([10, 20], plan)
+    diffusion_generate(lm, [PROMPT], DecodeConfig(max_new_tokens=4, block_size=4, threshold=0.9))
+    assert lm.calls[2].input_ids.tolist() == [[10, MASK, MASK, 13]]  # the method's rule: 3 first
+
+
+def test_prefix_ar_ends_a_block_where_no_mask_reaches_tau():
+    """With ``prefix_ar`` a pass whose leftmost mask is below τ commits nothing: the block ends at its
+    committed prefix, the causal pass keeps only that prefix in the cache, and its last position's AR
+    token starts the next block (at the next position, not at the old block's end)."""
+    seeds, plan = [10, 20, 30], [{1: (11, 0.95), 2: (12, 0.5), 3: (13, 0.99)},   # commits 1 only
+                                 {2: (12, 0.4), 3: (13, 0.99)},                  # 2 below tau: the block ends
+                                 {1: (21, 0.97), 2: (22, 0.96), 3: (23, 0.91)}]  # next block: all at once
+    counters = {"causal": 0, "bidir": 0}
+
+    def script(call):  # a causal call predicts its seed at EVERY position (the block may end anywhere)
+        b, q = call.input_ids.shape
+        if call.write_cache:
+            counters["causal"] += 1
+            return peaked_logits(V, seeds[counters["causal"] - 1], 0.99, MASK)[None, None].expand(b, q, V).clone()
+        step = plan[counters["bidir"]]
+        counters["bidir"] += 1
+        return torch.stack([peaked_logits(V, *step.get(p, (31, 0.01)), MASK) for p in range(q)])[None].expand(b, q, V).clone()
+
+    lm = ScriptedLM(script, V, MASK)
+    res = diffusion_generate(lm, [PROMPT], DecodeConfig(max_new_tokens=6, block_size=4, threshold=0.9,
+                                                        commit_rule="prefix_ar"))[0]
+    assert res.tokens == [10, 11, 20, 21, 22, 23]
+    assert kinds(lm) == ["causal", "bidir", "bidir", "causal", "bidir", "causal"]
+    assert lm.calls[3].input_ids.tolist() == [[10, 11, MASK, MASK]]   # the causal pass sees the ended block
+    assert lm.calls[4].input_ids.tolist() == [[20, MASK, MASK, MASK]]
+    assert lm.calls[4].position_ids.tolist() == [[4, 5, 6, 7]]       # the next block starts after 10, 11
+    assert lm.calls[4].cache_length == 4                              # prompt + the kept prefix only
+    assert res.stats.committed_per_forward == [1, 0, 1, 3, 0]
+
+
+def test_unknown_commit_rule_is_refused():
+    with pytest.raises(ValueError, match="commit_rule must be one of"):
+        DecodeConfig(commit_rule="left")
+    with pytest.raises(ValueError, match="needs a threshold"):
+        DecodeConfig(commit_rule="prefix_ar", threshold=None)
+
+
 @pytest.mark.parametrize("block", [2, 4, 8])
 def test_tpf_never_exceeds_half_the_block(block):
     always_sure = {p: (7, 0.999) for p in range(block)}
