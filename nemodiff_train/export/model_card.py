@@ -172,6 +172,8 @@ or measure every mode: `nemodiff-eval model=<dir> modes=[ar,diffusion,linear_spe
 # trust_remote_code runs this repository's modeling_nemodiff.py: pin the revision you have read
 model = AutoModelForCausalLM.from_pretrained("{repo}", revision=revision, trust_remote_code=True)
 out = model.generate(ids, mode="diffusion", max_new_tokens=64, block_size={block}, threshold=0.9)
+# left to right, the AR view where no mask reaches the threshold (nemodiff's docs/decoding.md, "Commit rule")
+out = model.generate(ids, mode="diffusion", max_new_tokens=64, commit_rule="prefix_ar")
 out = model.generate(ids, mode="linear_spec", max_new_tokens=64)   # equals greedy AR output
 ```
 
