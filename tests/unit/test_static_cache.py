@@ -71,6 +71,19 @@ def test_static_equals_dynamic_with_drafts_accepted(mode):
         assert accepted > 0, "no draft accepted: the acceptance path was not exercised"
 
 
+@pytest.mark.parametrize("rule", ["prefix", "prefix_ar"])
+def test_static_equals_dynamic_for_the_left_to_right_commit_rules(rule):
+    """Block diffusion's other commit rules; under prefix_ar the rows of a ragged batch end their blocks at
+    different places, so the per-row cache re-pack runs on the static cache too."""
+    dyn, sta = pair("qwen3", init=0.3)
+    prompts = random_prompts(77, 3, max_len=10)
+    for threshold in (0.1, 0.5):
+        cfg = DecodeConfig(max_new_tokens=19, block_size=4, threshold=threshold, commit_rule=rule)
+        ref = assert_same(dyn, sta, prompts, "diffusion", cfg)
+        if rule == "prefix_ar" and threshold == 0.1:
+            assert any(0 in r.stats.committed_per_forward[:-1] for r in ref), "no block ended early"
+
+
 @pytest.mark.parametrize("name,impl", [("qwen2_window", "sdpa"), ("mistral_window", "sdpa"), ("llama_untied", "eager")])
 def test_static_equals_dynamic_other_architectures(name, impl):
     """Sliding windows (per-layer mask dicts, window measured in RoPE positions) and the eager additive mask."""
