@@ -4,7 +4,8 @@
 #      capture and reuse, compile=true, the adapter's gated graphs, batched self-speculation == alone with
 #      graphs and one synchronizing CUDA call per cycle (tests/gpu/test_batched_spec_gpu.py), flex attention;
 #   2. nemodiff-bench on the demo's converted model (real TPF): the batch sweep 1/4/16/64, every mode and
-#      Hugging Face generate interleaved, the crossover batch size per self-speculation mode;
+#      Hugging Face generate interleaved, the crossover batch size per self-speculation mode; then block
+#      diffusion with commit_rule=prefix_ar beside AR at batch 1 and 16;
 #   3. nemodiff-bench at the Qwen3-8B shape (random weights), ar with compile=true against HF's compiled
 #      static-cache generate at batch 1 and 8;
 #   4. the batch sweep at the Qwen3-8B shape (shorter outputs), if the budget has room left.
@@ -58,6 +59,11 @@ DEMO_HF=${DEMO_HF:-runs/demo_cpu/hf}
 MODEL=$([ -d "$DEMO_HF" ] && echo "$DEMO_HF" || echo embedded)
 part bench_demo_sweep 70 python3 -m nemodiff_train.cli.bench model="$MODEL" device="$DEVICE" task=arithmetic \
   num_prompts=8 batch_sizes=[1,4,16,64] max_new_tokens=64 warmups=1 runs=2 sol_repeats=3 out="$RESULTS/bench_demo" $EXTRA
+
+# 2b. block diffusion with the demo's commit rule (left to right, AR where unsure): a cache re-pack per block
+part bench_demo_prefix_ar 40 python3 -m nemodiff_train.cli.bench model="$MODEL" device="$DEVICE" task=arithmetic \
+  modes=[ar,diffusion] commit_rule=prefix_ar num_prompts=8 batch_sizes=[1,16] max_new_tokens=64 warmups=1 runs=2 \
+  sol_repeats=1 out="$RESULTS/bench_demo_prefix_ar" $EXTRA
 
 # 3. the Qwen3-8B shape: our compiled AR (inductor kernels in our CUDA graphs) against HF's compiled generate
 part bench_qwen3_8b_ar 80 python3 -m nemodiff_train.cli.bench shape="$SHAPE" device="$DEVICE" batch_sizes=[1,8] \

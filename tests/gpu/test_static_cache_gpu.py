@@ -52,6 +52,20 @@ def test_static_and_graphs_equal_eager_dynamic_on_cuda(dtype, block):
     assert all(graphs._graphs[k].graph is g for k, g in captured.items()), "a graph was re-captured for a new prompt"
 
 
+@pytest.mark.parametrize("rule", ["prefix", "prefix_ar"])
+def test_left_to_right_commit_rules_with_graphs_equal_eager_dynamic_on_cuda(rule):
+    """prefix_ar re-packs each row's cache after a block that ended early: the same on the static cache,
+    with and without graphs, in bf16 (a ragged batch, blocks ending at different places)."""
+    dyn, sta, graphs = adapters(torch.bfloat16)
+    prompts = random_prompts(91, 4, min_len=3, max_len=20)
+    cfg = DecodeConfig(max_new_tokens=27, block_size=8, threshold=0.1, commit_rule=rule)
+    ref = generate(dyn, prompts, "diffusion", cfg)
+    for lm in (sta, graphs):
+        got = generate(lm, prompts, "diffusion", cfg)
+        assert [g.tokens for g in got] == [r.tokens for r in ref], (rule, lm.cuda_graphs)
+        assert [g.stats.forwards for g in got] == [r.stats.forwards for r in ref]
+
+
 def test_compiled_graphs_equal_eager_dynamic_on_cuda():
     """compile=True with CUDA graphs: the compiled kernels are captured; fp32 tokens equal the eager path's."""
     from torch._dynamo.utils import counters
