@@ -105,6 +105,7 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
                                      batch_size=e.batch_size,
                                      base_model=str(resolve_model_path(cfg.model.path, cfg.model.revision)) if e.compare_base else None,
                                      sweep=SweepConfig(list(e.sweep.threshold), list(e.sweep.block_size),
+                                                       commit_rule=list(e.sweep.commit_rule),
                                                        list(e.sweep.tasks))))
     message(f"evaluation written to {out}")
     write_model_card(run_dir / runs.EXPORT_DIR, eval_json=out / runs.EVAL_JSON)

@@ -240,6 +240,9 @@ class EvalSweepConfig:
     """Diffusion re-run at each τ (when ``diffusion`` is among the modes); [] = off."""
     block_size: list[int] = field(default_factory=list)
     """linear_spec and quadratic_spec (those among the modes) re-run at each block size; [] = off."""
+    commit_rule: list[str] = field(default_factory=list)
+    """Diffusion re-run under each of these commit rules (``confident``, ``prefix``, ``prefix_ar``) other
+    than the main one: the method's rule beside the one a recipe decodes with; [] = off."""
     tasks: list[str] = field(default_factory=list)
     """The tasks swept (names as given in ``task``); [] = every task. A task without parallel
     headroom (code_completion on the embedded model) gives a curve of one point at many costs."""

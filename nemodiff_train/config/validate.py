@@ -85,7 +85,8 @@ def _check_evaluation(cfg: Config) -> None:
     _need(0 < e.threshold <= 1, "eval.threshold", "must be in (0, 1]")
     from ..decoding.config import COMMIT_RULES
 
-    for key, rule in (("eval.commit_rule", e.commit_rule), ("eval.probe.commit_rule", e.probe.commit_rule)):
+    rules = [("eval.commit_rule", e.commit_rule), ("eval.probe.commit_rule", e.probe.commit_rule)]
+    for key, rule in rules + [("eval.sweep.commit_rule", r) for r in e.sweep.commit_rule]:
         _need(rule in COMMIT_RULES, key, f"must be one of {list(COMMIT_RULES)}, got {rule!r}")
 
 

@@ -77,7 +77,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if sweep:
         text += ["", "sweep points (the curve of tpf_accuracy.png):"]
         label = {"threshold": lambda r: f"{r['mode']} tau={r['threshold']:g}",
-                 "block_size": lambda r: f"{r['mode']} B={r['block_size']}"}
+                 "block_size": lambda r: f"{r['mode']} B={r['block_size']}",
+                 "commit_rule": lambda r: f"{r['mode']} rule={r['commit_rule']}"}
         text += _render(header, [cells(r, label[r["sweep"]](r)) for r in sweep])
     if rows:
         r0 = rows[0]
@@ -113,7 +114,12 @@ MODE_STYLE = {  # colour, marker: one per mode, the same in every panel
 
 
 def _sweep_label(r: dict[str, Any]) -> str:
-    return f"τ={r['threshold']:g}" if r["mode"] == "diffusion" else f"B={r['block_size']}"
+    if r["mode"] != "diffusion":
+        return f"B={r['block_size']}"
+    rule = r.get("commit_rule", "confident")
+    if r.get("sweep") == "commit_rule":
+        return rule
+    return f"τ={r['threshold']:g}" + ("" if rule == "confident" or r.get("sweep") else f", {rule}")
 
 
 def _panel(ax, rows: list[dict[str, Any]]) -> None:
@@ -122,6 +128,11 @@ def _panel(ax, rows: list[dict[str, Any]]) -> None:
     main = _main_rows(rows)
     for mode, (colour, marker) in MODE_STYLE.items():
         points = [r for r in rows if r["mode"] == mode and (r.get("sweep") or r in main)]
+        for p in (p for p in points if p.get("sweep") == "commit_rule"):  # another decoder: a point, no line
+            ax.scatter([p["tpf"]], [p[metric]], facecolors="none", edgecolors=colour, marker=marker, s=60, zorder=3)
+            ax.annotate(_sweep_label(p), (p["tpf"], p[metric]), textcoords="offset points", xytext=(6, -12),
+                        fontsize=7, color=colour)
+        points = [p for p in points if p.get("sweep") != "commit_rule"]
         if not points:
             continue
         key = "threshold" if mode == "diffusion" else "block_size"

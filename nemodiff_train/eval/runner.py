@@ -109,6 +109,9 @@ class EvalConfig:
             raise ValueError(f"modes must be a non-empty subset of {list(ALL_MODES)}, got {list(self.modes)}")
         if self.commit_rule not in COMMIT_RULES:
             raise ValueError(f"commit_rule must be one of {list(COMMIT_RULES)}, got {self.commit_rule!r}")
+        if any(r not in COMMIT_RULES for r in self.sweep.commit_rule):
+            raise ValueError(f"sweep.commit_rule values must be among {list(COMMIT_RULES)}, "
+                             f"got {list(self.sweep.commit_rule)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -220,6 +223,8 @@ class Evaluator:
         if "diffusion" in modes:
             specs += [RunSpec("diffusion", replace(self.decode_cfg, threshold=t), "threshold")
                       for t in sorted(set(self.cfg.sweep.threshold)) if abs(t - self.cfg.threshold) > 1e-9]
+            specs += [RunSpec("diffusion", replace(self.decode_cfg, commit_rule=r), "commit_rule")
+                      for r in dict.fromkeys(self.cfg.sweep.commit_rule) if r != self.cfg.commit_rule]
         for mode in (m for m in SPECULATIVE_MODES if m in modes):
             specs += [RunSpec(mode, replace(self.decode_cfg, block_size=b), "block_size")
                       for b in sorted(set(self.cfg.sweep.block_size)) if b != self.block_size]

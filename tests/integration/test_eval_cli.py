@@ -103,6 +103,17 @@ def test_eval_cli_commit_rule_reaches_block_diffusion(assets, tmp_path):
         for s in samples:
             assert s["output_ids"] == generate(lm, [s["prompt_ids"]], "diffusion", cfg)[0].tokens, rule
     assert [s["output_ids"] for s in out["prefix"]] != [s["output_ids"] for s in out["confident"]]
+    # sweep.commit_rule: the other rules as extra rows of one evaluation (the main rule's row not repeated)
+    res = _run("nemodiff_train.cli.evaluate",
+               [f"model={assets / 'model'}", f"task={assets / 'cc.jsonl'}", "modes=[diffusion]", "commit_rule=prefix_ar",
+                "sweep.commit_rule=[confident,prefix,prefix_ar]", "sweep.threshold=[]", "max_new_tokens=8",
+                "block_size=4", f"out={tmp_path / 'swept'}"], cwd=tmp_path)
+    rows = json.loads((tmp_path / "swept" / "eval.json").read_text())
+    assert [(r["commit_rule"], r["sweep"]) for r in rows] == [("prefix_ar", None), ("confident", "commit_rule"),
+                                                               ("prefix", "commit_rule")]
+    alone = json.loads((tmp_path / "confident" / "eval.json").read_text())[0]  # the same rule, run on its own
+    assert (rows[1]["tpf"], rows[1]["token_accuracy"]) == (alone["tpf"], alone["token_accuracy"])
+    assert "diffusion rule=confident" in res.stdout and (tmp_path / "swept" / "tpf_accuracy.png").is_file()
     bad = _run("nemodiff_train.cli.evaluate", [f"model={assets / 'model'}", "commit_rule=leftmost",
                                                f"out={tmp_path / 'bad'}"], cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "commit_rule must be one of" in bad.stderr

@@ -42,6 +42,7 @@ def test_overrides_reach_the_typed_tree():
     (["recipe=tiny_cpu", "diffusion.full_block_fraction=1.5"], "diffusion.full_block_fraction"),
     (["recipe=tiny_cpu", "eval.commit_rule=leftmost"], "eval.commit_rule"),
     (["recipe=tiny_cpu", "eval.probe.commit_rule=any"], "eval.probe.commit_rule"),
+    (["recipe=tiny_cpu", "eval.sweep.commit_rule=[confident,left]"], "eval.sweep.commit_rule"),
     (["recipe=tiny_cpu", "stages.0.global_batch_size=5"], "stages.0.global_batch_size"),
     (["recipe=tiny_cpu", "stages.0.kind=dpo"], "stages.0.kind"),
     (["recipe=tiny_cpu", "engine.tp=2"], "engine.tp"),
