@@ -25,7 +25,8 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 def test_tiny_recipe_trains_exports_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"
     _run("nemodiff_train.cli.train", "recipe=tiny_cpu", f"run.dir={run_dir}", "eval.at_end=true", "eval.limit=3",
-         "eval.max_new_tokens=12", "eval.sweep.threshold=[]",
+         "eval.max_new_tokens=12", "eval.sweep.threshold=[]", "eval.commit_rule=prefix_ar",
+         "eval.sweep.commit_rule=[confident]",
          "eval.probe.samples=2", "eval.probe.max_new_tokens=8", "eval.probe.task=arithmetic")
     hf = run_dir / "hf"
     # TPF during training: every validation row carries the decode probe and the mask-fill diagnostics
@@ -53,8 +54,11 @@ def test_tiny_recipe_trains_exports_and_evaluates(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
     rows = json.loads((run_dir / "eval" / "eval.json").read_text())
-    modes = {r["mode"]: r for r in rows}
+    modes = {r["mode"]: r for r in rows if not r["sweep"]}
     assert set(modes) >= {"ar", "diffusion", "linear_spec", "quadratic_spec"}
+    # the recipe's commit rule reaches the end-of-run evaluation, the swept one is a row beside it
+    assert modes["diffusion"]["commit_rule"] == "prefix_ar"
+    assert [(r["mode"], r["commit_rule"]) for r in rows if r["sweep"] == "commit_rule"] == [("diffusion", "confident")]
     for mode in ("linear_spec", "quadratic_spec"):
         assert modes[mode]["lossless"] == 1.0
     assert "| mode" in (hf / "README.md").read_text() or "TPF" in (hf / "README.md").read_text()
