@@ -5,8 +5,10 @@ then denoising steps, each one bidirectional forward over the block reading the 
 writing it (with a drafter adapter on; the causal re-encode runs with it off). A step commits every masked position whose confidence (softmax probability of its
 candidate) is ≥ τ and always the most confident one; with ``threshold=None`` it commits the k most
 confident, k = an even split of the remaining masks over the remaining steps. ``commit_rule="prefix"``
-commits only the leftmost run of those (at least the leftmost mask): the block fills left to right. Denoising stops early
-once an EOS is committed with no mask left of it. Then ONE causal forward over the block writes its
+commits only the leftmost run of those (at least the leftmost mask): the block fills left to right.
+``commit_rule="prefix_ar"`` also ends a row's block at its committed prefix when no mask reaches τ: the
+causal pass keeps only that prefix and gives the next seed, the AR token after it (docs/decoding.md,
+"Commit rule"). Denoising stops early once an EOS is committed with no mask left of it. Then ONE causal forward over the block writes its
 KV (the cache only ever holds causal states) and yields the next seed. Every denoising pass and every
 post-block causal pass is counted (prefill excluded), so a block costs ≥ 2 forwards: TPF ≤ B / 2.
 
