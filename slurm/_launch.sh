@@ -70,8 +70,9 @@
 #     the inherited SIG_IGN), exit 0, torchrun exits 0, srun exits 0: the job ends COMPLETED (or
 #     CANCELLED after scancel). A worker can receive the same request more than once (e.g. TERM
 #     from slurmd plus the forwarded USR1): the trainer's handler must be idempotent. Caveats of
-#     the inherited SIG_IGN: a signal arriving before the trainer installed its handlers is lost
-#     (install them first thing), and subprocesses that install no handler ignore TERM until the
+#     the inherited SIG_IGN: a signal arriving before the trainer installed its handlers is
+#     ignored (install them first thing; the shell repeats the forwarded USR1 every ND_RESIGNAL_S
+#     seconds, default 10, until the step exits, so an early request is not lost), and subprocesses that install no handler ignore TERM until the
 #     SIGKILL after KillWait.
 #   * --kill-on-bad-exit=1: a node whose torchrun exits non-zero (a real failure) ends the step
 #     at once instead of leaving the other nodes hanging in a collective until a NCCL timeout.
@@ -113,6 +114,7 @@ nd_first_host() {
 # With NEMODIFF_DRY_RUN=1 only print it.
 _ND_STEP_PID=""
 _ND_SIGNALLED=""
+_ND_RESENDER_PID=""
 _nd_on_signal() {
     local sig=$1
     nd_log "batch shell got SIG$sig at $(date '+%F %T')"
@@ -121,6 +123,13 @@ _nd_on_signal() {
     if [[ -z $_ND_SIGNALLED && -n $_ND_STEP_PID ]] && kill -0 "$_ND_STEP_PID" 2>/dev/null; then
         nd_log "forwarding SIGUSR1 to srun (pid $_ND_STEP_PID): trainer checkpoints and exits"
         kill -USR1 "$_ND_STEP_PID" 2>/dev/null || true
+        # A trainer still starting up ignores USR1 (SIG_IGN inherited from the step until it installs
+        # its handler), so a request that arrives then would be lost and the job would run into its
+        # time limit. Repeat it until the step exits: the trainer's handler is idempotent.
+        ( while sleep "${ND_RESIGNAL_S:-10}" && kill -0 "$_ND_STEP_PID" 2>/dev/null; do
+              kill -USR1 "$_ND_STEP_PID" 2>/dev/null || true
+          done ) &
+        _ND_RESENDER_PID=$!
     fi
     _ND_SIGNALLED=${_ND_SIGNALLED:-$sig}
 }
@@ -142,6 +151,7 @@ nd_run_step() {
     done
     "$@" &
     _ND_STEP_PID=$!
+    nd_log "step started (srun pid $_ND_STEP_PID); USR1/USR2/TERM/INT now reach the trainer as USR1"
     local rc=0
     # `wait` returns >128 when a trapped signal interrupts it: keep waiting while srun lives.
     while :; do
@@ -150,6 +160,7 @@ nd_run_step() {
         kill -0 "$_ND_STEP_PID" 2>/dev/null || break
     done
     trap - USR1 USR2 TERM INT
+    if [[ -n $_ND_RESENDER_PID ]]; then kill "$_ND_RESENDER_PID" 2>/dev/null || true; fi
     nd_log "step exited with code $rc${_ND_SIGNALLED:+ (after SIG$_ND_SIGNALLED)}"
     return "$rc"
 }

@@ -317,6 +317,26 @@ def test_launcher_forwards_batch_usr1_and_job_completes(slurm, tmp_path):
     assert "step exited with code 0 (after SIGUSR1)" in out, out
 
 
+def test_launcher_usr1_before_the_trainer_listens_is_not_lost(slurm, tmp_path):
+    """A pre-timeout USR1 that reaches the batch shell while the trainer is still starting (its
+    processes ignore USR1 until they install a handler: SIG_IGN inherited from the step) is repeated
+    until the step exits, so the trainer still saves and the job COMPLETES instead of timing out."""
+    pytest.importorskip("torch")
+    job = _submit_tiny(slurm, tmp_path, env={"ND_RESIGNAL_S": "2"})
+    run_dir = _run_dir(tmp_path, job)
+    deadline = time.time() + 120
+    while "step started" not in sc.job_output(job) and time.time() < deadline:  # srun runs, the trap is set
+        time.sleep(0.2)
+    sc.scancel_signal(job, "USR1", batch=True)
+    early = not (run_dir / "rank0.started").exists() and not (run_dir / "rank1.started").exists()
+    slurm.expect_state(job, "COMPLETED", timeout=150)
+    out = sc.job_output(job)
+    assert early, "the trainer had started before the signal: the early path was not exercised\n" + out
+    for rank in (0, 1):
+        assert "SIGUSR1" in (run_dir / f"rank{rank}.saved").read_text(), out
+    assert "step exited with code 0 (after SIGUSR1)" in out, out
+
+
 def test_launcher_scancel_term_and_chain(slurm, tmp_path):
     """`scancel --signal=TERM` reaches every trainer process (exit 0, COMPLETED); a chained job
     with CHAIN_ID=<first job> gets the same run directory."""
