@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +105,8 @@ def evaluate_at_end(cfg: Config, run_dir: Path, message=print) -> list[dict[str,
                                      threshold=e.threshold, commit_rule=e.commit_rule, seed=cfg.run.seed,
                                      batch_size=e.batch_size,
                                      base_model=str(resolve_model_path(cfg.model.path, cfg.model.revision)) if e.compare_base else None,
-                                     sweep=SweepConfig(threshold=list(e.sweep.threshold),
-                                                       block_size=list(e.sweep.block_size),
-                                                       commit_rule=list(e.sweep.commit_rule),
-                                                       tasks=list(e.sweep.tasks))))
+                                     sweep=SweepConfig(**{f.name: list(getattr(e.sweep, f.name))
+                                                          for f in fields(SweepConfig)})))
     message(f"evaluation written to {out}")
     write_model_card(run_dir / runs.EXPORT_DIR, eval_json=out / runs.EVAL_JSON)
     (run_dir / runs.EVAL_SUMMARY).write_text(json.dumps(rows, indent=1))

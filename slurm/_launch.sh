@@ -72,8 +72,8 @@
 #     from slurmd plus the forwarded USR1): the trainer's handler must be idempotent. Caveats of
 #     the inherited SIG_IGN: a signal arriving before the trainer installed its handlers is
 #     ignored (install them first thing; the shell repeats the forwarded USR1 every ND_RESIGNAL_S
-#     seconds, default 10, until the step exits, so an early request is not lost), and subprocesses that install no handler ignore TERM until the
-#     SIGKILL after KillWait.
+#     seconds, default 10, until the step exits, so an early request is not lost), and
+#     subprocesses that install no handler ignore TERM until the SIGKILL after KillWait.
 #   * --kill-on-bad-exit=1: a node whose torchrun exits non-zero (a real failure) ends the step
 #     at once instead of leaving the other nodes hanging in a collective until a NCCL timeout.
 

@@ -8,8 +8,8 @@ confident, k = an even split of the remaining masks over the remaining steps. ``
 commits only the leftmost run of those (at least the leftmost mask): the block fills left to right.
 ``commit_rule="prefix_ar"`` also ends a row's block at its committed prefix when no mask reaches τ: the
 causal pass keeps only that prefix and gives the next seed, the AR token after it (docs/decoding.md,
-"Commit rule"). Denoising stops early once an EOS is committed with no mask left of it. Then ONE causal forward over the block writes its
-KV (the cache only ever holds causal states) and yields the next seed. Every denoising pass and every
+"Commit rule"). Denoising stops early once an EOS is committed with no mask left of it. Then ONE causal
+forward over the block writes its KV (the cache only ever holds causal states) and yields the next seed. Every denoising pass and every
 post-block causal pass is counted (prefill excluded), so a block costs ≥ 2 forwards: TPF ≤ B / 2.
 
 Batches run in lockstep: a row with nothing left to denoise in the current block skips committing
@@ -118,12 +118,9 @@ def _denoise_block(state: CacheState, x: torch.Tensor, rec: BatchRecorder, cfg: 
         cand = pick_tokens(logits, cfg.temperature, cfg.top_p, gens, [bool(a) for a in status])  # [b, n]
         conf = confidence(logits, cand)  # [b, n]
         masked = (x == mask_id) & fill & active_t[:, None]  # [b, n]
-        commit = select_commits(conf, masked, cfg.threshold, steps - step,
-                                "prefix" if cfg.commit_rule == "prefix_ar" else cfg.commit_rule)
+        commit = select_commits(conf, masked, cfg.threshold, steps - step, cfg.commit_rule)
         if cfg.commit_rule == "prefix_ar":
-            stuck = active_t & ~(commit & (conf >= cfg.threshold)).any(dim=1)  # only a forced commit: end here
-            commit &= ~stuck[:, None]
-            ended |= stuck
+            ended |= active_t & ~commit.any(dim=1)  # no mask reached τ: the block ends here
         x.copy_(torch.where(commit, cand, x))
         rec.charge(active_t, commit.sum(dim=1))
     still = (x == mask_id) & fill  # [b, n]
@@ -152,20 +149,22 @@ def select_commits(conf: torch.Tensor, masked: torch.Tensor, threshold: float | 
         steps_left: steps remaining including this one (fixed-steps variant).
         rule: ``"confident"`` commits every passing position plus, with τ, the single most confident
             (progress is guaranteed); ``"prefix"`` commits the leftmost run of masked positions that pass
-            (with τ; the k leftmost masked without), and at least the leftmost masked position.
+            (with τ; the k leftmost masked without), and at least the leftmost masked position;
+            ``"prefix_ar"`` the same run without that forced position (it may be empty: the block ends).
     Returns:
         ``[b, n]`` bool commit mask (subset of ``masked``).
     """
     score = conf.masked_fill(~masked, float("-inf"))  # [b, n]
     rows = torch.arange(conf.shape[0], device=conf.device)
-    if rule == "prefix":
+    if rule in ("prefix", "prefix_ar"):
         if threshold is None:  # the k leftmost masks: the fixed-steps split, filled left to right
             k = (masked.sum(dim=-1) + steps_left - 1) // steps_left  # [b]
             return masked & (masked.long().cumsum(dim=-1) <= k[:, None])
         # a masked position that fails blocks every position right of it; committed ones block nothing
         blocked = (masked & (score < threshold)).long().cumsum(dim=-1) > 0  # [b, n]
         commit = masked & ~blocked
-        commit[rows, masked.long().argmax(dim=-1)] |= masked.any(dim=-1)  # the leftmost masked, always
+        if rule == "prefix":  # progress: the leftmost masked, always (prefix_ar ends the block instead)
+            commit[rows, masked.long().argmax(dim=-1)] |= masked.any(dim=-1)
         return commit
     if threshold is not None:
         commit = masked & (score >= threshold)

@@ -107,11 +107,10 @@ class EvalConfig:
         unknown = [m for m in self.modes if m not in ALL_MODES]
         if unknown or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {list(ALL_MODES)}, got {list(self.modes)}")
-        if self.commit_rule not in COMMIT_RULES:
-            raise ValueError(f"commit_rule must be one of {list(COMMIT_RULES)}, got {self.commit_rule!r}")
-        if any(r not in COMMIT_RULES for r in self.sweep.commit_rule):
-            raise ValueError(f"sweep.commit_rule values must be among {list(COMMIT_RULES)}, "
-                             f"got {list(self.sweep.commit_rule)}")
+        rules = [("commit_rule", self.commit_rule)] + [("sweep.commit_rule", r) for r in self.sweep.commit_rule]
+        for key, rule in rules:
+            if rule not in COMMIT_RULES:
+                raise ValueError(f"{key} must be one of {list(COMMIT_RULES)}, got {rule!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
